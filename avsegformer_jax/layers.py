@@ -1,0 +1,89 @@
+"""Small building blocks shared by the components, with the original's numerics.
+
+torch's LayerNorm/GroupNorm compute the variance as E[(x - mean)^2]; Flax's
+default "fast variance" (E[x^2] - E[x]^2) loses digits on the large-mean
+activations of this model, so the parity path turns it off.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+xavier_uniform = nn.initializers.xavier_uniform()
+
+
+def layer_norm(eps: float = 1e-5, dtype: Dtype = jnp.float32, name=None):
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False,
+                      name=name)
+
+
+def group_norm(groups: int = 32, eps: float = 1e-5, dtype: Dtype = jnp.float32,
+               name=None):
+  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype,
+                      use_fast_variance=False, name=name)
+
+
+def conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0,
+         use_bias: bool = True, dtype: Dtype = jnp.float32, name=None,
+         kernel_init=xavier_uniform, groups: int = 1):
+  """A torch-style Conv2d (symmetric explicit padding) in NHWC."""
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((padding, padding), (padding, padding)),
+                 use_bias=use_bias, dtype=dtype, kernel_init=kernel_init,
+                 feature_group_count=groups, name=name)
+
+
+def dense(features: int, *, use_bias: bool = True, dtype: Dtype = jnp.float32,
+          name=None, kernel_init=xavier_uniform):
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype,
+                  kernel_init=kernel_init, name=name)
+
+
+gelu = functools.partial(jax.nn.gelu, approximate=False)   # torch nn.GELU()
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
+  """F.interpolate(mode='bilinear', align_corners=False) for upsampling NHWC.
+
+  Half-pixel centres with edge clamping; exact for the integer up-scales the
+  model uses (x2, x4, to-label-size).
+  """
+  n, _, _, c = x.shape
+  return jax.image.resize(x, (n, size[0], size[1], c), method="linear",
+                          antialias=False)
+
+
+class MultiheadAttention(nn.Module):
+  """torch.nn.MultiheadAttention (batch_first) with split q/k/v projections.
+
+  The converter splits torch's stacked `in_proj_weight` into q/k/v_proj.
+  `use_bias=False` matches `bias=False` (no in-projection or out bias).
+  """
+  dim: int
+  num_heads: int
+  use_bias: bool = True
+  dropout: float = 0.0           # on the attention weights, as torch
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, q, k, v, *, train: bool = False):
+    h, d = self.num_heads, self.dim // self.num_heads
+    mk = lambda n: dense(self.dim, use_bias=self.use_bias, dtype=self.dtype,
+                         name=n)
+    q = mk("q_proj")(q).reshape(q.shape[:-1] + (h, d))
+    k = mk("k_proj")(k).reshape(k.shape[:-1] + (h, d))
+    v = mk("v_proj")(v).reshape(v.shape[:-1] + (h, d))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * (d ** -0.5), k)
+    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    if train and self.dropout > 0:
+      attn = nn.Dropout(self.dropout, deterministic=False)(attn)
+    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(q.shape[:2] + (-1,))
+    out_proj = dense(self.dim, use_bias=self.use_bias, dtype=self.dtype,
+                     name="out_proj")
+    return out_proj(out)
