@@ -1,0 +1,118 @@
+"""AVSegFormer (Gao et al., AAAI 2024): the whole model, and `build_model`.
+
+Every frame is an independent batch item (N = B*T): the visual backbone and
+VGGish run per frame, `audio_proj` maps the 128-d VGGish embedding to the
+single audio token, and `AVSegHead` does the rest. `frame_mask` (AVSS's
+`vid_temporal_mask_flag`) zeroes padded frames' backbone features, logits and
+mask feature, exactly as the original.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from avsegformer_jax import layers
+from avsegformer_jax.head import AVSegHead
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class AVSegFormer(nn.Module):
+  backbone: nn.Module
+  vggish: nn.Module
+  head: AVSegHead
+  embed_dim: int = 256
+  dtype: Any = jnp.float32
+
+  def __call__(self, frames, audio, frame_mask=None, train: bool = False):
+    """frames [N,H,W,3], audio [N,96,64], frame_mask [N] or None.
+
+    Returns (logits [N,H,W,C] float32, mask_feature [N,H/4,W/4,C'] float32).
+    """
+    # VGGish is always frozen in the original: no gradient flows into it.
+    emb = jax.lax.stop_gradient(self.vggish(audio.astype(self.dtype)))
+    self.sow("intermediates", "vggish", emb)
+    audio_feat = layers.dense(self.embed_dim, dtype=self.dtype,
+                              name="audio_proj")(emb)[:, None, :]  # [N,1,C]
+    self.sow("intermediates", "audio_feat", audio_feat)
+    feats = self.backbone(frames.astype(self.dtype), train=train)
+    if frame_mask is not None:
+      m = frame_mask.astype(self.dtype)[:, None, None, None]
+      feats = [f * m for f in feats]
+    for i, f in enumerate(feats):
+      self.sow("intermediates", f"backbone_mean_{i}", f.mean((1, 2)))
+    logits, mask_feature = self.head(feats, audio_feat, train=train)
+    if frame_mask is not None:
+      m = frame_mask.astype(logits.dtype)[:, None, None, None]
+      logits, mask_feature = logits * m, mask_feature * m
+    return logits.astype(jnp.float32), mask_feature.astype(jnp.float32)
+
+
+def _model_config(config) -> ml_collections.ConfigDict:
+  return config.model if "model" in config else config
+
+
+def build_backbone(mc, dtype):
+  if mc.backbone == "res50":
+    from avsegformer_jax import resnet
+    return resnet.ResNet50(dtype=dtype, remat=mc.remat, parent=None), \
+        (256, 512, 1024, 2048)
+  if mc.backbone == "pvt2":
+    from avsegformer_jax import pvt_v2
+    variant = mc.get("pvt_variant", "b5")
+    if variant not in pvt_v2.VARIANTS:
+      raise ValueError(f"model.pvt_variant must be one of "
+                       f"{sorted(pvt_v2.VARIANTS)}, got {variant!r}")
+    module = pvt_v2.PyramidVisionTransformerV2(
+        variant=variant, drop_path_rate=mc.drop_path, dtype=dtype,
+        remat=mc.remat, parent=None)
+    return module, tuple(pvt_v2.VARIANTS[variant]["embed_dims"])
+  raise ValueError(f"model.backbone must be 'res50' or 'pvt2', got "
+                   f"{mc.backbone!r}")
+
+
+def build_model(config) -> AVSegFormer:
+  """The Flax module for a full config (or its `model` sub-config)."""
+  from avsegformer_jax import vggish
+  mc = _model_config(config)
+  if mc.dtype not in DTYPES:
+    raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, "
+                     f"got {mc.dtype!r}")
+  dtype = DTYPES[mc.dtype]
+  if mc.embed_dim % 32 or mc.embed_dim % mc.num_heads:
+    raise ValueError("model.embed_dim must be a multiple of 32 (GroupNorm "
+                     f"groups) and of num_heads, got {mc.embed_dim}")
+  backbone, _ = build_backbone(mc, dtype)
+  head = AVSegHead(
+      num_classes=mc.num_classes, embed_dim=mc.embed_dim,
+      num_heads=mc.num_heads, num_levels=mc.num_levels,
+      num_points=mc.num_points, num_encoder_layers=mc.num_encoder_layers,
+      num_decoder_layers=mc.num_decoder_layers,
+      num_query_layers=mc.num_query_layers,
+      encoder_ffn_dim=mc.encoder_ffn_dim, decoder_ffn_dim=mc.decoder_ffn_dim,
+      query_ffn_dim=mc.query_ffn_dim, num_queries=mc.num_queries,
+      learnable_queries=mc.learnable_queries, mixer=mc.mixer,
+      head_mlp_dim=mc.head_mlp_dim, dropout=mc.dropout, remat=mc.remat,
+      dtype=dtype, parent=None)
+  return AVSegFormer(backbone=backbone,
+                     vggish=vggish.VGGish(dtype=dtype, parent=None),
+                     head=head, embed_dim=mc.embed_dim, dtype=dtype)
+
+
+def init_variables(model: AVSegFormer, rng, image_size: int = 64,
+                   num_frames: int = 1):
+  """Random-initialised variables (shapes do not depend on image size)."""
+  frames = jnp.zeros((num_frames, image_size, image_size, 3), jnp.float32)
+  audio = jnp.zeros((num_frames, 96, 64), jnp.float32)
+  variables = model.init({"params": rng, "dropout": rng}, frames, audio)
+  return {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+
+
+def variable_shapes(model: AVSegFormer, image_size: int = 64):
+  """Shape/dtype tree of the variables without allocating them."""
+  return jax.eval_shape(
+      lambda r: init_variables(model, r, image_size), jax.random.PRNGKey(0))

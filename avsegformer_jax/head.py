@@ -1,0 +1,138 @@
+"""AVSegHead: everything between the backbones and the logits (paper Fig. 3).
+
+in_proj (1x1 conv + GN) per level -> encoder over strides 8/16/32 -> mask
+feature at stride 4 (lateral 1x1 conv of the stride-4 level + upsampled
+level-0 memory, 3x3 conv, GN, ReLU) -> mixer. The query generator's audio
+queries (+ learnable queries) pass the decoder; their product with the mask
+feature goes through an MLP over the *query* axis (1x1 convs 300-2048-2048-256),
+is added to the mask feature, and `fc` (conv, x4 bilinear, conv, ReLU, 1x1)
+gives the logits at full resolution.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from avsegformer_jax import layers
+from avsegformer_jax.decoder import Decoder
+from avsegformer_jax.encoder import Encoder, sine_position_encoding
+from avsegformer_jax.mixer import build_mixer
+from avsegformer_jax.query_generator import QueryGenerator
+
+
+class Transformer(nn.Module):
+  """Encoder + decoder under one name, as the original's `head.transformer`."""
+  encoder: nn.Module
+  decoder: nn.Module
+
+  def __call__(self, src, pos, query, train: bool = False):
+    memory = self.encoder(src, pos, train)
+    return memory, self.decoder(query, memory, train)
+
+
+class QueryMLP(nn.Module):
+  """The original's `MLP` of 1x1 convs over the query axis (held as Dense)."""
+  dims: Sequence[int]
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for i, width in enumerate(self.dims):
+      x = layers.dense(width, dtype=self.dtype, name=f"layers_{i}")(x)
+      x = nn.relu(x) if i < len(self.dims) - 1 else x
+    return x
+
+
+class AVSegHead(nn.Module):
+  num_classes: int = 1
+  embed_dim: int = 256
+  num_heads: int = 8
+  num_levels: int = 3
+  num_points: int = 4
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  num_query_layers: int = 6
+  encoder_ffn_dim: int = 2048
+  decoder_ffn_dim: int = 2048
+  query_ffn_dim: int = 1024
+  num_queries: int = 300
+  learnable_queries: bool = True
+  mixer: str = "cha"
+  head_mlp_dim: int = 2048
+  dropout: float = 0.1
+  remat: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, feats: Sequence[jax.Array], audio: jax.Array,
+               train: bool = False):
+    """feats: 4 NHWC maps (strides 4..32); audio [N,1,C] -> (logits, mask_feature)."""
+    c, dt = self.embed_dim, self.dtype
+    n = feats[0].shape[0]
+
+    def conv_gn(x, name, kernel=1, relu=False):
+      x = layers.conv(c, kernel, padding=kernel // 2, dtype=dt,
+                      name=f"{name}_0")(x)
+      x = layers.group_norm(dtype=dt, name=f"{name}_1")(x)
+      return nn.relu(x) if relu else x
+
+    proj = [conv_gn(f, f"in_proj_{i}") for i, f in enumerate(feats)]
+    srcs = proj[1:1 + self.num_levels]
+    shapes = tuple((s.shape[1], s.shape[2]) for s in srcs)
+    level_embed = self.param("level_embed", nn.initializers.normal(1.0),
+                             (self.num_levels, c))
+    pos = jnp.concatenate(
+        [jnp.asarray(sine_position_encoding(h, w, c // 2)) + level_embed[l]
+         for l, (h, w) in enumerate(shapes)], 0).astype(dt)          # [S, C]
+    src = jnp.concatenate([s.reshape(n, -1, c) for s in srcs], 1)
+
+    query = QueryGenerator(self.num_query_layers, self.num_queries, c,
+                           self.num_heads, self.query_ffn_dim,
+                           remat=self.remat, dtype=dt,
+                           name="query_generator")(audio)
+    self.sow("intermediates", "query_mean", query.mean(1))
+    if self.learnable_queries:
+      learn = nn.Embed(self.num_queries, c, name="learnable_query",
+                       embedding_init=layers.xavier_uniform)
+      query = query + learn.embedding[None].astype(query.dtype)
+    transformer = Transformer(
+        Encoder(self.num_encoder_layers, c, self.encoder_ffn_dim,
+                self.dropout, self.num_levels, self.num_heads,
+                self.num_points, shapes, remat=self.remat, dtype=dt,
+                parent=None),
+        Decoder(self.num_decoder_layers, c, self.num_heads,
+                self.decoder_ffn_dim, self.dropout, remat=self.remat,
+                dtype=dt, parent=None),
+        name="transformer")
+    memory, dec = transformer(src, pos[None], query, train)
+
+    # Mask feature at stride 4.
+    h0, w0 = shapes[0]
+    starts = [0]
+    for h, w in shapes:
+      starts.append(starts[-1] + h * w)
+    self.sow("intermediates", "memory_mean", jnp.stack(
+        [memory[:, a:b].mean(1) for a, b in zip(starts[:-1], starts[1:])], 1))
+    self.sow("intermediates", "decoder_mean", dec.mean(1))
+    level0 = memory[:, :h0 * w0].reshape(n, h0, w0, c)
+    lateral = conv_gn(proj[0], "lateral_conv")
+    mask_feature = lateral + layers.resize_bilinear(level0, lateral.shape[1:3])
+    mask_feature = conv_gn(mask_feature, "out_conv", kernel=3, relu=True)
+    mixer = build_mixer(self.mixer, c, self.num_heads, dt, "fusion_block")
+    if mixer is not None:
+      mask_feature = mixer(mask_feature, audio)
+
+    # Prediction: queries x mask feature, MLP over the query axis, fc.
+    pred = jnp.einsum("nqc,nhwc->nhwq", dec, mask_feature)
+    pred = QueryMLP((self.head_mlp_dim, self.head_mlp_dim, c), dtype=dt,
+                    name="mlp")(pred)
+    x = mask_feature + pred
+    x = layers.conv(128, 3, padding=1, dtype=dt, name="fc_0")(x)
+    x = layers.resize_bilinear(x, (x.shape[1] * 4, x.shape[2] * 4))
+    x = nn.relu(layers.conv(32, 3, padding=1, dtype=dt, name="fc_2")(x))
+    logits = layers.conv(self.num_classes, 1, use_bias=False, dtype=dt,
+                         name="fc_4")(x)
+    return logits, mask_feature
