@@ -19,11 +19,12 @@ def _shapes(g):
   return tuple((int(h), int(w)) for h, w in g["spatial_shapes"])
 
 
-def test_core_matches_golden(g):
+@pytest.mark.parametrize("impl", sorted(da.SAMPLERS))
+def test_core_matches_golden(g, impl):
   with jax.default_matmul_precision("highest"):
-    out = jax.jit(da.ms_deform_attn_core, static_argnums=1)(
+    out = jax.jit(da.ms_deform_attn_core, static_argnums=(1, 4))(
         g["core_value"], _shapes(g), g["core_sampling_locations"],
-        g["core_attention_weights"])
+        g["core_attention_weights"], impl)
   err = np.abs(np.asarray(out) - g["core_output"]).max()
   assert err <= 2e-5, err
 
