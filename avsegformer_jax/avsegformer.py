@@ -97,7 +97,7 @@ def build_model(config) -> AVSegFormer:
       query_ffn_dim=mc.query_ffn_dim, num_queries=mc.num_queries,
       learnable_queries=mc.learnable_queries, mixer=mc.mixer,
       head_mlp_dim=mc.head_mlp_dim, dropout=mc.dropout, remat=mc.remat,
-      dtype=dtype, parent=None)
+      scan_layers=mc.scan_layers, dtype=dtype, parent=None)
   return AVSegFormer(backbone=backbone,
                      vggish=vggish.VGGish(dtype=dtype, parent=None),
                      head=head, embed_dim=mc.embed_dim, dtype=dtype)

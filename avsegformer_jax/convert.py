@@ -111,6 +111,8 @@ def map_state_dict(
     for path, leaf in traverse_util.flatten_dict(tree).items():
       flat_target[(col,) + path] = tuple(leaf.shape)
   out: dict[tuple, np.ndarray] = {}
+  stacked: dict[tuple, np.ndarray] = {}     # nn.scan'ed layers, by stacked key
+  filled: dict[tuple, set] = {}
   report = {"used": [], "unused": [], "unknown": []}
   for name, value in state_dict.items():
     if not name.startswith(prefix):
@@ -127,9 +129,12 @@ def map_state_dict(
         alt = (col,) + path[:-1] + ("embedding",)
         if alt in flat_target:
           key, a = alt, arr          # nn.Embed: no transpose
+      index = None
       if key not in flat_target:
-        continue
-      want = flat_target[key]
+        key, index = _stacked_key(key, flat_target)
+        if key is None:
+          continue
+      want = flat_target[key] if index is None else flat_target[key][1:]
       if a.shape != want and a.size == int(np.prod(want)) and (
           a.ndim == 4 and a.shape[:2] == (1, 1)):
         a = a.reshape(want)          # 1x1 conv weights held by nn.Dense
@@ -137,12 +142,22 @@ def map_state_dict(
         raise ConversionError(
             f"{name}: torch shape {tuple(arr.shape)} -> Flax {'/'.join(key)} "
             f"expects {want}, got {a.shape}")
-      out[key] = np.asarray(a, dtype=np.float32)
+      if index is None:
+        out[key] = np.asarray(a, dtype=np.float32)
+      else:
+        if key not in stacked:
+          stacked[key] = np.zeros(flat_target[key], np.float32)
+          filled[key] = set()
+        stacked[key][index] = a
+        filled[key].add(index)
       placed = True
     if placed:
       report["used"].append(name)
     else:
       report["unknown"].append(name)
+  for key, arr in stacked.items():
+    if len(filled[key]) == arr.shape[0]:
+      out[key] = arr
   missing = sorted(set(flat_target) - set(out))
   if strict and report["unknown"]:
     k = report["unknown"][0]
@@ -157,6 +172,19 @@ def map_state_dict(
         f"{'/'.join(key)} shape {flat_target[key]} (torch key "
         f"{prefix}{_torch_name_hint(key)} missing)")
   return traverse_util.unflatten_dict(out), report
+
+
+def _stacked_key(key, flat_target):
+  """(..., 'layers_3', ...) -> ((..., 'layers', ...), 3) when the model holds
+  those layers stacked for nn.scan; (None, None) otherwise."""
+  for i, part in enumerate(key):
+    m = re.fullmatch(r"(.+)_(\d+)", part)
+    if not m:
+      continue
+    cand = key[:i] + (m.group(1),) + key[i + 1:]
+    if cand in flat_target and int(m.group(2)) < flat_target[cand][0]:
+      return cand, int(m.group(2))
+  return None, None
 
 
 def _torch_name_hint(key: tuple[str, ...]) -> str:

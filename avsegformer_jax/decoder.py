@@ -17,10 +17,13 @@ class DecoderLayer(nn.Module):
   num_heads: int = 8
   ffn_dim: int = 2048
   dropout: float = 0.1
+  train: bool = False
+  scan: bool = False             # return (x, None) for nn.scan
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, query, memory, train: bool = False):
+  def __call__(self, query, memory):
+    train = self.train
     drop = lambda x: nn.Dropout(self.dropout, deterministic=not train)(x)
     mha = lambda n: layers.MultiheadAttention(
         self.dim, self.num_heads, use_bias=True, dropout=self.dropout,
@@ -32,7 +35,8 @@ class DecoderLayer(nn.Module):
     y = layers.dense(self.ffn_dim, dtype=self.dtype, name="linear1")(query)
     y = layers.dense(self.dim, dtype=self.dtype, name="linear2")(
         drop(layers.gelu(y)))
-    return layers.layer_norm(dtype=self.dtype, name="norm3")(query + drop(y))
+    query = layers.layer_norm(dtype=self.dtype, name="norm3")(query + drop(y))
+    return (query, None) if self.scan else query
 
 
 class Decoder(nn.Module):
@@ -43,14 +47,13 @@ class Decoder(nn.Module):
   ffn_dim: int = 2048
   dropout: float = 0.1
   remat: bool = False
+  scan_layers: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, query, memory, train: bool = False):
-    layer_cls = nn.remat(DecoderLayer, static_argnums=(3,)) if self.remat \
-        else DecoderLayer
-    for i in range(self.num_layers):
-      query = layer_cls(self.dim, self.num_heads, self.ffn_dim, self.dropout,
-                        dtype=self.dtype, name=f"layers_{i}")(query, memory,
-                                                              train)
-    return query
+    kwargs = dict(dim=self.dim, num_heads=self.num_heads,
+                  ffn_dim=self.ffn_dim, dropout=self.dropout, train=train,
+                  dtype=self.dtype)
+    return layers.repeat(DecoderLayer, self.num_layers, kwargs, query, memory,
+                         remat=self.remat, scan=self.scan_layers)

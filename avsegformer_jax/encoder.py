@@ -53,11 +53,13 @@ class EncoderLayer(nn.Module):
   num_heads: int = 8
   num_points: int = 4
   spatial_shapes: tuple = ()
+  train: bool = False
+  scan: bool = False             # return (x, None) for nn.scan
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, src, pos, ref, train: bool = False):
-    drop = lambda x: nn.Dropout(self.dropout, deterministic=not train)(x)
+  def __call__(self, src, pos, ref):
+    drop = lambda x: nn.Dropout(self.dropout, deterministic=not self.train)(x)
     attn = MSDeformAttn(self.dim, self.num_levels, self.num_heads,
                         self.num_points, dtype=self.dtype, name="self_attn")
     src = src + drop(attn(src + pos, ref, src, self.spatial_shapes))
@@ -65,8 +67,8 @@ class EncoderLayer(nn.Module):
     y = layers.dense(self.ffn_dim, dtype=self.dtype, name="linear1")(src)
     y = layers.dense(self.dim, dtype=self.dtype, name="linear2")(
         drop(layers.gelu(y)))
-    src = src + drop(y)
-    return layers.layer_norm(dtype=self.dtype, name="norm2")(src)
+    src = layers.layer_norm(dtype=self.dtype, name="norm2")(src + drop(y))
+    return (src, None) if self.scan else src
 
 
 class Encoder(nn.Module):
@@ -80,6 +82,7 @@ class Encoder(nn.Module):
   num_points: int = 4
   spatial_shapes: tuple = ()
   remat: bool = False
+  scan_layers: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -89,10 +92,10 @@ class Encoder(nn.Module):
     # valid ratios are 1 (no padding), so every level shares the same points.
     ref = jnp.broadcast_to(ref[None, :, None, :],
                            (b, ref.shape[0], self.num_levels, 2))
-    layer_cls = nn.remat(EncoderLayer, static_argnums=(4,)) if self.remat \
-        else EncoderLayer
-    for i in range(self.num_layers):
-      src = layer_cls(self.dim, self.ffn_dim, self.dropout, self.num_levels,
-                      self.num_heads, self.num_points, self.spatial_shapes,
-                      dtype=self.dtype, name=f"layers_{i}")(src, pos, ref, train)
-    return src
+    kwargs = dict(dim=self.dim, ffn_dim=self.ffn_dim, dropout=self.dropout,
+                  num_levels=self.num_levels, num_heads=self.num_heads,
+                  num_points=self.num_points,
+                  spatial_shapes=self.spatial_shapes, train=train,
+                  dtype=self.dtype)
+    return layers.repeat(EncoderLayer, self.num_layers, kwargs, src, pos, ref,
+                         remat=self.remat, scan=self.scan_layers)

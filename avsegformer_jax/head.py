@@ -64,6 +64,7 @@ class AVSegHead(nn.Module):
   head_mlp_dim: int = 2048
   dropout: float = 0.1
   remat: bool = False
+  scan_layers: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -91,8 +92,8 @@ class AVSegHead(nn.Module):
 
     query = QueryGenerator(self.num_query_layers, self.num_queries, c,
                            self.num_heads, self.query_ffn_dim,
-                           remat=self.remat, dtype=dt,
-                           name="query_generator")(audio)
+                           remat=self.remat, scan_layers=self.scan_layers,
+                           dtype=dt, name="query_generator")(audio)
     self.sow("intermediates", "query_mean", query.mean(1))
     if self.learnable_queries:
       learn = nn.Embed(self.num_queries, c, name="learnable_query",
@@ -101,11 +102,11 @@ class AVSegHead(nn.Module):
     transformer = Transformer(
         Encoder(self.num_encoder_layers, c, self.encoder_ffn_dim,
                 self.dropout, self.num_levels, self.num_heads,
-                self.num_points, shapes, remat=self.remat, dtype=dt,
-                parent=None),
+                self.num_points, shapes, remat=self.remat,
+                scan_layers=self.scan_layers, dtype=dt, parent=None),
         Decoder(self.num_decoder_layers, c, self.num_heads,
                 self.decoder_ffn_dim, self.dropout, remat=self.remat,
-                dtype=dt, parent=None),
+                scan_layers=self.scan_layers, dtype=dt, parent=None),
         name="transformer")
     memory, dec = transformer(src, pos[None], query, train)
 

@@ -87,3 +87,25 @@ class MultiheadAttention(nn.Module):
     out_proj = dense(self.dim, use_bias=self.use_bias, dtype=self.dtype,
                      name="out_proj")
     return out_proj(out)
+
+
+def repeat(layer_cls, num: int, kwargs: dict, x, *args, remat: bool = False,
+           scan: bool = False):
+  """Apply `num` layers `layer_cls(**kwargs)` in sequence to x.
+
+  Unrolled, they are named layers_0..layers_{num-1}, like the original's
+  ModuleList. With `scan`, one `nn.scan` over a stacked `layers` (parameters
+  gain a leading [num] axis; the converter stacks them) keeps compile time
+  flat in depth. The layer must take a `scan` field and then return
+  (x, None). Extra args are broadcast to every layer.
+  """
+  cls = nn.remat(layer_cls, prevent_cse=not scan) if remat else layer_cls
+  if not scan:
+    for i in range(num):
+      x = cls(**kwargs, name=f"layers_{i}")(x, *args)
+    return x
+  scanned = nn.scan(cls, variable_axes={"params": 0, "intermediates": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast,) * len(args), length=num)
+  x, _ = scanned(**kwargs, scan=True, name="layers")(x, *args)
+  return x

@@ -16,6 +16,7 @@ class QueryGeneratorLayer(nn.Module):
   dim: int = 256
   num_heads: int = 8
   ffn_dim: int = 1024
+  scan: bool = False             # return (x, None) for nn.scan
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -29,7 +30,8 @@ class QueryGeneratorLayer(nn.Module):
         query + mha("cross_attn")(query, audio, audio))
     y = layers.dense(self.ffn_dim, dtype=self.dtype, name="ffn_0")(query)
     y = layers.dense(self.dim, dtype=self.dtype, name="ffn_2")(layers.gelu(y))
-    return layers.layer_norm(dtype=self.dtype, name="norm3")(query + y)
+    query = layers.layer_norm(dtype=self.dtype, name="norm3")(query + y)
+    return (query, None) if self.scan else query
 
 
 class QueryGenerator(nn.Module):
@@ -40,6 +42,7 @@ class QueryGenerator(nn.Module):
   num_heads: int = 8
   ffn_dim: int = 1024
   remat: bool = False
+  scan_layers: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -48,9 +51,7 @@ class QueryGenerator(nn.Module):
                    embedding_init=layers.xavier_uniform)
     query = jnp.broadcast_to(emb.embedding[None].astype(self.dtype),
                              (audio.shape[0], self.num_queries, self.dim))
-    layer_cls = nn.remat(QueryGeneratorLayer) if self.remat \
-        else QueryGeneratorLayer
-    for i in range(self.num_layers):
-      query = layer_cls(self.dim, self.num_heads, self.ffn_dim,
-                        dtype=self.dtype, name=f"layers_{i}")(query, audio)
-    return query
+    kwargs = dict(dim=self.dim, num_heads=self.num_heads,
+                  ffn_dim=self.ffn_dim, dtype=self.dtype)
+    return layers.repeat(QueryGeneratorLayer, self.num_layers, kwargs, query,
+                         audio, remat=self.remat, scan=self.scan_layers)

@@ -74,3 +74,28 @@ def test_missing_key_is_named(head_case):
   del bad["head.level_embed"]
   with pytest.raises(convert.ConversionError, match=r"level_embed"):
     convert.map_state_dict(bad, target, prefix="head.")
+
+
+def test_scanned_layers_are_stacked_and_equal_unrolled(head_case):
+  """nn.scan over layers: the converter stacks layers_i, outputs unchanged."""
+  _, sd = head_case
+  feats = [jax.random.normal(jax.random.PRNGKey(i), (2, 16 // 2**i, 16 // 2**i, c))
+           for i, c in enumerate((64, 128, 320, 512))]
+  audio = jax.random.normal(jax.random.PRNGKey(9), (2, 1, 256))
+  outs = []
+  for scan in (False, True):
+    head = AVSegHead(num_classes=1, scan_layers=scan)
+    target = jax.eval_shape(lambda r: head.init(r, feats, audio),
+                            jax.random.PRNGKey(0))
+    v, report = convert.map_state_dict(sd, target, prefix="head.")
+    assert not report["unknown"]
+    if scan:
+      enc = v["params"]["transformer"]["encoder"]
+      assert set(enc) == {"layers"}
+      np.testing.assert_array_equal(
+          enc["layers"]["norm1"]["scale"][5],
+          sd["head.transformer.encoder.layers.5.norm1.weight"])
+    with jax.default_matmul_precision("highest"):
+      outs.append(jax.jit(head.apply)(v, feats, audio))
+  np.testing.assert_allclose(outs[0][0], outs[1][0], atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(outs[0][1], outs[1][1], atol=2e-5, rtol=1e-5)
