@@ -28,6 +28,7 @@ class AVSegFormer(nn.Module):
   embed_dim: int = 256
   dtype: Any = jnp.float32
 
+  @nn.compact
   def __call__(self, frames, audio, frame_mask=None, train: bool = False):
     """frames [N,H,W,3], audio [N,96,64], frame_mask [N] or None.
 
@@ -35,7 +36,7 @@ class AVSegFormer(nn.Module):
     """
     # VGGish is always frozen in the original: no gradient flows into it.
     emb = jax.lax.stop_gradient(self.vggish(audio.astype(self.dtype)))
-    self.sow("intermediates", "vggish", emb)
+    self.sow("intermediates", "vggish_embedding", emb)
     audio_feat = layers.dense(self.embed_dim, dtype=self.dtype,
                               name="audio_proj")(emb)[:, None, :]  # [N,1,C]
     self.sow("intermediates", "audio_feat", audio_feat)
@@ -69,7 +70,7 @@ def build_backbone(mc, dtype):
                        f"{sorted(pvt_v2.VARIANTS)}, got {variant!r}")
     module = pvt_v2.PyramidVisionTransformerV2(
         variant=variant, drop_path_rate=mc.drop_path, dtype=dtype,
-        remat=mc.remat, parent=None)
+        remat=mc.remat, scan_layers=mc.scan_layers, parent=None)
     return module, tuple(pvt_v2.VARIANTS[variant]["embed_dims"])
   raise ValueError(f"model.backbone must be 'res50' or 'pvt2', got "
                    f"{mc.backbone!r}")

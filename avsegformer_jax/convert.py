@@ -17,6 +17,7 @@ be filled. Anything else raises an error naming the key and both shapes.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Iterable, Mapping
 
@@ -131,7 +132,7 @@ def map_state_dict(
           key, a = alt, arr          # nn.Embed: no transpose
       index = None
       if key not in flat_target:
-        key, index = _stacked_key(key, flat_target)
+        key, index = _stacked_key(key, flat_target, a.shape)
         if key is None:
           continue
       want = flat_target[key] if index is None else flat_target[key][1:]
@@ -174,7 +175,7 @@ def map_state_dict(
   return traverse_util.unflatten_dict(out), report
 
 
-def _stacked_key(key, flat_target):
+def _stacked_key(key, flat_target, shape):
   """(..., 'layers_3', ...) -> ((..., 'layers', ...), 3) when the model holds
   those layers stacked for nn.scan; (None, None) otherwise."""
   for i, part in enumerate(key):
@@ -182,7 +183,9 @@ def _stacked_key(key, flat_target):
     if not m:
       continue
     cand = key[:i] + (m.group(1),) + key[i + 1:]
-    if cand in flat_target and int(m.group(2)) < flat_target[cand][0]:
+    want = flat_target.get(cand)
+    if want and int(m.group(2)) < want[0] and (
+        want[1:] == tuple(shape) or math.prod(want[1:]) == math.prod(shape)):
       return cand, int(m.group(2))
   return None, None
 

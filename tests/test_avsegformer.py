@@ -68,7 +68,7 @@ def test_conversion_uses_every_key(name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_intermediates(name):
   g, _, inter, _ = run_case(name)
-  errs = {"vggish": max_err(inter["vggish"][0], g["vggish"]),
+  errs = {"vggish": max_err(inter["vggish_embedding"][0], g["vggish"]),
           "audio_feat": max_err(inter["audio_feat"][0], g["dbg_audio_feat"])}
   for i in range(4):
     errs[f"backbone_{i}"] = max_err(inter[f"backbone_mean_{i}"][0],

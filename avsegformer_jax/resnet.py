@@ -1,0 +1,77 @@
+"""ResNet-50 as AVSegFormer uses it (the `B2_ResNet` variant, branch 1).
+
+Strides 4/8/16/32 with 256/512/1024/2048 channels; the stride sits on the 3x3
+conv of each bottleneck (torchvision's "v1.5"). The original also builds a
+second branch (layer3_2, layer4_2) that never runs; the port does not hold it
+(the converter reports its keys as unused).
+
+BatchNorm uses running statistics in eval and batch statistics in training,
+updating the running ones (momentum 0.1 as torch) even while the backbone is
+frozen, as the original does. One difference: torch stores the *unbiased*
+batch variance in its running average, Flax the biased one (a factor
+n/(n-1), n = N*H*W per channel, negligible at these sizes).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from avsegformer_jax import layers
+
+DEPTHS = (3, 4, 6, 3)
+WIDTHS = (64, 128, 256, 512)
+
+
+def _bn(train, dtype, name):
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                      epsilon=1e-5, dtype=dtype, use_fast_variance=False,
+                      name=name)
+
+
+class Bottleneck(nn.Module):
+  planes: int
+  stride: int = 1
+  downsample: bool = False
+  train: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    conv = lambda f, k, s, p, n: layers.conv(
+        f, k, stride=s, padding=p, use_bias=False, dtype=self.dtype, name=n,
+        kernel_init=nn.initializers.kaiming_normal())
+    y = nn.relu(_bn(self.train, self.dtype, "bn1")(
+        conv(self.planes, 1, 1, 0, "conv1")(x)))
+    y = nn.relu(_bn(self.train, self.dtype, "bn2")(
+        conv(self.planes, 3, self.stride, 1, "conv2")(y)))
+    y = _bn(self.train, self.dtype, "bn3")(conv(self.planes * 4, 1, 1, 0,
+                                                "conv3")(y))
+    if self.downsample:
+      x = _bn(self.train, self.dtype, "downsample_1")(
+          conv(self.planes * 4, 1, self.stride, 0, "downsample_0")(x))
+    return nn.relu(x + y)
+
+
+class ResNet50(nn.Module):
+  """frames [N,H,W,3] -> 4 NHWC feature maps (strides 4, 8, 16, 32)."""
+  dtype: jnp.dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = layers.conv(64, 7, stride=2, padding=3, use_bias=False,
+                    dtype=self.dtype, name="conv1",
+                    kernel_init=nn.initializers.kaiming_normal())(x)
+    x = nn.relu(_bn(train, self.dtype, "bn1")(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    block = nn.remat(Bottleneck) if self.remat else Bottleneck
+    # B2_ResNet names its branch-1 stages layer1, layer2, layer3_1, layer4_1.
+    names = ("layer1", "layer2", "layer3_1", "layer4_1")
+    outs = []
+    for stage, (depth, planes) in enumerate(zip(DEPTHS, WIDTHS)):
+      for i in range(depth):
+        stride = 2 if (i == 0 and stage > 0) else 1
+        x = block(planes, stride, downsample=(i == 0), train=train,
+                  dtype=self.dtype, name=f"{names[stage]}_{i}")(x)
+      outs.append(x)
+    return outs

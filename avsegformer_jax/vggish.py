@@ -1,0 +1,40 @@
+"""VGGish (Hershey et al. 2017), AVSegFormer's audio backbone (paper Sec. 3.1).
+
+log-mel [N, 96, 64] -> 128-d embedding. As the original's port: four conv
+blocks (64, M, 128, M, 256, 256, M, 512, 512, M), flatten in NHWC order
+(6*4*512 = 12288, which NHWC gives for free), three ReLU FCs, no PCA.
+Always frozen in AVSegFormer (the model stops its gradient).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from avsegformer_jax import layers
+
+# torch `features` Sequential: ints are 3x3 convs (+ ReLU), "M" max-pools.
+CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M")
+
+
+class VGGish(nn.Module):
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    """x: [N, 96, 64] log-mel (frames x mel bands) -> [N, 128]."""
+    del train
+    x = x[..., None].astype(self.dtype)                        # [N,96,64,1]
+    idx = 0                                  # index in torch's Sequential
+    for item in CFG:
+      if item == "M":
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        idx += 1
+      else:
+        x = nn.relu(layers.conv(item, 3, padding=1, dtype=self.dtype,
+                                name=f"features_{idx}")(x))
+        idx += 2                             # conv, ReLU
+    x = x.reshape(x.shape[0], -1)                              # [N, 12288]
+    for i, width in ((0, 4096), (2, 4096), (4, 128)):
+      x = nn.relu(layers.dense(width, dtype=self.dtype,
+                               name=f"embeddings_{i}")(x))
+    return x

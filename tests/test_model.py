@@ -1,0 +1,118 @@
+"""The model's behaviour on tiny configs: shapes, single frames, masks,
+train-mode randomness, ablation switches, remat equivalence."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from avsegformer_jax import avsegformer, build_model
+from configs import tiny
+
+
+def _inputs(n, size=64, seed=0):
+  r = np.random.RandomState(seed)
+  return (r.standard_normal((n, size, size, 3)).astype(np.float32),
+          r.standard_normal((n, 96, 64)).astype(np.float32))
+
+
+@pytest.fixture(scope="module", params=["pvt2", "res50"])
+def tiny_model(request):
+  config = tiny.get_config(request.param)
+  model = build_model(config)
+  variables = avsegformer.init_variables(model, jax.random.PRNGKey(0))
+  return config, model, variables
+
+
+def test_shapes_and_single_frame(tiny_model):
+  """N = 1 works (the original crashes there through a squeeze())."""
+  config, model, variables = tiny_model
+  frames, audio = _inputs(3)
+  apply = jax.jit(model.apply)
+  logits, mf = apply(variables, frames, audio)
+  assert logits.shape == (3, 64, 64, 1) and logits.dtype == jnp.float32
+  assert mf.shape == (3, 16, 16, config.model.embed_dim)
+  one, mf1 = apply(variables, frames[1:2], audio[1:2])
+  # Frames never interact: a frame alone gives what it gives in a batch.
+  np.testing.assert_allclose(one[0], logits[1], atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(mf1[0], mf[1], atol=1e-4, rtol=1e-4)
+
+
+def test_frame_mask_zeroes_padded_frames(tiny_model):
+  _, model, variables = tiny_model
+  frames, audio = _inputs(4)
+  mask = jnp.asarray([1.0, 0.0, 1.0, 0.0])
+  logits, mf = jax.jit(model.apply)(variables, frames, audio, mask)
+  assert float(jnp.abs(logits[1]).max()) == 0.0 and float(jnp.abs(mf[3]).max()) == 0.0
+  ref, _ = jax.jit(model.apply)(variables, frames, audio)
+  np.testing.assert_allclose(logits[0], ref[0], atol=1e-5)
+
+
+def test_audio_changes_the_prediction(tiny_model):
+  _, model, variables = tiny_model
+  frames, audio = _inputs(2)
+  a, _ = model.apply(variables, frames, audio)
+  b, _ = model.apply(variables, frames, audio[::-1])
+  assert float(jnp.abs(a - b).max()) > 1e-6
+
+
+def test_train_mode_uses_dropout_rng(tiny_model):
+  config, model, variables = tiny_model
+  frames, audio = _inputs(2)
+  mutable = ["batch_stats"] if "batch_stats" in variables else []
+
+  def run(seed):
+    out, _ = model.apply(variables, frames, audio, train=True,
+                         rngs={"dropout": jax.random.PRNGKey(seed)},
+                         mutable=mutable)
+    return out[0]
+  a, b, c = run(0), run(0), run(1)
+  np.testing.assert_array_equal(a, b)
+  assert float(jnp.abs(a - c).max()) > 0
+  # eval is deterministic and needs no rng
+  e1, _ = model.apply(variables, frames, audio)
+  e2, _ = model.apply(variables, frames, audio)
+  np.testing.assert_array_equal(e1, e2)
+
+
+@pytest.mark.parametrize("override", [
+    {"mixer": "cra"}, {"mixer": "none"}, {"learnable_queries": False},
+    {"num_queries": 3}, {"num_classes": 5}])
+def test_ablation_switches(override):
+  config = tiny.get_config("pvt2")
+  config.model.update(override)
+  model = build_model(config)
+  v = avsegformer.init_variables(model, jax.random.PRNGKey(0))
+  head = v["params"]["head"]
+  assert ("fusion_block" in head) == (config.model.mixer != "none")
+  assert ("learnable_query" in head) == config.model.learnable_queries
+  frames, audio = _inputs(2)
+  logits, _ = model.apply(v, frames, audio)
+  assert logits.shape == (2, 64, 64, config.model.num_classes)
+  assert head["mlp"]["layers_0"]["kernel"].shape[0] == config.model.num_queries
+
+
+def test_remat_gives_same_outputs_and_grads():
+  config = tiny.get_config("pvt2")
+  frames, audio = _inputs(2)
+  outs = []
+  for remat in (False, True):
+    config.model.remat = remat
+    model = build_model(config)
+    v = avsegformer.init_variables(model, jax.random.PRNGKey(0))
+    loss = lambda p: model.apply({"params": p}, frames, audio)[0].mean()
+    outs.append(jax.value_and_grad(loss)(v["params"]))
+  np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(outs[0][1]),
+                  jax.tree_util.tree_leaves(outs[1][1])):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_bad_config_values_are_named():
+  config = tiny.get_config("pvt2")
+  config.model.mixer = "xyz"
+  with pytest.raises(ValueError, match="model.mixer"):
+    avsegformer.init_variables(build_model(config), jax.random.PRNGKey(0))
+  config = tiny.get_config("pvt2")
+  config.model.backbone = "vit"
+  with pytest.raises(ValueError, match="model.backbone"):
+    build_model(config)
