@@ -57,10 +57,11 @@ def _model_config(config) -> ml_collections.ConfigDict:
   return config.model if "model" in config else config
 
 
-def build_backbone(mc, dtype):
+def build_backbone(mc, dtype, axis_name=None):
   if mc.backbone == "res50":
     from avsegformer_jax import resnet
-    return resnet.ResNet50(dtype=dtype, remat=mc.remat, parent=None), \
+    return resnet.ResNet50(dtype=dtype, remat=mc.remat, axis_name=axis_name,
+                           parent=None), \
         (256, 512, 1024, 2048)
   if mc.backbone == "pvt2":
     from avsegformer_jax import pvt_v2
@@ -76,8 +77,12 @@ def build_backbone(mc, dtype):
                    f"{mc.backbone!r}")
 
 
-def build_model(config) -> AVSegFormer:
-  """The Flax module for a full config (or its `model` sub-config)."""
+def build_model(config, axis_name: str | None = None) -> AVSegFormer:
+  """The Flax module for a full config (or its `model` sub-config).
+
+  `axis_name`: the mesh axis that training batch-norm statistics are
+  synchronised over (ResNet-50 only; see train.py).
+  """
   from avsegformer_jax import vggish
   mc = _model_config(config)
   if mc.dtype not in DTYPES:
@@ -87,7 +92,7 @@ def build_model(config) -> AVSegFormer:
   if mc.embed_dim % 32 or mc.embed_dim % mc.num_heads:
     raise ValueError("model.embed_dim must be a multiple of 32 (GroupNorm "
                      f"groups) and of num_heads, got {mc.embed_dim}")
-  backbone, _ = build_backbone(mc, dtype)
+  backbone, _ = build_backbone(mc, dtype, axis_name)
   head = AVSegHead(
       num_classes=mc.num_classes, embed_dim=mc.embed_dim,
       num_heads=mc.num_heads, num_levels=mc.num_levels,

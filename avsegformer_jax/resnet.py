@@ -22,10 +22,10 @@ DEPTHS = (3, 4, 6, 3)
 WIDTHS = (64, 128, 256, 512)
 
 
-def _bn(train, dtype, name):
+def _bn(train, dtype, name, axis_name=None):
   return nn.BatchNorm(use_running_average=not train, momentum=0.9,
                       epsilon=1e-5, dtype=dtype, use_fast_variance=False,
-                      name=name)
+                      axis_name=axis_name if train else None, name=name)
 
 
 class Bottleneck(nn.Module):
@@ -33,6 +33,7 @@ class Bottleneck(nn.Module):
   stride: int = 1
   downsample: bool = False
   train: bool = False
+  axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -40,29 +41,32 @@ class Bottleneck(nn.Module):
     conv = lambda f, k, s, p, n: layers.conv(
         f, k, stride=s, padding=p, use_bias=False, dtype=self.dtype, name=n,
         kernel_init=nn.initializers.kaiming_normal())
-    y = nn.relu(_bn(self.train, self.dtype, "bn1")(
-        conv(self.planes, 1, 1, 0, "conv1")(x)))
-    y = nn.relu(_bn(self.train, self.dtype, "bn2")(
-        conv(self.planes, 3, self.stride, 1, "conv2")(y)))
-    y = _bn(self.train, self.dtype, "bn3")(conv(self.planes * 4, 1, 1, 0,
-                                                "conv3")(y))
+    bn = lambda n: _bn(self.train, self.dtype, n, self.axis_name)
+    y = nn.relu(bn("bn1")(conv(self.planes, 1, 1, 0, "conv1")(x)))
+    y = nn.relu(bn("bn2")(conv(self.planes, 3, self.stride, 1, "conv2")(y)))
+    y = bn("bn3")(conv(self.planes * 4, 1, 1, 0, "conv3")(y))
     if self.downsample:
-      x = _bn(self.train, self.dtype, "downsample_1")(
+      x = bn("downsample_1")(
           conv(self.planes * 4, 1, self.stride, 0, "downsample_0")(x))
     return nn.relu(x + y)
 
 
 class ResNet50(nn.Module):
-  """frames [N,H,W,3] -> 4 NHWC feature maps (strides 4, 8, 16, 32)."""
+  """frames [N,H,W,3] -> 4 NHWC feature maps (strides 4, 8, 16, 32).
+
+  `axis_name`: batch statistics are averaged over this mesh axis in training
+  (synchronised BN), so N devices see the statistics of the global batch.
+  """
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = layers.conv(64, 7, stride=2, padding=3, use_bias=False,
                     dtype=self.dtype, name="conv1",
                     kernel_init=nn.initializers.kaiming_normal())(x)
-    x = nn.relu(_bn(train, self.dtype, "bn1")(x))
+    x = nn.relu(_bn(train, self.dtype, "bn1", self.axis_name)(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     block = nn.remat(Bottleneck) if self.remat else Bottleneck
     # B2_ResNet names its branch-1 stages layer1, layer2, layer3_1, layer4_1.
@@ -72,6 +76,6 @@ class ResNet50(nn.Module):
       for i in range(depth):
         stride = 2 if (i == 0 and stage > 0) else 1
         x = block(planes, stride, downsample=(i == 0), train=train,
-                  dtype=self.dtype, name=f"{names[stage]}_{i}")(x)
+                  axis_name=self.axis_name, dtype=self.dtype, name=f"{names[stage]}_{i}")(x)
       outs.append(x)
     return outs

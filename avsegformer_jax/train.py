@@ -1,0 +1,187 @@
+"""The train and eval steps: per-device code mapped over a `data` mesh axis.
+
+Each step is written for one device's shard of the batch, with named-axis
+collectives (`lax.psum` over "data") for gradients, batch-norm statistics and
+metric sums, and mapped with `jax.shard_map` under `jax.jit` over a mesh of
+all devices: the successor of a pmapped step (jax.pmap is itself built on
+shard_map since JAX 0.8). Multi-host works the same way, each process feeding
+its local part of the global batch.
+
+Losses are normalised globally: a device contributes sum(w * l) / sum_all(w),
+and gradients are summed over devices, so 1 and N devices give the same
+update (the per-frame weights differ between clips for S4 and AVSS, which a
+mean of per-device means would get wrong).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from avsegformer_jax import avsegformer, losses, metrics
+
+AXIS = "data"
+# Parameter groups: VGGish is always frozen (never differentiated, no state);
+# the visual backbone is frozen for the first `train.freeze_backbone_epochs`.
+MAIN_GROUP = ("audio_proj", "head")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any          # {"main": ..., "backbone": ... or None}
+  rng: jax.Array
+
+
+def make_mesh(devices=None) -> Mesh:
+  return Mesh(np.asarray(devices or jax.devices()), (AXIS,))
+
+
+def optimizer(config) -> optax.GradientTransformation:
+  """torch.optim.AdamW with the original's settings (no schedule)."""
+  return optax.adamw(config.train.learning_rate, b1=0.9, b2=0.999, eps=1e-8,
+                     weight_decay=config.train.weight_decay)
+
+
+def create_train_state(config, model, rng, variables=None) -> TrainState:
+  """Fresh state; `variables` (e.g. pretrained) replaces the random init."""
+  init_rng, rng = jax.random.split(rng)
+  if variables is None:
+    variables = avsegformer.init_variables(model, init_rng,
+                                           min(config.data.image_size, 64))
+  params = variables["params"]
+  tx = optimizer(config)
+  opt_state = {"main": tx.init({k: params[k] for k in MAIN_GROUP}),
+               "backbone": None}
+  if config.train.freeze_backbone_epochs <= 0:
+    opt_state["backbone"] = tx.init(params["backbone"])
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}),
+                    opt_state=opt_state, rng=rng)
+
+
+def unfreeze_backbone(state: TrainState, config) -> TrainState:
+  """Give the backbone its optimizer state when its frozen epochs end (as
+  torch's AdamW, whose per-parameter state starts at the first gradient)."""
+  if state.opt_state["backbone"] is not None:
+    return state
+  opt = dict(state.opt_state,
+             backbone=optimizer(config).init(state.params["backbone"]))
+  return state.replace(opt_state=opt)
+
+
+def _flat(batch, key, tail):
+  x = batch[key]
+  return x.reshape((-1,) + x.shape[2:]) if tail is None else x.reshape(
+      (-1,) + tail)
+
+
+def train_step(state: TrainState, batch, *, model, config):
+  """One optimisation step on this device's shard (call through `p_train_step`)."""
+  frozen = state.opt_state["backbone"] is None
+  groups = MAIN_GROUP if frozen else MAIN_GROUP + ("backbone",)
+  frames, audio = _flat(batch, "frames", None), _flat(batch, "audio", None)
+  labels = _flat(batch, "masks", None)
+  weights = _flat(batch, "gt_flag", ())
+  vid = _flat(batch, "vid_flag", ())
+  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                           lax.axis_index(AXIS))
+  denom = jnp.maximum(lax.psum(weights.sum(), AXIS), 1e-12)
+  has_bn = bool(jax.tree_util.tree_leaves(state.batch_stats))
+  t = config.train
+
+  def loss_fn(trainable):
+    variables = {"params": {**state.params, **trainable}}
+    if has_bn:
+      variables["batch_stats"] = state.batch_stats
+    (logits, mask_feature), new_vars = model.apply(
+        variables, frames, audio, vid, train=True, rngs={"dropout": rng},
+        mutable=["batch_stats"] if has_bn else [])
+    main, mix = losses.per_frame_losses(logits, mask_feature, labels, t.loss)
+    main = jnp.sum(main * weights) / denom
+    mix = jnp.sum(mix * weights) / denom
+    loss = t.iou_loss_weight * main + t.mix_loss_weight * mix
+    return loss, (new_vars, main, mix)
+
+  trainable = {k: state.params[k] for k in groups}
+  grads, (new_vars, main, mix) = jax.grad(loss_fn, has_aux=True)(trainable)
+  grads = lax.psum(grads, AXIS)
+  tx = optimizer(config)
+  params, opt_state = dict(state.params), dict(state.opt_state)
+  main_tree = {k: trainable[k] for k in MAIN_GROUP}
+  upd, opt_state["main"] = tx.update({k: grads[k] for k in MAIN_GROUP},
+                                     state.opt_state["main"], main_tree)
+  params.update(optax.apply_updates(main_tree, upd))
+  if not frozen:
+    upd, opt_state["backbone"] = tx.update(
+        grads["backbone"], state.opt_state["backbone"], trainable["backbone"])
+    params["backbone"] = optax.apply_updates(trainable["backbone"], upd)
+  stats = lax.psum({"iou_loss": main, "mix_loss": mix}, AXIS)
+  stats["loss"] = t.iou_loss_weight * stats["iou_loss"] + \
+      t.mix_loss_weight * stats["mix_loss"]
+  stats["grad_norm"] = optax.global_norm(grads)
+  new_state = state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state,
+      batch_stats=new_vars.get("batch_stats", state.batch_stats))
+  return new_state, stats
+
+
+def eval_step(variables, batch, *, model, config):
+  """Metric sums of one global batch (call through `p_eval_step`)."""
+  frames, audio = _flat(batch, "frames", None), _flat(batch, "audio", None)
+  labels = _flat(batch, "masks", None)
+  vid = _flat(batch, "vid_flag", ())
+  # [B] -> [B*T]: host padding clips count nowhere.
+  valid = jnp.repeat(batch["clip_valid"], batch["frames"].shape[1])
+  logits, _ = model.apply(variables, frames, audio, vid)
+  if config.task == "avss":
+    # The original scores every frame of a clip, padded ones included
+    # (logits 0 -> background = label 0); `clip_valid` drops host padding.
+    stats = metrics.semantic_stats(logits, labels, valid,
+                                   config.model.num_classes)
+  else:
+    w = _flat(batch, "gt_flag", ()) * valid
+    stats = metrics.binary_stats(logits[..., 0], labels, w)
+  return lax.psum(stats, AXIS), logits
+
+
+class Steps:
+  """The jitted, shard_mapped steps for one model/config/mesh."""
+
+  def __init__(self, model, config, mesh):
+    self.mesh = mesh
+    spec = dict(mesh=mesh, in_specs=(P(), P(AXIS)), check_vma=False)
+    self._train = jax.jit(jax.shard_map(
+        functools.partial(train_step, model=model, config=config),
+        out_specs=(P(), P()), **spec), donate_argnums=(0,))
+    self._eval = jax.jit(jax.shard_map(
+        functools.partial(eval_step, model=model, config=config),
+        out_specs=(P(), P(AXIS)), **spec))
+
+  def train(self, state, batch):
+    """(state, global batch) -> (state, summed loss stats); retraces once
+    when the backbone unfreezes (the state gains its optimizer state)."""
+    return self._train(state, batch)
+
+  def eval(self, variables, batch):
+    return self._eval(variables, batch)
+
+
+def shard_batch(batch, mesh):
+  """Host numpy batch (this process's part) -> global arrays split over `data`."""
+  sharding = NamedSharding(mesh, P(AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items() if not k.startswith("meta_")}
+
+
+def replicate(tree, mesh):
+  return jax.device_put(tree, NamedSharding(mesh, P()))
