@@ -1,0 +1,148 @@
+"""Checkpoints with orbax: training state + data iterator, and model-only exports.
+
+A training workdir holds two orbax CheckpointManagers:
+  WORKDIR/checkpoints/<step>/{state,data,meta}  the latest `keep` steps
+  WORKDIR/best/<step>/{state,meta}               the best by validation mIoU
+`state` is the whole TrainState (params, batch_stats, optimizer state, step,
+RNG), `data` the grain iterator's position (so a resumed run sees exactly the
+batches an uninterrupted one would), `meta` a small JSON (epoch, metrics).
+Orbax writes into a temporary directory and renames it when complete, so a
+run killed mid-save leaves the previous checkpoint intact.
+
+A model export (`save_variables`, written by the converter) is
+DIR/variables (params + batch_stats) and DIR/avsegformer.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+EXPORT_MARKER = "avsegformer.json"
+
+
+class CheckpointError(ValueError):
+  pass
+
+
+def _abs(path) -> str:
+  return os.path.abspath(os.fspath(path))
+
+
+def _grain_args():
+  # Imported lazily: inference never needs the data pipeline.
+  import grain.checkpoint as gc  # pylint: disable=g-import-not-at-top
+  return gc.CheckpointSave, gc.CheckpointRestore
+
+
+class Checkpointer:
+  """Latest-N and best-by-mIoU training checkpoints of one workdir."""
+
+  def __init__(self, workdir, keep: int = 3, keep_best: bool = True):
+    root = _abs(workdir)
+    # Synchronous saves: the iterator position and the state are captured at
+    # the same step, which the bit-exact resume relies on.
+    self.latest = ocp.CheckpointManager(
+        os.path.join(root, "checkpoints"),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False),
+        item_names=("state", "data", "meta"))
+    self.best = None
+    if keep_best:
+      self.best = ocp.CheckpointManager(
+          os.path.join(root, "best"),
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=1, create=True, best_fn=lambda m: m["miou"],
+              best_mode="max", enable_async_checkpointing=False),
+          item_names=("state", "meta"))
+
+  def latest_step(self):
+    return self.latest.latest_step()
+
+  def save(self, step: int, state, data_iter, meta: dict[str, Any]):
+    save_iter, _ = _grain_args()
+    items = dict(state=ocp.args.StandardSave(state),
+                 meta=ocp.args.JsonSave(meta))
+    if data_iter is not None:
+      items["data"] = save_iter(data_iter)
+    self.latest.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def save_best(self, step: int, state, meta: dict[str, Any]):
+    """Offer `state` to the best manager; kept only if its mIoU is the best."""
+    if self.best is None:
+      return
+    self.best.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                   metrics={"miou": float(meta["miou"])}, force=True)
+
+  def restore_meta(self, step: int) -> dict[str, Any]:
+    return self.latest.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, step: int, state_target, data_iter):
+    """Restores into `state_target` (shapes/shardings) and moves `data_iter`."""
+    _, restore_iter = _grain_args()
+    items = dict(state=ocp.args.StandardRestore(state_target),
+                 meta=ocp.args.JsonRestore())
+    if data_iter is not None:
+      items["data"] = restore_iter(data_iter)
+    out = self.latest.restore(step, args=ocp.args.Composite(**items))
+    return out["state"], out["meta"]
+
+  def close(self):
+    self.latest.close()
+    if self.best is not None:
+      self.best.close()
+
+
+def save_variables(directory, variables, info: dict[str, Any] | None = None):
+  """Exports model variables ({"params", "batch_stats"}) for eval/predict."""
+  root = _abs(directory)
+  os.makedirs(root, exist_ok=True)
+  target = os.path.join(root, "variables")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(target, jax.device_get(dict(variables)), force=True)
+  with open(os.path.join(root, EXPORT_MARKER), "w") as f:
+    json.dump({"format": "avsegformer-jax variables", **(info or {})}, f,
+              indent=2)
+
+
+def _restore_tree(path):
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(path)
+
+
+def load_variables(directory, prefer: str = "best") -> dict[str, Any]:
+  """Model variables from an export or a training workdir.
+
+  A workdir gives its best checkpoint (`prefer="best"`) or its latest one
+  (`prefer="latest"`), falling back to whichever exists.
+  """
+  root = _abs(directory)
+  if not os.path.isdir(root):
+    raise CheckpointError(f"{root}: no such checkpoint directory")
+  if os.path.exists(os.path.join(root, EXPORT_MARKER)):
+    tree = _restore_tree(os.path.join(root, "variables"))
+    return {"params": tree["params"],
+            "batch_stats": tree.get("batch_stats", {}) or {}}
+  order = ("best", "checkpoints") if prefer == "best" else ("checkpoints",
+                                                            "best")
+  for sub in order:
+    mdir = os.path.join(root, sub)
+    if not os.path.isdir(mdir):
+      continue
+    with ocp.CheckpointManager(mdir, item_names=("state", "data", "meta"),
+                               options=ocp.CheckpointManagerOptions(
+                                   read_only=True)) as mngr:
+      step = mngr.latest_step()   # best/ keeps a single step
+      if step is None:
+        continue
+      state = _restore_tree(os.path.join(mdir, str(step), "state"))
+    return {"params": state["params"],
+            "batch_stats": state.get("batch_stats", {}) or {}}
+  raise CheckpointError(
+      f"{root}: neither a model export ({EXPORT_MARKER}) nor a training "
+      "workdir with checkpoints/ or best/")
