@@ -1,0 +1,1 @@
+"""Datasets: the AVSBench TFDS builder and its synthetic twin (`datasets.avsbench`)."""

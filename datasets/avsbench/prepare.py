@@ -1,0 +1,55 @@
+"""Prepares AVSBench (real or synthetic) as TFDS array_record, once.
+
+  python -m datasets.avsbench.prepare --config s4 --manual_dir RAW --data_dir OUT
+
+does what `tfds build datasets/avsbench --manual_dir=RAW --data_dir=OUT --config=s4`
+does (the builder is found there by TFDS's folder convention too), but without
+the `tfds` command, whose 4.9.10 entry point imports apache-beam at start-up
+even for builders that never use it. Needs TensorFlow (`pip install -e ".[prepare]"`).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+
+from . import raw
+from .avsbench_dataset_builder import Builder
+
+
+def prepare(config: str, manual_dir, data_dir, *, skip_bad_clips: bool | None = None,
+            num_workers: int | None = None, overwrite: bool = False) -> Path:
+  """Builds avsbench/<config> into data_dir (reused if already there); returns its folder."""
+  if config not in raw.TASKS:
+    raise ValueError(f"config must be one of {sorted(raw.TASKS)}, got {config!r}")
+  builder = Builder(config=config, data_dir=str(data_dir), skip_bad_clips=skip_bad_clips,
+                    num_workers=num_workers)
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=str(manual_dir), download_mode=mode))
+  return Path(builder.data_path)
+
+
+def folder_size(path) -> int:
+  return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--config", required=True, choices=sorted(raw.TASKS))
+  p.add_argument("--manual_dir", required=True, help="AVSBench root (holds Single-source/ ...)")
+  p.add_argument("--data_dir", required=True, help="TFDS data dir to write")
+  p.add_argument("--skip_bad_clips", action="store_true",
+                 help="skip and list bad clips instead of stopping (default: stop)")
+  p.add_argument("--num_workers", type=int, default=None, help="decoding threads")
+  p.add_argument("--overwrite", action="store_true", help="rebuild even if already prepared")
+  a = p.parse_args(argv)
+  path = prepare(a.config, a.manual_dir, a.data_dir, skip_bad_clips=a.skip_bad_clips or None,
+                 num_workers=a.num_workers, overwrite=a.overwrite)
+  print(f"prepared {path} ({folder_size(path) / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+  main()
