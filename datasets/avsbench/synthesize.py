@@ -13,9 +13,9 @@ own sound: a tone at a class frequency (300 Hz ... 4.6 kHz, >= 5 mel bands
 apart) amplitude-modulated at a class rate. Masks hold only the sounding
 object(s). MS3 clips have 1-2 sources; AVSS has v1s (1 source, 5 frames),
 v1m (1-2, 5 frames) and v2 (1-2, 10 frames) clips with palette-coloured label
-maps. Some MS3 / AVSS clips are silent (all-zero wav, empty mask; S4 has no
-silent clip since its category names the source), ~15% of wavs are shorter
-than the clip (1.5-4 s), ~20% are 44.1 kHz stereo (the rest 16 kHz mono).
+maps. 10% of MS3 / AVSS clips are silent (all-zero wav, empty mask; S4 has no
+silent clip since its category names the source), ~14% of wavs are shorter
+than the clip (1.5-4 s), 20% are 44.1 kHz stereo (the rest 16 kHz mono).
 `synth_truth.json` in the task folder records every clip's objects and sources
 (the builder ignores it). Deterministic given the arguments. The AVSS class
 names in label2idx.json are stand-ins; only their count (71) and order matter.
@@ -92,10 +92,10 @@ def object_mask(obj: dict, t: int, height: int, width: int) -> np.ndarray:
   if shape == "diamond":
     return np.abs(dx) + np.abs(dy) <= r
   if shape == "cross":
-    return (((np.abs(dx) <= r / 3) & (np.abs(dy) <= r))
-            | ((np.abs(dy) <= r / 3) & (np.abs(dx) <= r)))
+    return (((np.abs(dx) <= r / 2) & (np.abs(dy) <= r))
+            | ((np.abs(dy) <= r / 2) & (np.abs(dx) <= r)))
   d2 = dx * dx + dy * dy
-  return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)          # ring
+  return (d2 <= r * r) & (d2 >= (0.45 * r) ** 2)          # ring
 
 
 def sounding_mask(clip: dict, t: int) -> np.ndarray:
@@ -127,8 +127,13 @@ def _objects(rng, n_objects, n_frames, height, width) -> list[dict]:
     x0, y0 = (cell % 2) * width / 2, (cell // 2) * height / 2
     lo_x, hi_x = x0 + size / 2 + 1, x0 + width / 2 - size / 2 - 1
     lo_y, hi_y = y0 + size / 2 + 1, y0 + height / 2 - size / 2 - 1
-    pt = lambda: [float(rng.uniform(lo_x, hi_x)), float(rng.uniform(lo_y, hi_y))]
-    objs.append({"cls": int(cls), "size": size, "start": pt(), "end": pt(), "frames": n_frames})
+    # From near one end of its range to near the other, on each axis: it visibly moves.
+    ends = []
+    for lo, hi in ((lo_x, hi_x), (lo_y, hi_y)):
+      a, b = rng.uniform(lo, lo + 0.2 * (hi - lo)), rng.uniform(hi - 0.2 * (hi - lo), hi)
+      ends.append((a, b) if rng.random() < 0.5 else (b, a))
+    objs.append({"cls": int(cls), "size": size, "start": [float(e[0]) for e in ends],
+                 "end": [float(e[1]) for e in ends], "frames": n_frames})
   return objs
 
 
@@ -168,20 +173,21 @@ def _audio(rng, clip: dict) -> np.ndarray:
   return np.clip(y, -1, 1)
 
 
-def _plan(task: str, rng, split: str, subset: str, height: int, width: int) -> dict:
+def _plan(task: str, rng, i: int, split: str, subset: str, height: int, width: int) -> dict:
+  """Clip i's content. Silent / short / stereo clips follow the index (every 10th,
+  7th, 5th), so even a tiny set has each kind."""
   n_frames = raw.AVSS_SUBSETS[subset][0] if task == "avss" else 5
   n_objects = int(rng.integers(2, 4)) if task in ("s4", "avss") else 3
   objects = _objects(rng, n_objects, n_frames, height, width)
   shown = [o["cls"] for o in objects]
   single = task == "s4" or subset == "v1s"
-  if not single and rng.random() < 0.1:
+  if not single and i % 10 == 6:
     sounding = []
   else:
-    k = 1 if single else int(rng.choice([1, 2], p=[0.35, 0.65]))
+    k = 1 if single else min(int(rng.choice([1, 2], p=[0.35, 0.65])), len(shown) - 1)
     sounding = sorted(int(c) for c in rng.choice(shown, k, replace=False))
   full = 10.0 if subset == "v2" else 5.0
-  short = rng.random() < 0.15
-  stereo = rng.random() < 0.2
+  short, stereo = i % 7 == 3, i % 5 == 1
   return {"split": split, "subset": subset, "height": height, "width": width,
           "frames": n_frames, "objects": objects, "sounding": sounding,
           "duration": float(rng.uniform(1.5, 4.0)) if short else full,
@@ -216,7 +222,7 @@ def _write_clip(task: str, task_dir: Path, cid: str, clip: dict, rng) -> None:
   for t in range(clip["frames"]):
     img = Image.fromarray(_render(rng, clip, t, texture))
     if task == "avss":
-      img.save(frame_dir / f"{t}.jpg", quality=92)
+      img.save(frame_dir / f"{t}.jpg", quality=92, subsampling=0)   # 4:4:4 keeps small shapes' colour
     elif task == "s4":
       img.save(frame_dir / f"{cid}_{t + 1}.png")
     else:
@@ -274,7 +280,7 @@ def synthesize(task: str, out_dir, num_videos: int = 60, seed: int = 0, size: in
     subset = str(plan_rng.choice(subsets)) if task == "avss" else ""
     cid = _clip_id(plan_rng, taken, suffix=task != "ms3")
     clip_rng = np.random.default_rng([seed, _TASK_INDEX[task], i, 1])
-    clips[cid] = _plan(task, clip_rng, split, subset, height, width)
+    clips[cid] = _plan(task, clip_rng, i, split, subset, height, width)
     _write_clip(task, task_dir, cid, clips[cid], clip_rng)
   with open(result.csv_path, "w", newline="") as f:
     w = csv.writer(f)
