@@ -1,0 +1,179 @@
+"""AVSBench batches with grain, from the prepared TFDS dataset.
+
+Random access through `tfds.data_source` (no TensorFlow needed to read),
+a deterministic order that depends only on (seed, epoch), each JAX process
+reading its own slice of every global batch, decoding/resizing in worker
+processes, and an iterator whose state orbax saves with the train state, so
+a resumed run continues at the exact next batch.
+
+Batches (this process's clips, Bl = global batch / process count):
+  frames [Bl,T,S,S,3] float32 (ImageNet-normalised), audio [Bl,T,96,64],
+  masks [Bl,T,S,S] int32, gt_flag / vid_flag [Bl,T] float32,
+  clip_valid [Bl] float32 (0 = padding that fills the last batch),
+  meta_clip_id / meta_category [Bl] str (host only).
+The last batch of an epoch is padded instead of dropped (the original's
+DataLoader keeps it): padded clips carry zero weights everywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import grain
+import numpy as np
+from PIL import Image
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+SPLITS = ("train", "validation", "test")
+
+
+class PipelineError(ValueError):
+  pass
+
+
+def open_source(config, split):
+  """tfds.data_source over the prepared `avsbench/<task>` split."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if split not in SPLITS:
+    raise PipelineError(f"split must be one of {SPLITS}, got {split!r}")
+  data_dir = config.data.data_dir or None
+  name = f"{config.data.name}/{config.task}"
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir)
+  except Exception as e:  # tfds raises several types for a missing dataset
+    raise PipelineError(
+        f"cannot open {name} split {split!r} in data_dir "
+        f"{data_dir or '(TFDS default)'}: {e}. Prepare it first: "
+        f"tfds build datasets/avsbench --config={config.task} "
+        f"--manual_dir=RAW_AVSBENCH --data_dir=DATA_DIR") from e
+
+
+def _resize(img: np.ndarray, size: int, crop: bool, nearest: bool):
+  """PIL resizes as the original's loaders (bilinear with PIL's antialias
+  for frames, nearest for masks); `crop`: short side to `size`, centre crop."""
+  pil = Image.fromarray(img)
+  method = Image.NEAREST if nearest else Image.BILINEAR
+  if not crop:
+    return np.asarray(pil.resize((size, size), method))
+  w, h = pil.size
+  if w > h:
+    oh, ow = size, int(1.0 * w * size / h)
+  else:
+    ow, oh = size, int(1.0 * h * size / w)
+  pil = pil.resize((ow, oh), method)
+  x1, y1 = int(round((ow - size) / 2.0)), int(round((oh - size) / 2.0))
+  return np.asarray(pil.crop((x1, y1, x1 + size, y1 + size)))
+
+
+@dataclasses.dataclass
+class ClipLoader:
+  """Global clip position -> one decoded, resized clip (runs in workers)."""
+  source: object
+  num_frames: int
+  image_size: int
+  crop: bool                    # AVSS train: short-side resize + centre crop
+  num_clips: int
+  global_batch: int
+  local_batch: int
+  process_index: int
+  batches_per_epoch: int
+  shuffle: bool
+  seed: int
+  audio_perm: np.ndarray | None = None   # shuffled-audio control
+
+  def _order(self, epoch: int) -> np.ndarray:
+    if not self.shuffle:
+      return np.arange(self.num_clips)
+    return np.random.default_rng([self.seed, epoch]).permutation(self.num_clips)
+
+  def __call__(self, i: int):
+    per_epoch = self.batches_per_epoch * self.local_batch
+    epoch, r = divmod(int(i), per_epoch)
+    b, k = divmod(r, self.local_batch)
+    pos = b * self.global_batch + self.process_index * self.local_batch + k
+    valid = pos < self.num_clips
+    idx = int(self._order(epoch)[pos % self.num_clips])
+    return self.load(idx, valid)
+
+  def load(self, idx: int, valid: bool = True):
+    ex = self.source[idx]
+    t, s = self.num_frames, self.image_size
+    frames = np.zeros((t, s, s, 3), np.float32)   # padding: 0 after normalising
+    masks = np.zeros((t, s, s), np.int32)
+    for j, img in enumerate(list(ex["frames"])[:t]):
+      x = _resize(np.asarray(img, np.uint8), s, self.crop, nearest=False)
+      frames[j] = (x.astype(np.float32) / 255.0 - MEAN) / STD
+    for j, m in enumerate(list(ex["masks"])[:t]):
+      m = np.asarray(m, np.uint8)
+      masks[j] = _resize(m.reshape(m.shape[:2]), s, self.crop, nearest=True)
+    audio = np.asarray(ex["log_mel"], np.float32)
+    if self.audio_perm is not None:
+      audio = np.asarray(self.source[int(self.audio_perm[idx])]["log_mel"],
+                         np.float32)
+    w = np.float32(valid)
+    return {
+        "frames": frames, "audio": audio[:t], "masks": masks,
+        "gt_flag": np.asarray(ex["gt_flag"], np.float32)[:t] * w,
+        "vid_flag": np.asarray(ex["vid_flag"], np.float32)[:t],
+        "clip_valid": w,
+        "meta_clip_id": np.asarray(_text(ex["clip_id"])),
+        "meta_category": np.asarray(_text(ex["category"])),
+    }
+
+
+def _text(x):
+  return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _derangement(n: int, seed: int) -> np.ndarray:
+  """A permutation without fixed points: every clip gets another's audio."""
+  if n < 2:
+    raise PipelineError("shuffling audio across clips needs at least 2 clips")
+  rng = np.random.default_rng(seed)
+  while True:
+    p = rng.permutation(n)
+    if not np.any(p == np.arange(n)):
+      return p
+
+
+def create_dataset(config, split: str, *, train: bool, num_epochs: int = 1,
+                   seed: int | None = None, batch_size: int | None = None,
+                   process_index: int | None = None,
+                   process_count: int | None = None, source=None,
+                   shuffle_audio: bool = False, num_workers: int | None = None):
+  """Returns (grain IterDataset of this process's batches, info dict)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  source = open_source(config, split) if source is None else source
+  n = len(source)
+  if n == 0:
+    raise PipelineError(f"split {split!r} of {config.task} is empty")
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  gb = batch_size or (config.train.batch_size if train else
+                      config.eval.batch_size)
+  if gb % pc:
+    raise PipelineError(f"global batch {gb} is not divisible by the "
+                        f"{pc} processes")
+  lb = gb // pc
+  bpe = math.ceil(n / gb)
+  seed = config.data.shuffle_seed if seed is None else seed
+  loader = ClipLoader(
+      source=source, num_frames=config.data.num_frames,
+      image_size=config.data.image_size,
+      crop=train and config.task == "avss", num_clips=n, global_batch=gb,
+      local_batch=lb, process_index=pi, batches_per_epoch=bpe, shuffle=train,
+      seed=seed,
+      audio_perm=_derangement(n, seed + 1) if shuffle_audio else None)
+  ds = grain.MapDataset.range(num_epochs * bpe * lb).map(loader).batch(lb)
+  ds = ds.to_iter_dataset()
+  workers = config.data.num_workers if num_workers is None else num_workers
+  if workers > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():   # grain workers read absl flags
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  info = dict(num_clips=n, batches_per_epoch=bpe, global_batch=gb,
+              local_batch=lb, num_epochs=num_epochs)
+  return ds, info
+
