@@ -179,8 +179,10 @@ def test_mask_size_differs_from_frame(damaged):
   expect_error(manual, out, "ms3", files.masks[3], "20x24", "24x24")
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "truncated", "too_short"])
-def test_bad_wav(damaged, case):
+@pytest.mark.parametrize("case,problem", [
+    ("missing", "does not exist"), ("empty", "empty"), ("truncated", "truncated"),
+    ("too_short", "needs at least 0.975 s")])
+def test_bad_wav(damaged, case, problem):
   manual, out, _, _, files = damaged("s4")
   if case == "missing":
     files.wav.unlink()
@@ -190,7 +192,7 @@ def test_bad_wav(damaged, case):
     files.wav.write_bytes(files.wav.read_bytes()[:5000])
   else:
     sf.write(str(files.wav), np.full(8000, 0.1), 16000, subtype="PCM_16")
-  expect_error(manual, out, "s4", files.wav)
+  expect_error(manual, out, "s4", files.wav, problem)
 
 
 def test_silent_wav_is_kept_and_listed(damaged):
@@ -252,3 +254,61 @@ def test_skip_bad_clips_skips_counts_and_lists(damaged, monkeypatch):
   assert str(other_wav) in skipped[0]["reason"] and "empty" in skipped[0]["reason"]
   listing = (builder.data_path / avsb.SKIPPED_FILE).read_text()
   assert "1 clip(s) skipped" in listing and str(other_wav) in listing
+
+
+def test_mask_file_modes_decode_alike(damaged, tmp_path):
+  """RGB, palette and 1-bit S4/MS3 masks and palette-mode AVSS maps give the same labels."""
+  manual, out, root, clip, files = damaged("ms3")
+  grey = [np.asarray(Image.open(p)) for p in files.masks[:3]]
+  Image.fromarray(np.stack([grey[0]] * 3, -1)).save(files.masks[0])          # RGB
+  pal = Image.fromarray((grey[1] > 0).astype(np.uint8), "P")
+  pal.putpalette([0, 0, 0, 255, 255, 255])
+  pal.save(files.masks[1])                                                   # P, index 1 white
+  Image.fromarray(grey[2] > 0).save(files.masks[2])                          # mode "1"
+  build(manual, out, "ms3")
+  truth = json.loads((root / "synth_truth.json").read_text())["clips"][clip.clip_id]
+  ex, = [e for e in read_split(out, "ms3", "train") if text(e["clip_id"]) == clip.clip_id]
+  for t in range(3):
+    np.testing.assert_array_equal(ex["masks"][t][..., 0], synthesize.sounding_mask(truth, t) > 0)
+
+  root = raw.find_task_root(manual, "avss")
+  clip = raw.read_clips(root, "avss", "train")[0]
+  path = raw.clip_files(root, clip).masks[0]
+  palette = raw.avss_palette()
+  rgb = np.asarray(Image.open(path).convert("RGB"))
+  index = raw.colours_to_classes(rgb, palette, path)
+  p_img = Image.fromarray(index, "P")
+  p_img.putpalette(palette.reshape(-1).tolist())
+  p_img.save(path)
+  build(manual, tmp_path / "out_avss", "avss")
+  truth = json.loads((root / "synth_truth.json").read_text())["clips"][clip.clip_id]
+  ex, = [e for e in read_split(tmp_path / "out_avss", "avss", "train")
+         if text(e["clip_id"]) == clip.clip_id]
+  lut = np.array([0] + [synthesize.avss_index(c) for c in range(len(synthesize.CLASSES))])
+  np.testing.assert_array_equal(ex["masks"][0][..., 0], lut[synthesize.sounding_mask(truth, 0)])
+
+
+_HIDE_TF = """
+import sys
+class Hide:                       # as if TensorFlow were not installed
+  def __init__(self, finder): self.finder = finder
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] == "tensorflow": return None
+    return self.finder.find_spec(name, path, target)
+sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
+import tensorflow_datasets as tfds
+from datasets.avsbench import prepare
+path = prepare.prepare("ms3", sys.argv[1], sys.argv[2], num_workers=1)
+ds = tfds.data_source("avsbench/ms3", data_dir=sys.argv[2], split="train")
+assert len(ds) == 2 and ds[0]["masks"][0].shape == (24, 24, 1)
+assert not any(m.split(".")[0] == "tensorflow" for m in sys.modules)
+print("OK", path)
+"""
+
+
+def test_build_and_read_need_no_tensorflow(small_raw, tmp_path):
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-c", _HIDE_TF, str(small_raw), str(tmp_path)],
+                       capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

@@ -1,14 +1,17 @@
 """TFDS builder for AVSBench (configs s4 / ms3 / avss), from the manual download.
 
-Prepare once (TensorFlow is needed only for this step: `pip install -e ".[prepare]"`):
+Prepare once:
 
-  tfds build datasets/avsbench --manual_dir=RAW --data_dir=OUT --config=s4
+  python -m datasets.avsbench.prepare --config s4 --manual_dir RAW --data_dir OUT
+  (= tfds build datasets/avsbench --manual_dir=RAW --data_dir=OUT --config=s4,
+     where the `tfds` command runs: in tfds 4.9.10 it needs apache-beam to start)
 
 RAW is the AVSBench root holding `Single-source/`, `Multi-sources/` and/or
 `AVSS/` as distributed (or one of those folders itself); see `raw.py` for the
 layouts. Output is array_record, one example per clip, splits
-train / validation / test (the original's train / val / test). Training,
-evaluation and inference read it with `tfds.data_source`, without TensorFlow.
+train / validation / test (the original's train / val / test). Neither this
+build nor reading it (`tfds.data_source`) imports TensorFlow: images reach
+TFDS already PNG/JPEG-encoded (raw.py encodes with PIL), which TFDS stores as is.
 
 Bad input (missing or corrupt frame, mask of another size than its frame,
 missing / empty / truncated / too short wav, CSV row naming a missing clip,

@@ -5,7 +5,7 @@
 does what `tfds build datasets/avsbench --manual_dir=RAW --data_dir=OUT --config=s4`
 does (the builder is found there by TFDS's folder convention too), but without
 the `tfds` command, whose 4.9.10 entry point imports apache-beam at start-up
-even for builders that never use it. Needs TensorFlow (`pip install -e ".[prepare]"`).
+even for builders that never use it. TensorFlow is not needed (see the builder).
 """
 from __future__ import annotations
 

@@ -229,6 +229,14 @@ def colours_to_classes(rgb: np.ndarray, palette: np.ndarray, path) -> np.ndarray
   return order[pos].astype(np.uint8)
 
 
+def _png(image: np.ndarray) -> bytes:
+  """uint8 [H,W] or [H,W,3] -> PNG bytes. Encoding here (not in TFDS) keeps
+  TensorFlow out of the build: TFDS stores encoded bytes as they are."""
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  return buf.getvalue()
+
+
 def _open_image(path: Path, what: str) -> tuple[bytes, Image.Image]:
   if not path.is_file():
     raise AVSBenchError(f"{path}: missing {what}")
@@ -256,9 +264,10 @@ def load_log_mel(wav: Path, task: str) -> tuple[np.ndarray, bool]:
 def load_clip(root: Path, clip: Clip, palette: np.ndarray | None = None) -> tuple[dict, bool]:
   """One TFDS example (features as in the contract) and whether its wav is silent.
 
-  Frames already stored as RGB PNG/JPEG are passed on as their file bytes
-  (no re-encoding); others are decoded to RGB arrays (as the original's
-  `convert("RGB")`). Raises AVSBenchError naming the offending file.
+  Images are PNG/JPEG bytes: frames already stored as 8-bit RGB PNG/JPEG are
+  passed on as their file bytes (no re-encoding), others are converted to RGB
+  (as the original's `convert("RGB")`) and PNG-encoded, as are the masks
+  ([H,W] class / 0-1 maps). Raises AVSBenchError naming the offending file.
   """
   files = clip_files(root, clip)
   if not files.clip_dir.is_dir():
@@ -267,10 +276,8 @@ def load_clip(root: Path, clip: Clip, palette: np.ndarray | None = None) -> tupl
   frames, sizes = [], []
   for path in files.frames:
     data, im = _open_image(path, "frame")
-    if im.mode == "RGB" and im.format in ("PNG", "JPEG"):
-      frames.append(data)
-    else:
-      frames.append(np.asarray(im.convert("RGB")))
+    eight_bit = im.format == "JPEG" or (im.format == "PNG" and data[24] == 8)  # IHDR depth
+    frames.append(data if im.mode == "RGB" and eight_bit else _png(np.asarray(im.convert("RGB"))))
     if sizes and im.size != sizes[0]:
       raise AVSBenchError(f"{path}: frame is {im.size[0]}x{im.size[1]} but "
                           f"{files.frames[0].name} is {sizes[0][0]}x{sizes[0][1]}")
@@ -278,7 +285,7 @@ def load_clip(root: Path, clip: Clip, palette: np.ndarray | None = None) -> tupl
   masks = []
   for path, (w, h) in zip(files.masks, sizes):
     if path is None:
-      masks.append(np.zeros((h, w, 1), np.uint8))
+      masks.append(_png(np.zeros((h, w), np.uint8)))
       continue
     what = "label map" if clip.task == "avss" else "mask"
     _, im = _open_image(path, what)
@@ -289,7 +296,7 @@ def load_clip(root: Path, clip: Clip, palette: np.ndarray | None = None) -> tupl
       m = colours_to_classes(np.asarray(im.convert("RGB")), pal, path)
     else:
       m = np.asarray(im.convert("1"), np.uint8)
-    masks.append(m[..., None])
+    masks.append(_png(m))
   log_mel, silent = load_log_mel(files.wav, clip.task)
   vid_flag, gt_flag = temporal_flags(clip)
   example = {"clip_id": clip.clip_id, "category": clip.category, "frames": frames,
