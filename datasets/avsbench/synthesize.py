@@ -15,7 +15,7 @@ object(s). MS3 clips have 1-2 sources; AVSS has v1s (1 source, 5 frames),
 v1m (1-2, 5 frames) and v2 (1-2, 10 frames) clips with palette-coloured label
 maps. 10% of MS3 / AVSS clips are silent (all-zero wav, empty mask; S4 has no
 silent clip since its category names the source), ~14% of wavs are shorter
-than the clip (1.5-4 s), 20% are 44.1 kHz stereo (the rest 16 kHz mono).
+than the clip (1.5-4 s), 10% are 44.1 kHz stereo (the rest 16 kHz mono).
 `synth_truth.json` in the task folder records every clip's objects and sources
 (the builder ignores it). Deterministic given the arguments. The AVSS class
 names in label2idx.json are stand-ins; only their count (71) and order matter.
@@ -174,8 +174,8 @@ def _audio(rng, clip: dict) -> np.ndarray:
 
 
 def _plan(task: str, rng, i: int, split: str, subset: str, height: int, width: int) -> dict:
-  """Clip i's content. Silent / short / stereo clips follow the index (every 10th,
-  7th, 5th), so even a tiny set has each kind."""
+  """Clip i's content. Silent (MS3 / AVSS: i % 10 == 6), short (i % 7 == 3) and
+  44.1 kHz stereo (i % 10 == 1) clips follow the index, so tiny sets have them."""
   n_frames = raw.AVSS_SUBSETS[subset][0] if task == "avss" else 5
   n_objects = int(rng.integers(2, 4)) if task in ("s4", "avss") else 3
   objects = _objects(rng, n_objects, n_frames, height, width)
@@ -187,7 +187,7 @@ def _plan(task: str, rng, i: int, split: str, subset: str, height: int, width: i
     k = 1 if single else min(int(rng.choice([1, 2], p=[0.35, 0.65])), len(shown) - 1)
     sounding = sorted(int(c) for c in rng.choice(shown, k, replace=False))
   full = 10.0 if subset == "v2" else 5.0
-  short, stereo = i % 7 == 3, i % 5 == 1
+  short, stereo = i % 7 == 3, i % 10 == 1
   return {"split": split, "subset": subset, "height": height, "width": width,
           "frames": n_frames, "objects": objects, "sounding": sounding,
           "duration": float(rng.uniform(1.5, 4.0)) if short else full,
