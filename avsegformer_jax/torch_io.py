@@ -347,7 +347,7 @@ def _resolve(obj, buffers, path, depth=0):
     return _materialize(_TensorRef(obj, 0, (obj.view_numel or obj.numel,),
                                    (1,), obj.dtype), buffers, path)
   rec = lambda v: _resolve(v, buffers, path, depth + 1)
-  if isinstance(obj, dict):      # OrderedDict stays ordered (and an OrderedDict)
+  if isinstance(obj, dict):      # an OrderedDict stays an OrderedDict
     return type(obj)((k, rec(v)) for k, v in obj.items())
   if isinstance(obj, (list, tuple)):
     return type(obj)(rec(v) for v in obj)

@@ -229,3 +229,17 @@ def test_torch_roundtrip_reproduces_golden(tmp_path):
   errs = check_torch_roundtrip.roundtrip(str(tmp_path), torch_python)
   assert errs["pred"] <= 1e-4 and errs["mask_feature"] <= 1e-4, errs
   assert errs["vggish"] <= 1e-5, errs
+
+
+def test_test_writer_matches_what_torch_wrote(tmp_path):
+  """tests/pth_writer.py (used by other tests) reads back like torch's file."""
+  sys.path.insert(0, os.path.dirname(__file__))
+  from pth_writer import write_pth
+  torch_sd = torch_io.load_state_dict(os.path.join(FIX, "zip_module.pth"))
+  path = write_pth(tmp_path / "w.pth", torch_sd, nested=True,
+                   prefix="module.")
+  ours = torch_io.load_state_dict(path)
+  assert list(ours) == list(torch_sd)
+  for k, v in torch_sd.items():
+    assert ours[k].dtype == v.dtype
+    np.testing.assert_array_equal(ours[k], v)

@@ -1,0 +1,241 @@
+"""PyTorch weights into the Flax model: released checkpoints and the
+pretrained parts the original starts training from.
+
+* `python -m avsegformer_jax.convert --config=configs/s4.py:pvt2
+  --checkpoint=FILE.pth --out=DIR` turns a released AVSegFormer `.pth` (the
+  original model's state_dict) into an orbax checkpoint of model variables
+  that `main.py --mode=eval` and `predict` read, and reports which torch keys
+  it used and which it knowingly dropped (convert.KNOWN_UNUSED).
+* `load_pretrained(config, variables)` applies `config.pretrained`:
+  - `checkpoint`: a released AVSegFormer `.pth` (every variable replaced);
+  - `backbone`: torchvision's ImageNet ResNet-50 (`conv1`, `bn1`,
+    `layer1..4` with `downsample`; the original's B2_ResNet copies `layerN`
+    into both of its branches, the port holds only branch 1, `layerN_1`), or
+    an official PVTv2 B0-B5 file (`patch_embed1.proj`, `block1.0.norm1`, ...,
+    `norm1..4`; the classifier `head.*` is dropped);
+  - `vggish`: torchvggish's `vggish-10086976.pth` (`features.N`,
+    `embeddings.N`).
+  The files are read by torch_io (no torch, no code from the file).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from avsegformer_jax import convert, torch_io
+from avsegformer_jax.convert import ConversionError
+
+_BN_COUNTER = re.compile(r".*\.num_batches_tracked$")
+RESNET_UNUSED = (re.compile(r"^fc\."), re.compile(r"^layer[34]_2\."),
+                 _BN_COUNTER)
+PVT_UNUSED = (re.compile(r"^head\."), _BN_COUNTER)
+VGGISH_UNUSED = (re.compile(r"^pproc\."),)
+
+
+def resnet_torchvision_names(sd: Mapping[str, Any]) -> dict[str, Any]:
+  """torchvision ResNet-50 names -> B2_ResNet branch 1 (layer3 -> layer3_1).
+
+  A B2_ResNet state dict (already `layer3_1`, `layer3_2`) passes unchanged.
+  """
+  return {re.sub(r"^layer([34])\.", r"layer\1_1.", k): v
+          for k, v in sd.items()}
+
+
+def _file_kind(sd: Mapping[str, Any]) -> str:
+  if any(k.startswith("patch_embed1.") for k in sd):
+    return "pvt2"
+  if "conv1.weight" in sd and any(k.startswith("layer1.") for k in sd):
+    return "res50"
+  if any(k.startswith("features.") for k in sd):
+    return "vggish"
+  if any(k.startswith(("backbone.", "head.")) for k in sd):
+    return "avsegformer"
+  return "unknown"
+
+
+def _load_into(variables, module: str, sd, path: str, unused,
+               what: str):
+  """variables with every leaf under `module` replaced from `sd` (strict)."""
+  target = {col: tree[module] for col, tree in variables.items()
+            if isinstance(tree, Mapping) and module in tree}
+  if not target:
+    raise ConversionError(f"the model has no '{module}' variables to load "
+                          f"{path} into")
+  try:
+    loaded, report = convert.map_state_dict(sd, target, unused=unused)
+  except ConversionError as e:
+    raise ConversionError(f"{path} ({what}): {e}") from None
+  out = {col: dict(tree) for col, tree in variables.items()}
+  for col, tree in loaded.items():
+    out[col][module] = _like(tree, variables[col][module])
+  logging.info("%s: loaded %d tensors from %s into %s (%d dropped: %s)",
+               what, len(report["used"]), path, module, len(report["unused"]),
+               summarize_unused(report["unused"], unused))
+  return out, report
+
+
+def _like(new, old):
+  """`new` (numpy) with the dtypes of `old` as jax arrays."""
+  return jax.tree_util.tree_map(
+      lambda n, o: jnp.asarray(n, dtype=o.dtype), new, old)
+
+
+def load_backbone(path: str, config, variables):
+  """ImageNet ResNet-50 (torchvision) or official PVTv2 weights."""
+  mc = config.model
+  sd = torch_io.load_state_dict(path)
+  kind = _file_kind(sd)
+  if kind != mc.backbone:
+    raise ConversionError(
+        f"{path}: looks like a {kind} state dict, but model.backbone is "
+        f"{mc.backbone!r} (pretrained.backbone must match it)")
+  if kind == "res50":
+    return _load_into(variables, "backbone", resnet_torchvision_names(sd),
+                      path, RESNET_UNUSED, "ResNet-50")
+  return _load_into(variables, "backbone", sd, path, PVT_UNUSED,
+                    f"PVTv2-{mc.pvt_variant.upper()}")
+
+
+def load_vggish(path: str, variables):
+  """torchvggish's AudioSet weights (vggish-10086976.pth)."""
+  sd = torch_io.load_state_dict(path)
+  if _file_kind(sd) != "vggish":
+    raise ConversionError(f"{path}: not a VGGish state dict (no 'features.*' "
+                          f"keys; first keys: {list(sd)[:4]})")
+  return _load_into(variables, "vggish", sd, path, VGGISH_UNUSED, "VGGish")
+
+
+def load_checkpoint(path: str, config):
+  """(variables, report) of a released AVSegFormer `.pth` for `config`."""
+  sd = torch_io.load_state_dict(path)
+  _check_checkpoint_fits(sd, config, path)
+  try:
+    return convert.torch_to_flax(sd, config, return_report=True)
+  except ConversionError as e:
+    mc = config.model
+    raise ConversionError(
+        f"{path}: does not fit model.backbone={mc.backbone!r}"
+        f"{' ' + mc.pvt_variant if mc.backbone == 'pvt2' else ''}, "
+        f"num_classes={mc.num_classes}: {e}") from None
+
+
+def _check_checkpoint_fits(sd, config, path):
+  """Name the config/checkpoint mismatches people make (backbone, task)."""
+  mc = config.model
+  kind = ("res50" if "backbone.conv1.weight" in sd else
+          "pvt2" if "backbone.patch_embed1.proj.weight" in sd else None)
+  if kind and kind != mc.backbone:
+    raise ConversionError(
+        f"{path}: holds a {kind} AVSegFormer, but the config's "
+        f"model.backbone is {mc.backbone!r} (use --config=...:{kind})")
+  final = sd.get("head.fc.4.weight")
+  if final is not None and final.shape[0] != mc.num_classes:
+    raise ConversionError(
+        f"{path}: predicts {final.shape[0]} classes, the config "
+        f"{mc.num_classes} (S4/MS3 checkpoints: 1, AVSS: 71; pick the "
+        "matching configs/<task>.py)")
+
+
+def load_pretrained(config, variables):
+  """`variables` with config.pretrained.{checkpoint, backbone, vggish}
+  applied, in that order (so an explicit backbone / vggish file overrides the
+  checkpoint's). Empty fields leave the variables as they are."""
+  p = config.get("pretrained") or {}
+  if p.get("checkpoint"):
+    loaded, report = load_checkpoint(p.checkpoint, config)
+    variables = {col: _like(loaded[col], variables[col]) if col in loaded
+                 else variables[col] for col in variables}
+    logging.info("loaded %d tensors from %s (%d known unused)",
+                 len(report["used"]), p.checkpoint, len(report["unused"]))
+  if p.get("backbone"):
+    variables, _ = load_backbone(p.backbone, config, variables)
+  if p.get("vggish"):
+    variables, _ = load_vggish(p.vggish, variables)
+  return variables
+
+
+def summarize_unused(keys, patterns=convert.KNOWN_UNUSED) -> str:
+  """'head.fpn.* (12), ...': unused keys counted by the pattern they match."""
+  counts = collections.Counter()
+  for k in keys:
+    pat = next((p.pattern for p in patterns if p.match(k)), "other")
+    counts[_glob(pat)] += 1
+  return ", ".join(f"{p} ({n})" for p, n in counts.items()) or "none"
+
+
+def _glob(pattern: str) -> str:
+  r"""A KNOWN_UNUSED regex as a glob: '^head\.fpn\.' -> 'head.fpn.*'."""
+  text = pattern.strip("^$")
+  glob = text.replace("\\.", "\0").replace(".*", "*").replace("\0", ".")
+  return glob + "*" if text.endswith("\\.") else glob
+
+
+def format_report(report: Mapping[str, list], list_keys: bool = False) -> str:
+  """Used keys counted by top-level module, unused ones by reason."""
+  used = collections.Counter(k.split(".", 1)[0] for k in report["used"])
+  lines = [f"used {len(report['used'])} torch tensors: "
+           + ", ".join(f"{m} {n}" for m, n in sorted(used.items())),
+           f"unused {len(report['unused'])} (held by the original, never "
+           f"used for its outputs): {summarize_unused(report['unused'])}"]
+  if report.get("unknown"):
+    lines.append(f"unknown {len(report['unknown'])}: {report['unknown']}")
+  if list_keys:
+    lines += [f"  used    {k}" for k in report["used"]]
+    lines += [f"  unused  {k}" for k in report["unused"]]
+  return "\n".join(lines)
+
+
+def convert_checkpoint(config, checkpoint: str, out: str) -> dict:
+  """Released `.pth` -> orbax checkpoint at `out`; returns the key report."""
+  from avsegformer_jax import checkpoint as ckpt
+  variables, report = load_checkpoint(checkpoint, config)
+  mc = config.model
+  info = {"source": os.path.abspath(checkpoint), "task": config.get("task"),
+          "backbone": mc.backbone,
+          "pvt_variant": mc.pvt_variant if mc.backbone == "pvt2" else None,
+          "num_classes": mc.num_classes}
+  ckpt.save_variables(os.path.abspath(out), variables, info=info)
+  return report
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  if "checkpoint" in flags.FLAGS:
+    return
+  config_flags.DEFINE_config_file(
+      "config", None, "Model config, e.g. configs/s4.py:pvt2.",
+      lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "Released AVSegFormer .pth file.")
+  flags.DEFINE_string("out", None, "Directory for the orbax checkpoint.")
+  flags.DEFINE_bool("list_keys", False, "Print every used / unused key.")
+  flags.mark_flags_as_required(["config", "checkpoint", "out"])
+
+
+def _run(argv) -> int | str:
+  from absl import flags
+  if len(argv) > 1:
+    return f"convert: unexpected arguments {argv[1:]}"
+  f = flags.FLAGS
+  if not f["verbosity"].present:       # orbax's INFO lines only with --v=0
+    logging.set_verbosity(logging.WARNING)
+  try:
+    report = convert_checkpoint(f.config, f.checkpoint, f.out)
+  except (torch_io.TorchFileError, ConversionError, OSError) as e:
+    return f"convert: {e}"            # absl prints it and exits 1
+  print(f"converted {f.checkpoint} -> {os.path.abspath(f.out)}")
+  print(format_report(report, list_keys=f.list_keys))
+  return 0
+
+
+def cli_main(argv=None, run: Callable = _run):
+  """Entry point of `python -m avsegformer_jax.convert`."""
+  from absl import app
+  _define_flags()
+  app.run(run, argv=argv)
