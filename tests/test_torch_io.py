@@ -217,6 +217,8 @@ def test_not_a_checkpoint(tmp_path):
 
 
 # -------------------------------------- real torch round trip (optional) ----
+@pytest.mark.golden
+@pytest.mark.slow
 def test_torch_roundtrip_reproduces_golden(tmp_path):
   """A .pth that torch wrote from the golden's synthetic weights converts and
   reproduces goldens/model_s4_res50.npz. Needs torch: in this interpreter, or
