@@ -1,0 +1,298 @@
+"""grain input pipeline: synthesize -> prepare -> create_dataset batches, for s4 and avss.
+
+Every pixel check compares against a PIL reference computed here from the
+prepared source example (not through the pipeline's own resize helper), so a
+wrong resize method, crop, normalisation or frame order shows.
+"""
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+from configs import tiny  # noqa: E402
+from datasets import input_pipeline as ip  # noqa: E402
+from datasets.avsbench import prepare, synthesize  # noqa: E402
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)   # ImageNet, as the original
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+SIZE = 24                      # output side; the synthetic frames are 32x32 (s4), 36x48 (avss)
+T = {"s4": 5, "avss": 10}
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """s4 and avss synthesized (10 clips: 6 train / 2 val / 2 test) and prepared once."""
+  raw_dir, out = tmp_path_factory.mktemp("raw"), tmp_path_factory.mktemp("tfds")
+  synthesize.synthesize("s4", raw_dir, num_videos=10, seed=0, size=32)
+  synthesize.synthesize("avss", raw_dir, num_videos=10, seed=0, size=36)
+  for task in T:
+    prepare.prepare(task, raw_dir, out, num_workers=1)
+  return out
+
+
+def make_config(task, data_dir, **data):
+  c = tiny.get_config()
+  c.task = task
+  c.data.data_dir = str(data_dir)
+  c.data.image_size = SIZE
+  c.data.num_frames = T[task]
+  c.data.num_workers = 0
+  c.data.update(data)
+  return c
+
+
+def source_by_id(data_dir, task, split):
+  src = tfds.data_source(f"avsbench/{task}", split=split, data_dir=str(data_dir))
+  return {text(src[i]["clip_id"]): src[i] for i in range(len(src))}
+
+
+def text(x):
+  return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def batches(config, split, train, **kw):
+  ds, info = ip.create_dataset(config, split, train=train, **kw)
+  return list(iter(ds)), info
+
+
+def ref_frame(img, crop):
+  """PIL reference: bilinear straight resize, or short side + centre crop."""
+  pil = Image.fromarray(np.asarray(img, np.uint8))
+  if crop:
+    w, h = pil.size
+    assert w > h, "synthetic AVSS frames are landscape"
+    ow = int(w * SIZE / h)
+    x1 = int(round((ow - SIZE) / 2.0))
+    pil = pil.resize((ow, SIZE), Image.BILINEAR).crop((x1, 0, x1 + SIZE, SIZE))
+  else:
+    pil = pil.resize((SIZE, SIZE), Image.BILINEAR)
+  return (np.asarray(pil, np.float32) / 255.0 - MEAN) / STD
+
+
+def ref_mask(m, crop):
+  pil = Image.fromarray(np.asarray(m, np.uint8)[..., 0])
+  if crop:
+    w, h = pil.size
+    ow = int(w * SIZE / h)
+    x1 = int(round((ow - SIZE) / 2.0))
+    pil = pil.resize((ow, SIZE), Image.NEAREST).crop((x1, 0, x1 + SIZE, SIZE))
+  else:
+    pil = pil.resize((SIZE, SIZE), Image.NEAREST)
+  return np.asarray(pil, np.int32)
+
+
+def check_contract(b, task, n_local, t):
+  assert set(b) == {"frames", "audio", "masks", "gt_flag", "vid_flag", "clip_valid",
+                    "meta_clip_id", "meta_category"}
+  expect = {"frames": ((n_local, t, SIZE, SIZE, 3), np.float32),
+            "audio": ((n_local, t, 96, 64), np.float32),
+            "masks": ((n_local, t, SIZE, SIZE), np.int32),
+            "gt_flag": ((n_local, t), np.float32), "vid_flag": ((n_local, t), np.float32),
+            "clip_valid": ((n_local,), np.float32)}
+  for k, (shape, dtype) in expect.items():
+    assert b[k].shape == shape and b[k].dtype == dtype, (task, k, b[k].shape, b[k].dtype)
+  assert b["meta_clip_id"].shape == (n_local,) and b["meta_clip_id"].dtype.kind == "U"
+
+
+# ----------------------------------------------------------------- contract --
+
+def test_s4_train_batches_flags_padding_and_pixels(data_dir):
+  c = make_config("s4", data_dir)
+  got, info = batches(c, "train", True, batch_size=4)
+  src = source_by_id(data_dir, "s4", "train")
+  assert info["num_clips"] == 6 and info["batches_per_epoch"] == 2 and len(got) == 2
+  for b in got:
+    check_contract(b, "s4", 4, 5)
+  valid = np.concatenate([b["clip_valid"] for b in got])
+  np.testing.assert_array_equal(valid, [1, 1, 1, 1, 1, 1, 0, 0])   # last batch padded
+  ids = np.concatenate([b["meta_clip_id"] for b in got])[valid > 0]
+  assert sorted(ids) == sorted(src)                      # one epoch = every clip once
+  for b in got:
+    for i, cid in enumerate(b["meta_clip_id"]):
+      ex = src[str(cid)]
+      w = b["clip_valid"][i]
+      # S4 train supervises frame 0 only; padding carries zero weight.
+      np.testing.assert_array_equal(b["gt_flag"][i], np.array([1, 0, 0, 0, 0]) * w)
+      np.testing.assert_array_equal(b["vid_flag"][i], np.ones(5))
+      np.testing.assert_array_equal(b["audio"][i], ex["log_mel"])
+      assert b["meta_category"][i] == text(ex["category"])
+      for j in range(5):
+        np.testing.assert_allclose(b["frames"][i, j], ref_frame(ex["frames"][j], False),
+                                   atol=1e-5)
+      np.testing.assert_array_equal(b["masks"][i, 0], ref_mask(ex["masks"][0], False))
+      assert set(np.unique(b["masks"][i])) <= {0, 1}
+      assert not b["masks"][i, 1:].any()                 # no ground truth there
+  assert any(b["masks"][:, 0].any() for b in got)
+
+
+def test_s4_eval_is_in_order_all_frames_supervised(data_dir):
+  c = make_config("s4", data_dir)
+  (b,), _ = batches(c, "validation", False)            # eval batch 2 = the 2 val clips
+  check_contract(b, "s4", 2, 5)
+  src = tfds.data_source("avsbench/s4", split="validation", data_dir=str(data_dir))
+  assert list(b["meta_clip_id"]) == [text(src[i]["clip_id"]) for i in range(2)]
+  np.testing.assert_array_equal(b["gt_flag"], np.ones((2, 5)))
+  np.testing.assert_array_equal(b["clip_valid"], [1, 1])
+  for i in range(2):
+    for j in range(5):
+      np.testing.assert_array_equal(b["masks"][i, j], ref_mask(src[i]["masks"][j], False))
+  assert set(np.unique(b["masks"])) == {0, 1}
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_avss_padding_flags_crop_and_resize(data_dir, train):
+  c = make_config("avss", data_dir)
+  split = "train" if train else "test"
+  src = source_by_id(data_dir, "avss", split)
+  got, _ = batches(c, split, train, batch_size=2)
+  subsets = set()
+  for b in got:
+    check_contract(b, "avss", 2, 10)
+    for i, cid in enumerate(b["meta_clip_id"]):
+      ex, sub = src[str(cid)], str(b["meta_category"][i])
+      subsets.add(sub)
+      n = 10 if sub == "v2" else 5
+      n_gt = {"v1s": 1, "v1m": 5, "v2": 10}[sub] if train else (1 if sub == "v1s" else n)
+      np.testing.assert_array_equal(b["vid_flag"][i], [1] * n + [0] * (10 - n))
+      np.testing.assert_array_equal(b["gt_flag"][i], [1] * n_gt + [0] * (10 - n_gt))
+      # v1s/v1m: 5 real frames, then zeros *after* normalisation (not -mean/std).
+      assert not b["frames"][i, n:].any() and not b["masks"][i, n:].any()
+      for j in (0, n - 1):
+        np.testing.assert_allclose(b["frames"][i, j], ref_frame(ex["frames"][j], crop=train),
+                                   atol=1e-5)
+        m = ref_mask(ex["masks"][j], crop=train)
+        np.testing.assert_array_equal(b["masks"][i, j], m)
+        assert set(np.unique(b["masks"][i, j])) <= set(np.unique(ex["masks"][j]))
+      # The reference discriminates: the other geometry gives another picture.
+      other = ref_frame(ex["frames"][0], crop=not train)
+      assert np.abs(b["frames"][i, 0] - other).max() > 0.1
+  assert ({"v1s", "v2"} <= subsets) if train else ({"v1m", "v2"} <= subsets)
+
+
+def test_avss_class_labels_survive(data_dir):
+  """AVSS masks keep class indices (> 1), not a binarised mask."""
+  c = make_config("avss", data_dir)
+  got, _ = batches(c, "train", True, batch_size=2)
+  labels = set(np.unique(np.concatenate([b["masks"].ravel() for b in got])))
+  assert max(labels) > 1 and labels <= set(range(71))
+
+
+# ------------------------------------------------------------ order / hosts --
+
+def clip_order(config, **kw):
+  got, _ = batches(config, "train", True, batch_size=2, num_epochs=2, **kw)
+  return [list(b["meta_clip_id"]) for b in got]
+
+
+def test_order_is_seeded_and_changes_per_epoch(data_dir):
+  c = make_config("s4", data_dir, image_size=8)
+  a, b = clip_order(c, seed=0), clip_order(c, seed=0)
+  assert a == b and len(a) == 6                           # 3 batches per epoch, 2 epochs
+  e1, e2 = sum(a[:3], []), sum(a[3:], [])
+  assert sorted(e1) == sorted(e2) and e1 != e2
+  assert clip_order(c, seed=1) != a
+
+
+def test_two_processes_together_see_the_global_batch(data_dir):
+  c = make_config("s4", data_dir, image_size=8)
+  whole, _ = batches(c, "train", True, batch_size=4, num_epochs=2, seed=5)
+  parts = [batches(c, "train", True, batch_size=4, num_epochs=2, seed=5,
+                   process_index=p, process_count=2)[0] for p in (0, 1)]
+  assert len(whole) == len(parts[0]) == len(parts[1]) == 4
+  for g, p0, p1 in zip(whole, *parts):
+    for k in g:
+      np.testing.assert_array_equal(np.concatenate([p0[k], p1[k]]), g[k], err_msg=k)
+  with pytest.raises(ip.PipelineError, match="not divisible"):
+    ip.create_dataset(c, "train", train=True, batch_size=3, process_index=0, process_count=2)
+
+
+# ---------------------------------------------------------------- resuming --
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterator_state_resumes_at_the_exact_next_batch(data_dir, workers):
+  c = make_config("s4", data_dir, image_size=8)
+  ds, _ = ip.create_dataset(c, "train", train=True, batch_size=2, num_epochs=2,
+                            num_workers=workers)
+  it = iter(ds)
+  first = next(it)
+  state = it.get_state()
+  json.dumps(state)                                     # orbax stores it as JSON
+  rest = list(it)                                       # 5 batches, across the epoch boundary
+  it2 = iter(ds)
+  it2.set_state(state)
+  resumed = list(it2)
+  assert len(rest) == len(resumed) == 5
+  assert list(first["meta_clip_id"]) != list(rest[0]["meta_clip_id"])
+  for a, b in zip(rest, resumed):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# ----------------------------------------------------------------- options --
+
+def test_shuffled_audio_gives_each_clip_another_clips_audio(data_dir):
+  c = make_config("s4", data_dir, image_size=8)
+  got, _ = batches(c, "train", False, batch_size=6, shuffle_audio=True)
+  src = source_by_id(data_dir, "s4", "train")
+  ids = list(src)
+  mels = np.stack([src[k]["log_mel"] for k in ids])
+  assert len({m.tobytes() for m in mels}) == len(ids)   # distinct, so the match is unique
+  used = []
+  for i, cid in enumerate(got[0]["meta_clip_id"]):
+    (hit,) = np.flatnonzero((mels == got[0]["audio"][i]).all(axis=(1, 2, 3)))
+    assert ids[hit] != cid
+    used.append(hit)
+  assert sorted(used) == list(range(len(ids)))          # a permutation of the clips' audio
+
+
+def test_train_num_frames_keeps_the_first_frames_in_training_only(data_dir):
+  c = make_config("s4", data_dir, train_num_frames=1)
+  (b, _), _ = batches(c, "train", True, batch_size=4)
+  assert b["frames"].shape == (4, 1, SIZE, SIZE, 3) and b["audio"].shape == (4, 1, 96, 64)
+  assert b["masks"].shape == (4, 1, SIZE, SIZE) and b["gt_flag"].shape == (4, 1)
+  np.testing.assert_array_equal(b["gt_flag"], np.ones((4, 1)))
+  (e,), _ = batches(c, "validation", False)
+  assert e["frames"].shape[1] == 5
+  c.data.train_num_frames = 6
+  with pytest.raises(ip.PipelineError, match="train_num_frames"):
+    ip.create_dataset(c, "train", train=True)
+
+
+def test_missing_dataset_names_the_data_dir(tmp_path):
+  c = make_config("s4", tmp_path / "nowhere")
+  with pytest.raises(ip.PipelineError, match="nowhere"):
+    ip.create_dataset(c, "train", train=True)
+  with pytest.raises(ip.PipelineError, match="split must be"):
+    ip.create_dataset(c, "val", train=False)
+
+
+def test_reading_batches_never_imports_tensorflow(data_dir):
+  if importlib.util.find_spec("tensorflow") is None:
+    pytest.skip("TensorFlow is not installed: the check would be vacuous")
+  code = textwrap.dedent(f"""
+      import sys
+      from configs import tiny
+      from datasets import input_pipeline as ip
+      c = tiny.get_config()
+      c.task, c.data.data_dir, c.data.image_size = "avss", {str(data_dir)!r}, 16
+      c.data.num_frames, c.data.num_workers = 10, 0
+      for split, train in (("train", True), ("test", False)):
+        ds, _ = ip.create_dataset(c, split, train=train, batch_size=2)
+        b = next(iter(ds))
+        assert b["frames"].shape == (2, 10, 16, 16, 3)
+      bad = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))
+      assert not bad, bad[:5]
+      print("OK")
+  """)
+  r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
