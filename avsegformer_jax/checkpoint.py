@@ -3,6 +3,7 @@
 A training workdir holds two orbax CheckpointManagers:
   WORKDIR/checkpoints/<step>/{state,data,meta}  the latest `keep` steps
   WORKDIR/best/<step>/{state,meta}               the best by validation mIoU
+                                                 (model variables only)
 `state` is the whole TrainState (params, batch_stats, optimizer state, step,
 RNG), `data` the grain iterator's position (so a resumed run sees exactly the
 batches an uninterrupted one would), `meta` a small JSON (epoch, metrics).
@@ -70,12 +71,12 @@ class Checkpointer:
       items["data"] = save_iter(data_iter)
     self.latest.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def save_best(self, step: int, state, meta: dict[str, Any]):
-    """Offer `state` to the best manager; kept only if its mIoU is the best."""
+  def save_best(self, step: int, variables, meta: dict[str, Any]):
+    """Offer `variables` to the best manager; kept only if its mIoU is best."""
     if self.best is None:
       return
     self.best.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        state=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)),
                    metrics={"miou": float(meta["miou"])}, force=True)
 
   def restore_meta(self, step: int) -> dict[str, Any]:

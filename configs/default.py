@@ -37,6 +37,7 @@ def get_config():
   m.dtype = "float32"            # compute dtype: float32 | bfloat16 (params stay float32)
   m.remat = False                # rematerialise transformer / backbone blocks
   m.scan_layers = False          # nn.scan over repeated identical layers
+  m.msda_impl = "packed"         # deformable-attention core: packed | fused | gather4
 
   # ----------------------------------------------------------------- data --
   d = c.data = ml_collections.ConfigDict()
@@ -45,10 +46,14 @@ def get_config():
   d.manual_dir = ""              # raw AVSBench download (for preparation)
   d.image_size = 512             # S4/MS3 loaders resize to 512 (not 224)
   d.num_frames = 5
+  d.train_num_frames = -1        # >0: train on the first k frames only (see input_pipeline)
   d.train_split = "train"
   d.eval_split = "validation"
   d.num_workers = 2
   d.shuffle_seed = 0
+  # The synthetic AVSBench, generated and prepared into the workdir (demo).
+  d.synthetic = ml_collections.ConfigDict(
+      dict(enabled=False, num_videos=60, size=96, seed=0))
 
   # ---------------------------------------------------------------- train --
   t = c.train = ml_collections.ConfigDict()
@@ -74,6 +79,7 @@ def get_config():
   e = c.eval = ml_collections.ConfigDict()
   e.batch_size = 2
   e.num_visualize = 8            # clips whose masks / overlays are written
+  e.shuffled_audio_control = False   # after training: mIoU with shuffled audio
 
   # ------------------------------------------------- pretrained weights ----
   p = c.pretrained = ml_collections.ConfigDict()

@@ -1,0 +1,243 @@
+"""The training and evaluation loops around the steps of `train.py`.
+
+One loop for every task: an iterator over all epochs (so its position is a
+single checkpointable number), the backbone unfrozen when its frozen epochs
+end, validation at the end of each epoch, orbax checkpoints every
+`checkpoint.every_steps` and at epoch ends, and a resume from the latest one
+when the workdir already has checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from avsegformer_jax import avsegformer, checkpoint, metrics, train, visualize
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def _is_main():
+  return jax.process_index() == 0
+
+
+def _writer(workdir):
+  if not _is_main():
+    return None
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+def _scalars(writer, step, values, prefix):
+  if writer is None:
+    return
+  for k, v in values.items():
+    if isinstance(v, (int, float)) and math.isfinite(v):
+      writer.add_scalar(f"{prefix}/{k}", v, step)
+
+
+def _log_line(workdir, record):
+  """Appends to WORKDIR/train_metrics.jsonl (plain text twin of TensorBoard)."""
+  if _is_main():
+    with open(os.path.join(workdir, "train_metrics.jsonl"), "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def initial_variables(config, model, rng):
+  """Random init, then the pretrained weights the config names (if any)."""
+  variables = avsegformer.init_variables(model, rng,
+                                         min(config.data.image_size, 64))
+  p = config.pretrained
+  if p.backbone or p.vggish or p.checkpoint:
+    from avsegformer_jax import pretrained  # pylint: disable=g-import-not-at-top
+    variables = pretrained.load_pretrained(config, variables)
+  return variables
+
+
+def evaluate(config, steps: train.Steps, variables, split: str, *,
+             shuffle_audio: bool = False, vis_dir: str | None = None,
+             num_visualize: int = 0, source=None, desc="eval") -> dict:
+  """Scores `variables` on a split: the original's per-batch averages and
+  the dataset-level values (and per class for AVSS)."""
+  from datasets import input_pipeline  # pylint: disable=g-import-not-at-top
+  ds, info = input_pipeline.create_dataset(
+      config, split, train=False, source=source, shuffle_audio=shuffle_audio)
+  variables = train.replicate(variables, steps.mesh)
+  total, per_batch, shown = None, [], 0
+  for batch in tqdm(ds, total=info["batches_per_epoch"], desc=desc,
+                    disable=not _is_main(), leave=False):
+    stats, logits = steps.eval(variables, train.shard_batch(batch, steps.mesh))
+    stats = jax.tree_util.tree_map(np.asarray, stats)
+    total = stats if total is None else jax.tree_util.tree_map(
+        np.add, total, stats)
+    if config.task != "avss":
+      per_batch.append(metrics.binary_scores(stats))
+    if vis_dir and shown < num_visualize:
+      shown += _visualise(config, batch, logits, vis_dir, num_visualize - shown)
+  if config.task == "avss":
+    # The original accumulates AVSS statistics over the whole split, so its
+    # number is already dataset-level.
+    res = metrics.semantic_scores(total)
+    res.update(miou_dataset=res["miou"], fscore_dataset=res["fscore"])
+  else:
+    ds_level = metrics.binary_scores(total)
+    res = {"miou": float(np.mean([b["miou"] for b in per_batch])),
+           "fscore": float(np.mean([b["fscore"] for b in per_batch])),
+           "miou_dataset": ds_level["miou"],
+           "fscore_dataset": ds_level["fscore"]}
+  res.update(split=split, num_clips=info["num_clips"],
+             batch_size=info["global_batch"], shuffled_audio=shuffle_audio)
+  return res
+
+
+def _visualise(config, batch, logits, vis_dir, limit):
+  logits = np.asarray(multihost_utils.process_allgather(logits, tiled=True))
+  if not _is_main():
+    return limit
+  b, t = batch["frames"].shape[:2]
+  logits = logits.reshape((b, t) + logits.shape[1:])
+  n = 0
+  for i in range(b):
+    if n >= limit or not batch["clip_valid"][i]:
+      continue
+    visualize.save_clip(vis_dir, str(batch["meta_clip_id"][i]),
+                        batch["frames"][i], logits[i],
+                        config.model.num_classes, batch["vid_flag"][i] > 0)
+    n += 1
+  return n
+
+
+def _check_finite(pending, step):
+  for s, stats in pending:
+    loss = float(stats["loss"])
+    if not math.isfinite(loss):
+      raise NonFiniteLossError(
+          f"non-finite loss {loss} at step {s}; stopped. The last good "
+          f"checkpoint (before step {step}) is kept; lower the learning rate "
+          "or use float32 (model.dtype) and resume from it.")
+
+
+def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
+  """Trains with per-epoch validation; returns the last validation scores.
+
+  `source_fn(split)` replaces the TFDS data sources (tests, demos).
+  """
+  from datasets import input_pipeline  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  mesh = train.make_mesh()
+  model = avsegformer.build_model(config, axis_name=train.AXIS)
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, state_rng = jax.random.split(rng)
+  variables = initial_variables(config, avsegformer.build_model(config),
+                                init_rng)
+  state = train.create_train_state(config, model, state_rng, variables)
+  src = (lambda s: source_fn(s)) if source_fn else (lambda s: None)
+  t = config.train
+  ds, info = input_pipeline.create_dataset(
+      config, config.data.train_split, train=True, num_epochs=t.num_epochs,
+      source=src(config.data.train_split))
+  data_iter = iter(ds)
+  bpe = info["batches_per_epoch"]
+  total = bpe * t.num_epochs
+  if t.max_steps > 0:
+    total = min(total, t.max_steps)
+
+  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep,
+                                 config.checkpoint.keep_best)
+  start = ckpt.latest_step() or 0
+  if start:
+    meta = ckpt.restore_meta(start)
+    if meta.get("backbone_trainable"):
+      state = train.unfreeze_backbone(state, config)
+    state, meta = ckpt.restore(start, state, data_iter)
+    logging.info("resumed from %s at step %d (epoch %d)", workdir, start,
+                 start // bpe)
+  state = train.replicate(state, mesh)
+  steps = train.Steps(model, config, mesh)
+  writer = _writer(workdir)
+  last_eval, pending, t0, clips = {}, [], time.time(), 0
+  pbar = tqdm(total=total, initial=start, desc="train", disable=not _is_main(),
+              dynamic_ncols=True)
+
+  def save(step, extra=None):
+    _check_finite(pending, step)
+    pending.clear()
+    meta = {"step": step, "epoch": step / bpe,
+            "backbone_trainable": state.opt_state["backbone"] is not None,
+            **(extra or {})}
+    ckpt.save(step, state, data_iter, meta)
+
+  for step in range(start, total):
+    epoch = step // bpe
+    if epoch >= t.freeze_backbone_epochs and state.opt_state["backbone"] is None:
+      state = train.replicate(train.unfreeze_backbone(state, config), mesh)
+      logging.info("epoch %d: visual backbone unfrozen", epoch)
+    batch = next(data_iter)
+    state, stats = steps.train(state, train.shard_batch(batch, mesh))
+    pending.append((step, stats))
+    clips += info["global_batch"]
+    pbar.update(1)
+    done = step + 1
+    if done % t.log_every_steps == 0 or done == total:
+      s = jax.tree_util.tree_map(float, jax.device_get(stats))
+      rate = clips / max(time.time() - t0, 1e-9)
+      t0, clips = time.time(), 0
+      s.update(learning_rate=t.learning_rate, clips_per_s=rate)
+      _scalars(writer, done, s, "train")
+      _log_line(workdir, dict(step=done, **s))
+      pbar.set_postfix(loss=f"{s['loss']:.4f}", clips_s=f"{rate:.2f}")
+    epoch_end = done % bpe == 0 or done == total
+    if epoch_end:
+      _check_finite(pending, done)
+      variables = {"params": state.params, "batch_stats": state.batch_stats}
+      last_eval = evaluate(config, steps, variables, config.data.eval_split,
+                           source=src(config.data.eval_split))
+      _scalars(writer, done, last_eval, "eval")
+      msg = (f"epoch {math.ceil(done / bpe)}/{t.num_epochs} step {done}: "
+             f"loss {float(stats['loss']):.4f}  {config.data.eval_split} "
+             f"mIoU {last_eval['miou']:.4f} F {last_eval['fscore']:.4f}")
+      pbar.write(msg) if _is_main() else None
+      logging.info(msg)
+      save(done, {"miou": last_eval["miou"]})
+      ckpt.save_best(done, variables, {"step": done, "miou": last_eval["miou"]})
+    elif done % config.checkpoint.every_steps == 0:
+      save(done)
+  pbar.close()
+  ckpt.close()
+  if writer is not None:
+    writer.close()
+  if _is_main():
+    with open(os.path.join(workdir, "train_results.json"), "w") as f:
+      json.dump(last_eval, f, indent=2)
+  return last_eval
+
+
+def evaluate_checkpoint(config, workdir: str, checkpoint_dir: str, split: str,
+                        *, shuffle_audio=False, source=None) -> dict:
+  """`main.py --mode=eval`: scores a checkpoint and writes eval_results.json
+  and, for `eval.num_visualize` clips, masks and overlays."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = train.make_mesh()
+  model = avsegformer.build_model(config)
+  variables = checkpoint.load_variables(checkpoint_dir)
+  steps = train.Steps(model, config, mesh)
+  vis = os.path.join(workdir, "visualizations", split)
+  res = evaluate(config, steps, variables, split, shuffle_audio=shuffle_audio,
+                 vis_dir=vis, num_visualize=config.eval.num_visualize,
+                 source=source)
+  res["checkpoint"] = os.path.abspath(checkpoint_dir)
+  if _is_main():
+    name = "eval_results_shuffled_audio.json" if shuffle_audio else \
+        "eval_results.json"
+    with open(os.path.join(workdir, name), "w") as f:
+      json.dump(res, f, indent=2)
+  return res

@@ -1,0 +1,27 @@
+#!/bin/bash
+# Train on a Cloud TPU VM pod slice: the same command on every worker, one
+# JAX process per host (jax.distributed.initialize() finds the pod's
+# coordinator by itself on TPU VMs).
+#
+#   TPU=my-v4-32 ZONE=us-central2-b bash launch/tpu_vm_pod.sh configs/s4.py:pvt2 gs://bucket/runs/s4
+#
+# The workdir and data_dir must be on storage every host reaches (GCS works
+# with orbax and tfds). Set REPO to a git URL or leave it to copy this tree.
+# Tested on: NOT run on a TPU pod (none available to the project); the
+# multi-process data and checkpoint paths are the ones exercised single-host
+# on CPU in CI. Checked with `bash -n`.
+set -euo pipefail
+CONFIG=${1:?config}
+WORKDIR=${2:?workdir (gs://...)}
+shift 2
+: "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE}"
+DATA_DIR=${DATA_DIR:?set DATA_DIR to the prepared TFDS dir (gs://...)}
+run() { gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all --command="$1"; }
+if [[ -n "${REPO:-}" ]]; then
+  run "git clone $REPO avsegformer-jax || (cd avsegformer-jax && git pull)"
+else
+  gcloud compute tpus tpu-vm scp --recurse --zone="$ZONE" --worker=all "$(pwd)" "$TPU":avsegformer-jax
+fi
+run "cd avsegformer-jax && pip install -q -e '.[tpu]'"
+run "cd avsegformer-jax && python main.py --distributed --config=$CONFIG \
+  --workdir=$WORKDIR --config.data.data_dir=$DATA_DIR $*"

@@ -1,0 +1,94 @@
+"""Train or evaluate AVSegFormer.
+
+  python main.py --config=configs/s4.py:pvt2 --workdir=/tmp/s4           # train
+  python main.py --config=configs/s4.py --workdir=W --mode=eval \\
+      --checkpoint=DIR --split=test                                       # eval
+  python main.py --config=configs/demo.py --workdir=/tmp/demo             # demo
+
+Every config field can be overridden, e.g. `--config.train.batch_size=4`.
+Running the same train command again resumes from the workdir's latest
+checkpoint. Multi-host: add `--distributed` (see launch/).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs, results.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "eval: a training workdir or a converted checkpoint "
+    "directory (default: --workdir).")
+_SPLIT = flags.DEFINE_string("split", None, "eval split (default: the "
+                             "config's data.eval_split).")
+_SHUFFLED = flags.DEFINE_bool(
+    "shuffle_audio", False, "eval: give every clip another clip's audio (the "
+    "control showing what the model takes from sound).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (multi-host "
+    "GPU/TPU; the coordinator is found from SLURM / TPU / env variables).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _demo_data(config, workdir):
+  """The synthetic AVSBench, written and prepared into the workdir once."""
+  from datasets.avsbench import prepare, synthesize  # pylint: disable=g-import-not-at-top
+  s = config.data.synthetic
+  raw = os.path.join(workdir, "synthetic_raw")
+  config.data.data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
+  synthesize.synthesize(config.task, raw, num_videos=s.num_videos,
+                        seed=s.seed, size=s.size)
+  prepare.prepare(config.task, raw, config.data.data_dir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax  # pylint: disable=g-import-not-at-top
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from avsegformer_jax import trainer  # pylint: disable=g-import-not-at-top
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  logging.info("JAX process %d/%d, devices: %s", jax.process_index(),
+               jax.process_count(), jax.devices())
+  with config.unlocked():
+    if config.data.get("synthetic") and config.data.synthetic.enabled:
+      _demo_data(config, workdir)
+  if _MODE.value == "train":
+    res = trainer.train_and_evaluate(config, workdir)
+    if config.eval.get("shuffled_audio_control"):
+      _control(config, workdir)
+    else:
+      print(json.dumps(res, indent=2))
+  else:
+    split = _SPLIT.value or config.data.eval_split
+    res = trainer.evaluate_checkpoint(config, workdir,
+                                      _CHECKPOINT.value or workdir, split,
+                                      shuffle_audio=_SHUFFLED.value)
+    print(json.dumps({k: v for k, v in res.items()
+                      if not k.endswith("per_class")}, indent=2))
+
+
+def _control(config, workdir):
+  """Scores the best checkpoint with true and with shuffled audio."""
+  from avsegformer_jax import trainer  # pylint: disable=g-import-not-at-top
+  split = config.data.eval_split
+  true = trainer.evaluate_checkpoint(config, workdir, workdir, split)
+  shuf = trainer.evaluate_checkpoint(config, workdir, workdir, split,
+                                     shuffle_audio=True)
+  print(f"\n{split} mIoU with the true audio:     {true['miou']:.4f} "
+        f"(F {true['fscore']:.4f})\n{split} mIoU with shuffled audio:     "
+        f"{shuf['miou']:.4f} (F {shuf['fscore']:.4f})\n"
+        f"gap (what the model takes from sound): "
+        f"{true['miou'] - shuf['miou']:+.4f}")
+  with open(os.path.join(workdir, "audio_control.json"), "w") as f:
+    json.dump({"true_audio": true, "shuffled_audio": shuf}, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,75 @@
+"""Runs a tiny training in its own process, for the multi-device and
+kill-and-resume tests (XLA device flags must be set before JAX starts).
+
+  python tests/train_driver.py WORKDIR OUT.npz [--devices N] [--steps K]
+
+Data is an in-memory AVSBench-shaped source (deterministic), so the test
+needs no prepared dataset; the loop, checkpoints and iterator are the real
+ones.
+"""
+import argparse
+import os
+import sys
+
+
+def tiny_config():
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  c = tiny.get_config("pvt2")
+  c.model.dropout = 0.0       # per-device RNG differs by design; the
+  c.model.drop_path = 0.0     # device-count test compares deterministic runs
+  c.data.image_size = 32
+  c.data.num_frames = 2
+  c.data.num_workers = 0
+  c.train.batch_size = 4
+  c.train.num_epochs = 2
+  c.train.freeze_backbone_epochs = 1   # exercises the unfreeze on resume
+  c.train.learning_rate = 1e-3
+  c.train.log_every_steps = 1
+  c.checkpoint.every_steps = 1
+  c.eval.batch_size = 4
+  return c
+
+
+def synthetic_source(n, t, size, seed):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rs = np.random.RandomState(seed)
+  out = []
+  for i in range(n):
+    masks = (rs.rand(t, size, size, 1) > 0.6).astype(np.uint8)
+    out.append(dict(
+        frames=rs.randint(0, 255, (t, size, size, 3)).astype(np.uint8),
+        masks=masks, log_mel=rs.randn(t, 96, 64).astype(np.float32),
+        gt_flag=np.array([1] + [i % 2] * (t - 1), np.float32),
+        vid_flag=np.ones(t, np.float32), clip_id=f"clip{i}".encode(),
+        category=b"synthetic"))
+  return out
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("workdir")
+  p.add_argument("out")
+  p.add_argument("--devices", type=int, default=1)
+  p.add_argument("--steps", type=int, default=-1)
+  a = p.parse_args()
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={a.devices}")
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from avsegformer_jax import checkpoint, trainer  # pylint: disable=g-import-not-at-top
+  assert jax.device_count() == a.devices, jax.devices()
+  c = tiny_config()
+  c.train.max_steps = a.steps
+  sources = {"train": synthetic_source(10, 2, 40, 0),
+             "validation": synthetic_source(6, 2, 40, 1)}
+  res = trainer.train_and_evaluate(c, a.workdir, source_fn=sources.get)
+  v = checkpoint.load_variables(a.workdir, prefer="latest")
+  flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x)
+          for path, x in jax.tree_util.tree_leaves_with_path(v["params"])}
+  np.savez(a.out, miou=res["miou"], fscore=res["fscore"],
+           miou_dataset=res["miou_dataset"], **flat)
+
+
+if __name__ == "__main__":
+  main()
