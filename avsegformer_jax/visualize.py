@@ -11,17 +11,15 @@ STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def palette(num_classes: int = 71) -> np.ndarray:
-  """AVSBench's colour palette ([C, 3] uint8): class bits spread over the
-  high bits of R, G, B (the PASCAL VOC scheme AVSBench labels use)."""
-  pal = np.zeros((num_classes, 3), np.uint8)
-  for c in range(num_classes):
-    lab, i = c, 0
-    while lab:
-      for ch in range(3):
-        pal[c, ch] |= ((lab >> ch) & 1) << (7 - i)
-      i += 1
-      lab >>= 3
-  return pal
+  """AVSBench's colour palette ([C, 3] uint8, the PASCAL VOC scheme): bit k
+  of (r, g, b) is bit 3k, 3k+1, 3k+2 of the class index, most significant
+  colour bit first. The dataset builder decodes label maps with it too."""
+  j = np.arange(num_classes)
+  pal = np.zeros((num_classes, 3), np.int64)
+  for k in range(8):
+    for c in range(3):
+      pal[:, c] |= ((j >> (3 * k + c)) & 1) << (7 - k)
+  return pal.astype(np.uint8)
 
 
 def denormalise(frames: np.ndarray) -> np.ndarray:

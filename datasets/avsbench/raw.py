@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from avsegformer_jax import audio
+from avsegformer_jax import audio, visualize
 
 
 class AVSBenchError(ValueError):
@@ -187,14 +187,8 @@ def temporal_flags(clip: Clip) -> tuple[np.ndarray, np.ndarray]:
 
 
 def avss_palette(num_classes: int = AVSS_NUM_CLASSES) -> np.ndarray:
-  """[num_classes, 3] uint8: class j's colour, bit k of (r, g, b) taken from
-  bits 3k, 3k+1, 3k+2 of j, most significant colour bit first (VOC palette)."""
-  j = np.arange(num_classes)
-  pal = np.zeros((num_classes, 3), np.int64)
-  for k in range(8):
-    for c in range(3):
-      pal[:, c] |= ((j >> (3 * k + c)) & 1) << (7 - k)
-  return pal.astype(np.uint8)
+  """[num_classes, 3] uint8: the original's palette (shared with visualize)."""
+  return visualize.palette(num_classes)
 
 
 def read_label2idx(path) -> list[str]:
