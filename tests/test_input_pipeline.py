@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +244,36 @@ def test_iterator_state_resumes_at_the_exact_next_batch(data_dir, workers):
     it = iter(ds)
     it.set_state(state)
     assert_same_batches(list(it), want[k:])
+
+
+class CountingSource:
+  """The prepared source, counting the examples read (decoded) so far."""
+
+  def __init__(self, src):
+    self.src, self.reads = src, 0
+
+  def __len__(self):
+    return len(self.src)
+
+  def __getitem__(self, i):
+    self.reads += 1
+    return self.src[i]
+
+
+def test_prefetch_is_bounded(data_dir):
+  """A slow consumer must not make the pipeline decode (and hold) the whole run:
+  grain's default read-ahead is 500 batches (~20 GB at 512 px)."""
+  c = make_config("s4", data_dir, image_size=8)
+  src = CountingSource(tfds.data_source("avsbench/s4", split="train",
+                                        data_dir=str(data_dir)))
+  ds, info = ip.create_dataset(c, "train", train=True, batch_size=2, num_epochs=50,
+                               source=src)
+  it = iter(ds)
+  next(it)
+  time.sleep(1.0)                                       # the consumer is busy
+  ahead = (1 + ip.PREFETCH_BATCHES) * info["local_batch"]
+  assert src.reads <= ahead + info["local_batch"], (src.reads, ahead)
+  it.close()
 
 
 # ----------------------------------------------------------------- options --
