@@ -1,0 +1,282 @@
+"""Run a model on your own video: masks, overlays and an overlay video.
+
+  python -m avsegformer_jax.predict --config=configs/s4.py:pvt2 \\
+      --checkpoint=DIR --video=FILE --out=DIR [--fps=1 | --every_frame] \\
+      [--batch_clips=N]
+
+DIR is a model export (`avsegformer_jax.convert`) or a training workdir.
+Frames are sampled as AVSBench extracts them (`--fps=1`, see video_io), at
+another rate, or all of them; each sampled frame gets one 0.96 s log-mel
+example:
+  * `--fps=1`: the video is cut into clips of T seconds (T = the config's
+    data.num_frames) and each clip's audio gives its T examples as AVSBench
+    computes a clip's (consecutive 0.96 s examples from the clip start,
+    short clips repeat the last / AVSS zero-pads), so the model sees what it
+    was trained on and the 0.96 s vs 1 s drift never exceeds 0.04*T s;
+  * other rates and `--every_frame`: the example centred on the frame's time.
+The model runs over consecutive windows of T sampled frames (the last one
+padded; padded frames are dropped), `--batch_clips` windows per call, all
+calls of one shape so the forward compiles once.
+
+Writes OUT/masks/NNNNN.png (binary: 0/255; AVSS: class index with the
+AVSBench palette), OUT/overlays/NNNNN.png at the video's resolution,
+OUT/overlay.mp4 (H.264, at the sampling rate, or the source rate with
+--every_frame, with the original audio as AAC) and OUT/predictions.json.
+"""
+from __future__ import annotations
+
+import fractions
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from PIL import Image
+from tqdm import tqdm
+
+from avsegformer_jax import audio as audio_lib
+from avsegformer_jax import avsegformer, checkpoint, video_io, visualize
+
+PAD_MODES = {"s4": "repeat_last", "ms3": "repeat_last", "avss": "zero_pad"}
+
+
+class PredictError(ValueError):
+  """Bad input to predict; the message names the file and the problem."""
+
+
+def preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] -> ImageNet-normalised float32 [size, size, 3]
+  (PIL bilinear straight resize, as the evaluation loader)."""
+  img = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
+  return (img.astype(np.float32) / 255.0 - visualize.MEAN) / visualize.STD
+
+
+def pad_windows(n: int, window: int, batch: int) -> tuple[int, int]:
+  """(real windows, padded frame count) for n frames: ceil(n/window)
+  windows, rounded up to whole calls of `batch` windows."""
+  windows = -(-n // window)
+  calls = -(-windows // batch)
+  return windows, calls * batch * window
+
+
+class AudioAligner:
+  """One log-mel example [96, 64] per sampled frame (module docstring)."""
+
+  def __init__(self, wave16k: np.ndarray, window: int, avsbench: bool,
+               pad_mode: str):
+    self.wave, self.window, self.avsbench = wave16k, window, avsbench
+    self.pad_mode = pad_mode
+    self.seconds = len(wave16k) / audio_lib.SAMPLE_RATE
+    self._mel = None if avsbench else audio_lib.log_mel(wave16k)
+    self._clip = (None, None)
+
+  def _clip_examples(self, w: int) -> np.ndarray:
+    """AVSBench: the T examples of clip w (seconds [wT, (w+1)T))."""
+    if self._clip[0] != w:
+      sr, t = audio_lib.SAMPLE_RATE, self.window
+      seg = self.wave[w * t * sr:(w + 1) * t * sr]
+      ex = audio_lib.waveform_to_examples(seg, sr)
+      if ex.shape[0] == 0:   # < 0.975 s left: the last 0.975 s of the audio
+        end = min(len(self.wave), (w + 1) * t * sr)
+        ex = audio_lib.waveform_to_examples(
+            self.wave[max(0, end - audio_lib.MIN_SAMPLES):end], sr)
+        if ex.shape[0] == 0:   # audio ended long before: silence
+          ex = np.full((1, audio_lib.EXAMPLE_FRAMES, audio_lib.NUM_MEL_BINS),
+                       np.log(audio_lib.LOG_OFFSET), np.float32)
+      self._clip = (w, audio_lib.fit_examples(ex, t, self.pad_mode))
+    return self._clip[1]
+
+  def example(self, index: int, t: float) -> np.ndarray:
+    if self.avsbench:
+      return self._clip_examples(index // self.window)[index % self.window]
+    return video_io.centred_example(self._mel, t, self.seconds)
+
+
+def _make_forward(model, num_classes: int):
+  def forward(variables, frames, audio, valid):
+    logits, _ = model.apply(variables, frames, audio, valid)
+    if num_classes == 1:
+      return logits[..., 0]                       # [N, S, S] logits
+    return jnp.argmax(logits, -1).astype(jnp.int32)  # [N, S, S] classes
+  return jax.jit(forward)
+
+
+def _check_variables(model, variables, config, ckpt):
+  want = avsegformer.variable_shapes(model, 64)
+  got = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
+                               {k: variables.get(k, {}) for k in want})
+  wl = jax.tree_util.tree_flatten_with_path(want)[0]
+  gl = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+  for path, spec in wl:
+    have = gl.get(path)
+    if have is None or tuple(have.shape) != tuple(spec.shape):
+      name = jax.tree_util.keystr(path)
+      raise PredictError(
+          f"{ckpt}: checkpoint does not fit the config ({name}: "
+          f"{'missing' if have is None else tuple(have.shape)}, the config "
+          f"needs {tuple(spec.shape)}); pass the config it was trained with")
+
+
+def _upsample(pred: np.ndarray, height: int, width: int, binary: bool):
+  """Model-resolution prediction -> class map [H, W] uint8 at the video size
+  (binary: bilinear on the logits then > 0; classes: nearest)."""
+  if binary:
+    img = Image.fromarray(pred.astype(np.float32), mode="F")
+    return (np.asarray(img.resize((width, height), Image.BILINEAR)) > 0) \
+        .astype(np.uint8)
+  img = Image.fromarray(pred.astype(np.uint8))
+  return np.asarray(img.resize((width, height), Image.NEAREST))
+
+
+def _save_mask(path, mask, num_classes):
+  if num_classes == 1:
+    Image.fromarray((mask * 255).astype(np.uint8), "L").save(path)
+    return
+  img = Image.fromarray(mask.astype(np.uint8), "P")
+  img.putpalette(visualize.palette(256).reshape(-1).tolist())
+  img.save(path)
+
+
+def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
+            variables=None, fps: float = 1.0, every_frame: bool = False,
+            batch_clips: int = 1, progress: bool = True) -> dict:
+  """Runs the model over the video; returns the summary also written to
+  OUT/predictions.json. Raises PredictError for unusable inputs."""
+  if batch_clips < 1:
+    raise PredictError(f"batch_clips must be >= 1, got {batch_clips}")
+  if not every_frame and not fps > 0:
+    raise PredictError(f"fps must be > 0, got {fps}")
+  try:
+    info = video_io.probe(video)
+    wave = video_io.read_audio(info, audio_lib.MIN_SAMPLES / audio_lib.SAMPLE_RATE)
+  except video_io.VideoError as e:
+    raise PredictError(str(e)) from None
+  if info.duration is not None and info.duration < audio_lib.MIN_SAMPLES / 16000:
+    raise PredictError(f"{video}: video is {info.duration:.3f} s long, shorter "
+                       "than one 0.975 s audio example")
+  model = avsegformer.build_model(config)
+  if variables is None:
+    try:
+      variables = checkpoint.load_variables(checkpoint_dir)
+    except checkpoint.CheckpointError as e:
+      raise PredictError(str(e)) from None
+  _check_variables(model, variables, config, checkpoint_dir)
+  variables = jax.device_put({k: variables[k] for k in ("params", "batch_stats")
+                              if k in variables})
+  t_win, size = config.data.num_frames, config.data.image_size
+  num_classes = config.model.num_classes
+  avsbench = video_io.avsbench_mode(fps, every_frame)
+  aligner = AudioAligner(wave, t_win, avsbench, PAD_MODES.get(config.task,
+                                                              "repeat_last"))
+  forward = _make_forward(model, num_classes)
+  rate = info.rate if every_frame else fractions.Fraction(fps).limit_denominator(1001)
+  for sub in ("masks", "overlays"):
+    os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+  per_call = batch_clips * t_win
+  est = info.duration * (float(info.rate) if every_frame else fps) \
+      if info.duration else None
+  bar = tqdm(total=-(-int(round(est)) // t_win) if est else None,
+             unit="window", desc="predict", disable=not progress)
+  writer = video_io.OverlayWriter(os.path.join(out_dir, "overlay.mp4"), info, rate)
+  records, stats = [], {"model_s": 0.0, "compile_s": 0.0, "calls": 0}
+  t_start = time.time()
+
+  def run(batch):
+    n = len(batch)
+    frames = np.zeros((per_call, size, size, 3), np.float32)
+    audio = np.zeros((per_call, audio_lib.EXAMPLE_FRAMES,
+                      audio_lib.NUM_MEL_BINS), np.float32)
+    valid = np.zeros((per_call,), np.float32)
+    for j, s in enumerate(batch):
+      frames[j] = preprocess(s.rgb, size)
+      audio[j] = aligner.example(s.index, s.time)
+      valid[j] = 1.0
+    # Padding repeats the last real frame (the model needs no zeros: frames
+    # are independent and padded outputs are dropped).
+    frames[n:], audio[n:] = frames[n - 1], audio[n - 1]
+    t0 = time.time()
+    pred = np.asarray(forward(variables, frames, audio, valid))
+    stats["compile_s" if stats["calls"] == 0 else "model_s"] += time.time() - t0
+    stats["calls"] += 1
+    for j, s in enumerate(batch):
+      mask = _upsample(pred[j], s.rgb.shape[0], s.rgb.shape[1], num_classes == 1)
+      name = f"{s.index:05d}.png"
+      _save_mask(os.path.join(out_dir, "masks", name), mask, num_classes)
+      over = visualize.overlay(s.rgb, mask, num_classes)
+      Image.fromarray(over).save(os.path.join(out_dir, "overlays", name))
+      writer.add(over)
+      records.append({"index": s.index, "time": round(s.time, 4),
+                      "source_frame": s.source_frame,
+                      "foreground": float((mask > 0).mean())})
+    bar.update(-(-n // t_win))
+
+  batch = []
+  try:
+    for s in video_io.sample_frames(info, fps, every_frame):
+      batch.append(s)
+      if len(batch) == per_call:
+        run(batch)
+        batch = []
+    if batch:
+      run(batch)
+  except video_io.VideoError as e:
+    raise PredictError(str(e)) from None
+  finally:
+    bar.close()
+    writer.close()
+  total = time.time() - t_start
+  n = len(records)
+  steady = stats["model_s"] / max(stats["calls"] - 1, 1) / per_call
+  summary = {
+      "video": os.path.abspath(video), "config_task": config.task,
+      "sampling": ("avsbench_1fps" if avsbench else "every_frame"
+                   if every_frame else f"centred_{fps:g}fps"),
+      "window": t_win, "batch_clips": batch_clips, "num_frames": n,
+      "overlay_video": os.path.join(out_dir, "overlay.mp4"),
+      "seconds_total": round(total, 3),
+      "first_call_s": round(stats["compile_s"], 3),
+      "frames_per_s_end_to_end": round(n / total, 3),
+      "frames_per_s_model": round(1.0 / steady, 3) if stats["calls"] > 1
+                            else None,
+      "frames": records}
+  with open(os.path.join(out_dir, "predictions.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Model config.",
+                                          lock_config=True)
+_CKPT = flags.DEFINE_string("checkpoint", None,
+                            "Model export or training workdir.")
+_VIDEO = flags.DEFINE_string("video", None, "Input video (mp4, webm, mkv, ...).")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_FPS = flags.DEFINE_float("fps", 1.0, "Sampled frames per second (1: AVSBench).")
+_EVERY = flags.DEFINE_bool("every_frame", False, "Run on every frame.")
+_BATCH = flags.DEFINE_integer("batch_clips", 1, "Windows of T frames per call.")
+flags.mark_flags_as_required(["config", "checkpoint", "video", "out"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    s = predict(_CONFIG.value, _VIDEO.value, _OUT.value,
+                checkpoint_dir=_CKPT.value, fps=_FPS.value,
+                every_frame=_EVERY.value, batch_clips=_BATCH.value)
+  except PredictError as e:
+    print(f"predict: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  model_fps = s["frames_per_s_model"]
+  print(f"{s['num_frames']} frames ({s['sampling']}) -> {_OUT.value}: "
+        f"{s['frames_per_s_end_to_end']:.2f} frames/s end to end"
+        + (f", {model_fps:.2f} frames/s in the model" if model_fps else "")
+        + f" (first call incl. compile {s['first_call_s']:.1f} s)")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,276 @@
+"""Video in and out for `predict`, through PyAV (its wheels carry ffmpeg).
+
+Reading: `probe` checks the file, `read_audio` gives the soundtrack as mono
+16 kHz aligned to the first video frame, `sample_frames` streams the frames
+the model sees. Two samplings:
+  * AVSBench (`fps=1`): second l gets decoded frame int(l*F + 15*F/16) with
+    F = round(average frame rate), exactly as AVSBench's
+    `preprocess_scripts/preprocess_s4.py` extracts frames (the last of 16
+    samples per second, clamped to the last frame); a trailing partial second
+    counts when it is at least half a second long.
+  * centred (`fps=r`, r != 1): sample k is the frame on screen at
+    t_k = (k + 0.5) / r; `every_frame`: every decoded frame, at the middle of
+    its display interval.
+Writing: `OverlayWriter` encodes H.264 (4:2:0, so odd sizes are padded by one
+pixel) and re-encodes the original audio to AAC beside it, interleaved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fractions
+import math
+import os
+from typing import Iterator
+
+import av
+import numpy as np
+
+from avsegformer_jax import audio as audio_lib
+
+
+class VideoError(ValueError):
+  """A video file predict cannot use; the message names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+  path: str
+  width: int
+  height: int
+  rate: fractions.Fraction   # average frame rate
+  duration: float | None     # seconds, from the container (None: unknown)
+  start: float               # first video timestamp, seconds
+  audio_rate: int
+  audio_channels: int
+
+
+def _open(path):
+  try:
+    return av.open(path)
+  except av.error.FFmpegError as e:
+    raise VideoError(f"{path}: not a readable video file ({e})") from None
+
+
+def probe(path) -> VideoInfo:
+  """Checks that `path` is a video with a video and an audio stream."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise VideoError(f"{path}: no such file")
+  if not os.path.isfile(path):
+    raise VideoError(f"{path}: not a regular file")
+  if os.path.getsize(path) == 0:
+    raise VideoError(f"{path}: empty file (0 bytes)")
+  with _open(path) as c:
+    vs = [s for s in c.streams.video if s.codec_context is not None]
+    if not vs:
+      raise VideoError(f"{path}: no video stream (streams: "
+                       f"{[s.type for s in c.streams] or 'none'})")
+    if not c.streams.audio:
+      raise VideoError(f"{path}: no audio track; AVSegFormer segments what "
+                       "is heard, so it needs the video's sound")
+    v, a = vs[0], c.streams.audio[0]
+    rate = v.average_rate or v.guessed_rate or v.base_rate
+    if not rate or rate <= 0:
+      raise VideoError(f"{path}: the video stream has no frame rate")
+    duration = None
+    if v.duration and v.time_base:
+      duration = float(v.duration * v.time_base)
+    elif c.duration:
+      duration = c.duration / av.time_base
+    start = float(v.start_time * v.time_base) if v.start_time is not None \
+        and v.time_base else 0.0
+    if not a.sample_rate or not a.channels:
+      raise VideoError(f"{path}: the audio track has no sample rate/channels")
+    return VideoInfo(path, v.codec_context.width, v.codec_context.height,
+                     fractions.Fraction(rate), duration, start,
+                     int(a.sample_rate), int(a.channels))
+
+
+def _audio_chunks(path, stream_index=0) -> Iterator[tuple[float, np.ndarray]]:
+  """(start time s, float32 [C, n]) per decoded audio frame."""
+  with _open(path) as c:
+    stream = c.streams.audio[stream_index]
+    resampler = None
+    try:
+      for frame in c.decode(stream):
+        if resampler is None:  # planar float, source rate and layout
+          resampler = av.AudioResampler("fltp", frame.layout, frame.sample_rate)
+        t = frame.time
+        for f in resampler.resample(frame):
+          yield (t if t is not None else math.nan), f.to_ndarray()
+          t = None
+    except av.error.FFmpegError as e:
+      raise VideoError(f"{path}: cannot decode the audio track ({e})") from None
+
+
+def read_audio(info: VideoInfo, min_duration: float) -> np.ndarray:
+  """Mono 16 kHz float64 [L], sample 0 at the first video frame's time
+  (leading audio dropped, late-starting audio preceded by silence)."""
+  chunks, first = [], None
+  for t, x in _audio_chunks(info.path):
+    if first is None:
+      first = t if math.isfinite(t) else info.start
+    chunks.append(x.mean(axis=0))
+  if not chunks or sum(len(x) for x in chunks) == 0:
+    raise VideoError(f"{info.path}: the audio track holds no samples")
+  mono = np.concatenate(chunks)
+  seconds = len(mono) / info.audio_rate
+  if seconds < min_duration:
+    raise VideoError(
+        f"{info.path}: audio is {seconds:.3f} s long; one 0.96 s VGGish "
+        f"example needs at least {min_duration:.3f} s")
+  wave = audio_lib.to_mono_16k(mono, info.audio_rate)
+  shift = int(round((first - info.start) * audio_lib.SAMPLE_RATE))
+  if shift > 0:
+    wave = np.concatenate([np.zeros(shift), wave])
+  elif shift < 0:
+    wave = wave[-shift:]
+  return wave
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  index: int          # position among the sampled frames
+  time: float         # seconds from the first video frame (the sample moment)
+  source_frame: int   # decoded frame number
+  rgb: np.ndarray     # [H, W, 3] uint8
+
+
+def avsbench_mode(fps: float, every_frame: bool) -> bool:
+  return not every_frame and fps == 1
+
+
+def sample_frames(info: VideoInfo, fps: float = 1.0,
+                  every_frame: bool = False) -> Iterator[Sample]:
+  """Streams the sampled frames (see the module docstring for the rules)."""
+  if not every_frame and not fps > 0:
+    raise ValueError(f"fps must be > 0, got {fps}")
+  step = 1.0 / float(info.rate)
+  avsbench = avsbench_mode(fps, every_frame)
+  big = max(1, int(round(float(info.rate))))           # AVSBench's F
+
+  def target(k):  # AVSBench: frame number; centred: time
+    return int(k * big + 15 * big / 16) if avsbench else (k + 0.5) / fps
+
+  k, prev, n = 0, None, 0
+  with _open(info.path) as c:
+    stream = c.streams.video[0]
+    stream.thread_type = "AUTO"
+    try:
+      for i, frame in enumerate(c.decode(stream)):
+        t = (frame.time - info.start) if frame.time is not None else i * step
+        n = i + 1
+        if every_frame:
+          yield Sample(i, t + step / 2, i, frame.to_ndarray(format="rgb24"))
+          continue
+        if avsbench:
+          if i == target(k):
+            yield Sample(k, t, i, frame.to_ndarray(format="rgb24"))
+            k += 1
+          prev = (i, t, frame)
+          continue
+        while prev is not None and t > target(k) + 1e-9:
+          yield Sample(k, target(k), prev[0], prev[2].to_ndarray(format="rgb24"))
+          k += 1
+        prev = (i, t, frame)
+    except av.error.FFmpegError as e:
+      raise VideoError(f"{info.path}: cannot decode video frame {n} ({e})") \
+          from None
+    if n == 0:
+      raise VideoError(f"{info.path}: the video stream has no frames")
+    if every_frame:
+      return
+    end = prev[1] + step                               # end of the last frame
+    rgb = prev[2].to_ndarray(format="rgb24")
+    if avsbench:
+      seconds = max(1, int(math.floor(n / big + 0.5)))
+      for k in range(k, seconds):                      # AVSBench clamps
+        yield Sample(k, prev[1], prev[0], rgb)
+    else:
+      while target(k) < end:
+        yield Sample(k, target(k), prev[0], rgb)
+        k += 1
+
+
+def centred_example(mel: np.ndarray, t: float, audio_seconds: float):
+  """The 0.96 s log-mel example [96, 64] centred on time t.
+
+  `mel` rows are 10 ms hops from t = 0; near the start the window is moved
+  right; near the end of the audio it is moved left while t is inside the
+  audio, and filled with silence (log 0.01) beyond it.
+  """
+  n = audio_lib.EXAMPLE_FRAMES
+  start = int(round(t * 100)) - n // 2
+  if t < audio_seconds:
+    start = min(start, mel.shape[0] - n)
+  start = max(start, 0)
+  rows = mel[start:start + n]
+  if rows.shape[0] < n:
+    pad = np.full((n - rows.shape[0], mel.shape[1]), np.log(audio_lib.LOG_OFFSET))
+    rows = np.concatenate([rows, pad])
+  return rows.astype(np.float32)
+
+
+class OverlayWriter:
+  """H.264 video of RGB frames at `rate`, with the source's audio as AAC."""
+
+  def __init__(self, path, info: VideoInfo, rate: fractions.Fraction):
+    self.path, self.info = os.fspath(path), info
+    self.width, self.height = info.width + info.width % 2, \
+        info.height + info.height % 2
+    self.out = av.open(self.path, "w")
+    self.video = self.out.add_stream("libx264", rate=rate)
+    self.video.width, self.video.height = self.width, self.height
+    self.video.pix_fmt = "yuv420p"
+    self.video.options = {"crf": "18"}
+    self.rate = rate
+    layout = "mono" if info.audio_channels == 1 else "stereo"
+    self.audio = self.out.add_stream("aac", rate=info.audio_rate, layout=layout)
+    self.layout = layout
+    self._chunks = _audio_chunks(info.path)
+    self._skip = 0
+    self._written = 0          # output audio samples so far
+    self._first = None
+    self.frames = 0
+
+  def _push_audio(self, until: float | None):
+    """Encodes source audio up to output time `until` (None: all of it)."""
+    sr = self.info.audio_rate
+    while until is None or self._written < until * sr:
+      try:
+        t, x = next(self._chunks)
+      except StopIteration:
+        return
+      if self._first is None:
+        self._first = t if math.isfinite(t) else self.info.start
+        lead = int(round((self._first - self.info.start) * sr))
+        if lead > 0:     # audio starts after the first frame: leading silence
+          x = np.concatenate([np.zeros((x.shape[0], lead), x.dtype), x], 1)
+        self._skip = max(0, -lead)   # audio before the first frame: dropped
+      drop = min(self._skip, x.shape[1])
+      x, self._skip = x[:2, drop:], self._skip - drop   # > 2 channels: FL, FR
+      if x.shape[1] == 0:
+        continue
+      f = av.AudioFrame.from_ndarray(np.ascontiguousarray(x, np.float32),
+                                     format="fltp", layout=self.layout)
+      f.sample_rate, f.pts = sr, self._written
+      self._written += x.shape[1]
+      self.out.mux(self.audio.encode(f))
+
+  def add(self, rgb: np.ndarray):
+    h, w = rgb.shape[:2]
+    if (h, w) != (self.height, self.width):
+      rgb = np.pad(rgb, ((0, self.height - h), (0, self.width - w), (0, 0)),
+                   mode="edge")
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+    frame.pts = self.frames
+    self.out.mux(self.video.encode(frame))
+    self.frames += 1
+    self._push_audio(self.frames / float(self.rate) + 1.0)
+
+  def close(self):
+    self.out.mux(self.video.encode(None))
+    self._push_audio(None)
+    self.out.mux(self.audio.encode(None))
+    self.out.close()
+    self._chunks.close()

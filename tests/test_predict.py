@@ -1,0 +1,301 @@
+"""predict: errors, sampling/alignment, outputs, and end to end with a model
+trained here on the synthetic classes (slow)."""
+import json
+import os
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from avsegformer_jax import audio as audio_lib
+from avsegformer_jax import predict, synthetic_video, video_io
+from datasets.avsbench import synthesize
+
+SIZE = 64          # model resolution of the test model
+
+
+def _config(image_size=SIZE):
+  """The demo's small S4 model, T = 5."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  c = demo.get_config()
+  c.data.image_size = image_size
+  c.data.num_frames = 5
+  c.train.freeze_backbone_epochs = 0
+  c.train.learning_rate = 1e-3
+  return c
+
+
+# ------------------------------------------------------------- training --
+def _example(rng, cls):
+  """One log-mel example [96, 64] of class `cls`'s sound (16 kHz, 1 s)."""
+  clip = {"sample_rate": 16000, "duration": 1.0, "sounding": [int(cls)],
+          "channels": 1}
+  y = synthesize._audio(rng, clip)  # pylint: disable=protected-access
+  return audio_lib.waveform_to_examples(y, 16000)[0]
+
+
+def training_batch(rng, classes, batch, video_size=128, size=SIZE):
+  """Scenes of the given classes at random places, one of them sounding:
+  frames preprocessed exactly as predict does (render at the video size,
+  PIL-resize, normalise); the mask is the sounding object's."""
+  frames = np.zeros((batch, 1, size, size, 3), np.float32)
+  masks = np.zeros((batch, 1, size, size), np.int32)
+  audio = np.zeros((batch, 1, 96, 64), np.float32)
+  for b in range(batch):
+    clip = synthetic_video._plan(rng, classes, 2, video_size)  # pylint: disable=protected-access
+    t = int(rng.integers(0, 2))
+    texture = synthesize._texture(rng, video_size, video_size)  # pylint: disable=protected-access
+    img = synthesize._render(rng, clip, t, texture)  # pylint: disable=protected-access
+    cls = classes[b % len(classes)]
+    obj = [o for o in clip["objects"] if o["cls"] == cls][0]
+    m = synthesize.object_mask(obj, t, video_size, video_size)
+    frames[b, 0] = predict.preprocess(img, size)
+    masks[b, 0] = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(
+        (size, size), Image.BILINEAR)) > 127
+    audio[b, 0] = _example(rng, cls)
+  ones = np.ones((batch, 1), np.float32)
+  return dict(frames=frames, audio=audio, masks=masks, gt_flag=ones,
+              vid_flag=ones, clip_valid=np.ones((batch,), np.float32))
+
+
+def train_model(config, classes, steps, batch=6, seed=0, log=None):
+  """Variables of a model trained for `steps` on `training_batch` data."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from avsegformer_jax import avsegformer, train  # pylint: disable=g-import-not-at-top
+  mesh = train.make_mesh(jax.devices()[:1])
+  model = avsegformer.build_model(config, axis_name=train.AXIS)
+  state = train.create_train_state(config, model, jax.random.PRNGKey(seed))
+  state = train.replicate(state, mesh)
+  step_fn = train.Steps(model, config, mesh)
+  rng = np.random.default_rng(seed)
+  for i in range(steps):
+    data = training_batch(rng, classes, batch, size=config.data.image_size)
+    state, stats = step_fn.train(state, train.shard_batch(data, mesh))
+    if log is not None:
+      log(i, float(stats["loss"]))
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def sounding_vs_silent_iou(summary, out_dir, video):
+  """Per sampled frame: IoU of the predicted mask with the object that
+  sounds at that time and the best IoU with a silent one; their means."""
+  sounding, silent = [], []
+  for rec in summary["frames"]:
+    pred = np.asarray(Image.open(os.path.join(
+        out_dir, "masks", f"{rec['index']:05d}.png"))) > 127
+    cls = video.sounding(rec["time"])
+    masks = video.object_masks(rec["source_frame"])
+    iou = {c: (pred & m).sum() / max((pred | m).sum(), 1)
+           for c, m in masks.items()}
+    sounding.append(iou[cls])
+    silent.append(max(v for c, v in iou.items() if c != cls))
+  return float(np.mean(sounding)), float(np.mean(silent))
+
+
+# ----------------------------------------------------------- fixtures --
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+  """12 s, 25 fps, 64 px mp4 (H.264 + AAC 44.1 kHz stereo): circle, square,
+  triangle sound 4 s each."""
+  return synthetic_video.write(tmp_path_factory.mktemp("v") / "s.mp4", size=64)
+
+
+def _stub_forward(model, num_classes):
+  """A stand-in for the model: foreground = red pixels (the circle)."""
+  del model, num_classes
+  def forward(variables, frames, audio, valid):
+    del variables, audio, valid
+    return np.asarray(frames[..., 0] - frames[..., 1] - 2.0)
+  return forward
+
+
+@pytest.fixture
+def stub_model(monkeypatch):
+  monkeypatch.setattr(predict, "_make_forward", _stub_forward)
+  monkeypatch.setattr(predict, "_check_variables", lambda *a: None)
+  return {"params": {}}
+
+
+# -------------------------------------------------------------- errors --
+def _predict(path, out, **kw):
+  return predict.predict(_config(), str(path), str(out),
+                         variables={"params": {}}, progress=False, **kw)
+
+
+def test_missing_file(tmp_path):
+  with pytest.raises(predict.PredictError, match="nope.mp4: no such file"):
+    _predict(tmp_path / "nope.mp4", tmp_path / "out")
+
+
+def test_not_a_video(tmp_path):
+  p = tmp_path / "notes.mp4"
+  p.write_text("this is not a video\n" * 50)
+  with pytest.raises(predict.PredictError,
+                     match="notes.mp4: not a readable video file"):
+    _predict(p, tmp_path / "out")
+
+
+def test_still_image_has_no_audio(tmp_path):
+  p = tmp_path / "frame.png"
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(p)
+  with pytest.raises(predict.PredictError, match="frame.png: no audio track"):
+    _predict(p, tmp_path / "out")
+
+
+def test_no_audio_track(tmp_path):
+  v = synthetic_video.write(tmp_path / "mute.mp4", size=32,
+                            schedule=((0, 2.0),), with_audio=False)
+  with pytest.raises(predict.PredictError, match="mute.mp4: no audio track"):
+    _predict(v.path, tmp_path / "out")
+
+
+def test_shorter_than_one_example(tmp_path):
+  v = synthetic_video.write(tmp_path / "short.mkv", size=32,
+                            schedule=((0, 0.6),))
+  with pytest.raises(predict.PredictError,
+                     match=r"short.mkv: audio is 0.6\d* s long"):
+    _predict(v.path, tmp_path / "out")
+
+
+def test_cli_error_is_one_line(tmp_path):
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run(
+      [sys.executable, "-m", "avsegformer_jax.predict",
+       "--config=configs/demo.py", f"--checkpoint={tmp_path}",
+       f"--video={tmp_path / 'missing.webm'}", f"--out={tmp_path / 'o'}"],
+      cwd=root, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2
+  assert "predict: error:" in r.stderr and "missing.webm: no such file" in r.stderr
+  assert "Traceback" not in r.stderr
+
+
+# ---------------------------------------------- sampling and alignment --
+def test_pad_windows():
+  assert predict.pad_windows(12, 5, 1) == (3, 15)
+  assert predict.pad_windows(12, 5, 2) == (3, 20)
+  assert predict.pad_windows(10, 5, 1) == (2, 10)
+  assert predict.pad_windows(1, 10, 4) == (1, 40)
+
+
+@pytest.mark.parametrize("fps", [25, 30])
+def test_avsbench_sampling(tmp_path, fps):
+  """Second l -> decoded frame int(l*F + 15F/16), as AVSBench extracts; a
+  trailing partial second >= 0.5 s takes the last frame."""
+  v = synthetic_video.write(tmp_path / "v.mkv", size=32, fps=fps,
+                            schedule=((0, 2.0), (1, 1.6)))
+  info = video_io.probe(v.path)
+  got = [s.source_frame for s in video_io.sample_frames(info)]
+  want = [int(l * fps + 15 * fps / 16) for l in range(4)]   # 3.6 s -> 4
+  want[-1] = min(want[-1], v.num_frames - 1)
+  assert got == want
+
+
+def test_centred_and_every_frame_sampling(video):
+  info = video_io.probe(video.path)
+  s = list(video_io.sample_frames(info, fps=2.0))
+  assert len(s) == 24
+  assert [x.source_frame for x in s[:4]] == [6, 18, 31, 43]   # floor(t*25)
+  np.testing.assert_allclose([x.time for x in s[:3]], [0.25, 0.75, 1.25])
+  every = list(video_io.sample_frames(info, every_frame=True))
+  assert len(every) == video.num_frames
+  np.testing.assert_allclose(every[3].time, 3.5 / 25, atol=1e-6)
+
+
+def test_containers_decode_alike(tmp_path, video):
+  """mkv (PCM) and webm (VP9 + Opus) give the same samples as mp4."""
+  ref = [s.rgb.astype(np.int16) for s in
+         video_io.sample_frames(video_io.probe(video.path))]
+  for ext in (".mkv", ".webm"):
+    v = synthetic_video.write(tmp_path / f"v{ext}", size=64)
+    info = video_io.probe(v.path)
+    got = list(video_io.sample_frames(info))
+    assert len(got) == len(ref) == 12, ext
+    for a, b in zip(got, ref):
+      assert np.abs(a.rgb.astype(np.int16) - b).mean() < 6, ext
+    wave = video_io.read_audio(info, 0.975)
+    assert abs(len(wave) / 16000 - 12.0) < 0.05, (ext, len(wave))
+
+
+def _peak_hz(x, sr=16000):
+  spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+  return np.argmax(spec) * sr / len(x)
+
+
+def test_audio_is_aligned_with_video(video):
+  """Each second of the decoded soundtrack (AAC, 44.1 kHz stereo -> 16 kHz
+  mono) holds the tone of the object the schedule says sounds then."""
+  wave = video_io.read_audio(video_io.probe(video.path), 0.975)
+  for sec in range(12):
+    x = wave[int((sec + 0.1) * 16000):int((sec + 0.9) * 16000)]
+    tone = synthesize.CLASSES[video.sounding(sec + 0.5)][2]
+    assert abs(_peak_hz(x) - tone) < 0.05 * tone, sec
+
+
+def test_audio_examples_per_frame():
+  rng = np.random.default_rng(0)
+  wave = rng.normal(0, 0.1, int(12.3 * 16000))
+  a = predict.AudioAligner(wave, 5, avsbench=True, pad_mode="repeat_last")
+  # AVSBench: clip w = seconds [5w, 5w+5), its consecutive 0.96 s examples.
+  clip1 = audio_lib.waveform_to_examples(wave[5 * 16000:10 * 16000], 16000)
+  np.testing.assert_array_equal(a.example(7, 7.92), clip1[2])
+  # The last clip has 2.3 s: 2 examples, repeated to T like S4's rule.
+  last = audio_lib.waveform_to_examples(wave[10 * 16000:], 16000)
+  assert last.shape[0] == 2
+  np.testing.assert_array_equal(a.example(14, 0.0), last[1])
+  # Centred: the example whose middle is at t; clamped at both ends.
+  c = predict.AudioAligner(wave, 5, avsbench=False, pad_mode="repeat_last")
+  mel = audio_lib.log_mel(wave).astype(np.float32)
+  np.testing.assert_array_equal(c.example(0, 3.0), mel[252:348])
+  np.testing.assert_array_equal(c.example(0, 0.1), mel[:96])
+  np.testing.assert_array_equal(c.example(0, 12.29), mel[-96:])
+  beyond = c.example(0, 13.0)   # after the audio: silence
+  np.testing.assert_allclose(beyond[-20:], np.log(0.01), rtol=1e-6)
+
+
+# ------------------------------------------------------------- outputs --
+def _tones(path, seconds):
+  """Peak frequency of each second of a file's soundtrack."""
+  wave = video_io.read_audio(video_io.probe(path), 0.975)
+  return [_peak_hz(wave[int((s + 0.1) * 16000):int((s + 0.9) * 16000)])
+          for s in range(seconds)]
+
+
+@pytest.mark.parametrize("batch_clips", [1, 2])
+def test_outputs(tmp_path, video, stub_model, batch_clips):
+  out = tmp_path / "out"
+  s = predict.predict(_config(), video.path, str(out), variables=stub_model,
+                      batch_clips=batch_clips, progress=False)
+  # 12 sampled frames in windows of 5: the 3 padded frames are dropped.
+  assert s["num_frames"] == 12 and s["sampling"] == "avsbench_1fps"
+  assert [r["index"] for r in s["frames"]] == list(range(12))
+  assert json.loads((out / "predictions.json").read_text())["num_frames"] == 12
+  for r in s["frames"]:
+    mask = np.asarray(Image.open(out / "masks" / f"{r['index']:05d}.png"))
+    over = np.asarray(Image.open(out / "overlays" / f"{r['index']:05d}.png"))
+    assert mask.shape == (64, 64) and over.shape == (64, 64, 3)
+    # The stub marks red pixels: the circle, at the video's resolution.
+    circle = video.object_masks(r["source_frame"])[0]
+    iou = ((mask > 127) & circle).sum() / ((mask > 127) | circle).sum()
+    assert iou > 0.8, (r, iou)
+  with av.open(str(out / "overlay.mp4")) as c:
+    vs, aus = c.streams.video[0], c.streams.audio[0]
+    assert vs.codec_context.name == "h264" and vs.average_rate == 1
+    assert aus.codec_context.name == "aac" and aus.sample_rate == 44100
+    assert sum(1 for _ in c.decode(video=0)) == 12
+  # The original soundtrack, in sync: each second's tone matches the input's.
+  np.testing.assert_allclose(_tones(str(out / "overlay.mp4"), 12),
+                             _tones(video.path, 12), rtol=0.02)
+
+
+def test_every_frame_output_rate(tmp_path, stub_model):
+  v = synthetic_video.write(tmp_path / "v.webm", size=32, fps=10,
+                            schedule=((0, 1.5), (1, 1.0)))
+  s = predict.predict(_config(), v.path, str(tmp_path / "out"),
+                      variables=stub_model, every_frame=True, progress=False)
+  assert s["num_frames"] == v.num_frames == 25
+  with av.open(str(tmp_path / "out" / "overlay.mp4")) as c:
+    assert c.streams.video[0].average_rate == 10
+    assert sum(1 for _ in c.decode(video=0)) == 25
+    assert c.streams.audio[0].sample_rate == 48000
