@@ -1,5 +1,5 @@
-"""predict: errors, sampling/alignment, outputs, and end to end with a model
-trained here on the synthetic classes (slow)."""
+"""predict: errors, sampling and audio alignment, outputs (with a stand-in
+for the model), and end to end with a small trained model (predict_fixture)."""
 import json
 import os
 
@@ -12,85 +12,14 @@ from avsegformer_jax import audio as audio_lib
 from avsegformer_jax import predict, synthetic_video, video_io
 from datasets.avsbench import synthesize
 
-SIZE = 64          # model resolution of the test model
 
-
-def _config(image_size=SIZE):
-  """The demo's small S4 model, T = 5."""
+def _config():
+  """The demo's small S4 model at 64 px, T = 5 (the stub tests never run it)."""
   from configs import demo  # pylint: disable=g-import-not-at-top
   c = demo.get_config()
-  c.data.image_size = image_size
+  c.data.image_size = 64
   c.data.num_frames = 5
-  c.train.freeze_backbone_epochs = 0
-  c.train.learning_rate = 1e-3
   return c
-
-
-# ------------------------------------------------------------- training --
-def _example(rng, cls):
-  """One log-mel example [96, 64] of class `cls`'s sound (16 kHz, 1 s)."""
-  clip = {"sample_rate": 16000, "duration": 1.0, "sounding": [int(cls)],
-          "channels": 1}
-  y = synthesize._audio(rng, clip)  # pylint: disable=protected-access
-  return audio_lib.waveform_to_examples(y, 16000)[0]
-
-
-def training_batch(rng, classes, batch, video_size=128, size=SIZE):
-  """Scenes of the given classes at random places, one of them sounding:
-  frames preprocessed exactly as predict does (render at the video size,
-  PIL-resize, normalise); the mask is the sounding object's."""
-  frames = np.zeros((batch, 1, size, size, 3), np.float32)
-  masks = np.zeros((batch, 1, size, size), np.int32)
-  audio = np.zeros((batch, 1, 96, 64), np.float32)
-  for b in range(batch):
-    clip = synthetic_video._plan(rng, classes, 2, video_size)  # pylint: disable=protected-access
-    t = int(rng.integers(0, 2))
-    texture = synthesize._texture(rng, video_size, video_size)  # pylint: disable=protected-access
-    img = synthesize._render(rng, clip, t, texture)  # pylint: disable=protected-access
-    cls = classes[b % len(classes)]
-    obj = [o for o in clip["objects"] if o["cls"] == cls][0]
-    m = synthesize.object_mask(obj, t, video_size, video_size)
-    frames[b, 0] = predict.preprocess(img, size)
-    masks[b, 0] = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(
-        (size, size), Image.BILINEAR)) > 127
-    audio[b, 0] = _example(rng, cls)
-  ones = np.ones((batch, 1), np.float32)
-  return dict(frames=frames, audio=audio, masks=masks, gt_flag=ones,
-              vid_flag=ones, clip_valid=np.ones((batch,), np.float32))
-
-
-def train_model(config, classes, steps, batch=6, seed=0, log=None):
-  """Variables of a model trained for `steps` on `training_batch` data."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from avsegformer_jax import avsegformer, train  # pylint: disable=g-import-not-at-top
-  mesh = train.make_mesh(jax.devices()[:1])
-  model = avsegformer.build_model(config, axis_name=train.AXIS)
-  state = train.create_train_state(config, model, jax.random.PRNGKey(seed))
-  state = train.replicate(state, mesh)
-  step_fn = train.Steps(model, config, mesh)
-  rng = np.random.default_rng(seed)
-  for i in range(steps):
-    data = training_batch(rng, classes, batch, size=config.data.image_size)
-    state, stats = step_fn.train(state, train.shard_batch(data, mesh))
-    if log is not None:
-      log(i, float(stats["loss"]))
-  return {"params": state.params, "batch_stats": state.batch_stats}
-
-
-def sounding_vs_silent_iou(summary, out_dir, video):
-  """Per sampled frame: IoU of the predicted mask with the object that
-  sounds at that time and the best IoU with a silent one; their means."""
-  sounding, silent = [], []
-  for rec in summary["frames"]:
-    pred = np.asarray(Image.open(os.path.join(
-        out_dir, "masks", f"{rec['index']:05d}.png"))) > 127
-    cls = video.sounding(rec["time"])
-    masks = video.object_masks(rec["source_frame"])
-    iou = {c: (pred & m).sum() / max((pred | m).sum(), 1)
-           for c, m in masks.items()}
-    sounding.append(iou[cls])
-    silent.append(max(v for c, v in iou.items() if c != cls))
-  return float(np.mean(sounding)), float(np.mean(silent))
 
 
 # ----------------------------------------------------------- fixtures --
@@ -299,3 +228,24 @@ def test_every_frame_output_rate(tmp_path, stub_model):
     assert c.streams.video[0].average_rate == 10
     assert sum(1 for _ in c.decode(video=0)) == 25
     assert c.streams.audio[0].sample_rate == 48000
+
+
+# ---------------------------------------------------------- end to end --
+@pytest.mark.slow
+def test_masks_follow_the_sounding_object(tmp_path, video):
+  """A small model trained here on the synthetic classes (predict_model), on
+  the video: circle sounds 0-4 s, square 4-8 s, triangle 8-12 s. Its masks
+  must cover the object sounding at each sampled second, not the others;
+  with the audio of the wrong time (a misaligned pipeline) they would not."""
+  import predict_model  # pylint: disable=g-import-not-at-top
+  cfg = predict_model.config()
+  variables = predict_model.trained_variables(cfg)
+  out = str(tmp_path / "out")
+  s = predict.predict(cfg, video.path, out, variables=variables,
+                      progress=False)
+  sounding, silent = predict_model.sounding_vs_silent_iou(s, out, video)
+  print(f"IoU with the sounding object {sounding:.3f}, best silent "
+        f"{silent:.3f}; {s['frames_per_s_model']} frames/s in the model")
+  assert sounding > 0.5 and sounding > 3 * silent, (sounding, silent)
+  with av.open(os.path.join(out, "overlay.mp4")) as c:
+    assert len(c.streams.video) == 1 and len(c.streams.audio) == 1
