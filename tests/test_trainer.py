@@ -22,7 +22,7 @@ def _cmd(workdir, out, devices=1):
 
 def _run(workdir, out, devices=1):
   r = subprocess.run(_cmd(workdir, out, devices), cwd=ROOT,
-                     capture_output=True, text=True, timeout=900)
+                     capture_output=True, text=True, timeout=1800)
   assert r.returncode == 0, r.stderr[-3000:]
   return dict(np.load(out))
 
@@ -66,7 +66,7 @@ def test_sigkill_and_resume(reference_run, tmp_path):
                           stderr=subprocess.DEVNULL)
   # Kill after the checkpoint of step 4 (mid epoch 2, backbone unfrozen).
   target = wd / "checkpoints" / "4"
-  deadline = time.time() + 900
+  deadline = time.time() + 1800
   while not target.exists() and proc.poll() is None and time.time() < deadline:
     time.sleep(0.2)
   assert target.exists(), "no checkpoint at step 4 before the run ended"
