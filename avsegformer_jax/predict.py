@@ -106,7 +106,9 @@ def _make_forward(model, num_classes: int):
   return jax.jit(forward)
 
 
-def _check_variables(model, variables, config, ckpt):
+def _check_variables(model, variables, ckpt):
+  """A clear error for a checkpoint of another config (not a shape error deep
+  inside flax)."""
   want = avsegformer.variable_shapes(model, 64)
   got = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
                                {k: variables.get(k, {}) for k in want})
@@ -165,7 +167,7 @@ def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
       variables = checkpoint.load_variables(checkpoint_dir)
     except checkpoint.CheckpointError as e:
       raise PredictError(str(e)) from None
-  _check_variables(model, variables, config, checkpoint_dir)
+  _check_variables(model, variables, checkpoint_dir or "variables")
   variables = jax.device_put({k: variables[k] for k in ("params", "batch_stats")
                               if k in variables})
   t_win, size = config.data.num_frames, config.data.image_size

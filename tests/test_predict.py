@@ -65,6 +65,22 @@ def test_not_a_video(tmp_path):
     _predict(p, tmp_path / "out")
 
 
+def test_truncated_file(tmp_path, video):
+  data = open(video.path, "rb").read()
+  p = tmp_path / "cut.mp4"
+  p.write_bytes(data[:len(data) * 2 // 5])   # mp4 index (moov) is at the end
+  with pytest.raises(predict.PredictError, match="cut.mp4: not a readable"):
+    _predict(p, tmp_path / "out")
+
+
+def test_audio_only_file(tmp_path):
+  import soundfile as sf  # pylint: disable=g-import-not-at-top
+  p = tmp_path / "sound.wav"
+  sf.write(str(p), np.zeros(16000 * 2, np.float32), 16000)
+  with pytest.raises(predict.PredictError, match="sound.wav: no video stream"):
+    _predict(p, tmp_path / "out")
+
+
 def test_still_image_has_no_audio(tmp_path):
   p = tmp_path / "frame.png"
   Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(p)
@@ -85,6 +101,13 @@ def test_shorter_than_one_example(tmp_path):
   with pytest.raises(predict.PredictError,
                      match=r"short.mkv: audio is 0.6\d* s long"):
     _predict(v.path, tmp_path / "out")
+
+
+def test_checkpoint_of_another_config(tmp_path, video):
+  with pytest.raises(predict.PredictError,
+                     match=r"variables: checkpoint does not fit the config "
+                     r"\(\['params'\]\['audio_proj'\]\['bias'\]: missing"):
+    _predict(video.path, tmp_path / "out")
 
 
 def test_cli_error_is_one_line(tmp_path):
