@@ -217,7 +217,7 @@ def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
                       "foreground": float((mask > 0).mean())})
     bar.update(-(-n // t_win))
 
-  batch = []
+  batch, done = [], False
   try:
     for s in video_io.sample_frames(info, fps, every_frame):
       batch.append(s)
@@ -226,11 +226,15 @@ def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
         batch = []
     if batch:
       run(batch)
+    done = True
   except video_io.VideoError as e:
     raise PredictError(str(e)) from None
   finally:
     bar.close()
-    writer.close()
+    if done:
+      writer.close()
+    else:
+      writer.abort()
   total = time.time() - t_start
   n = len(records)
   steady = stats["model_s"] / max(stats["calls"] - 1, 1) / per_call

@@ -268,6 +268,14 @@ class OverlayWriter:
     self.frames += 1
     self._push_audio(self.frames / float(self.rate) + 1.0)
 
+  def abort(self):
+    """Closes without flushing (after an error; the file is incomplete)."""
+    try:
+      self.out.close()
+    except av.error.FFmpegError:
+      pass
+    self._chunks.close()
+
   def close(self):
     self.out.mux(self.video.encode(None))
     self._push_audio(None)
