@@ -14,6 +14,10 @@ from avsegformer_jax import layers
 
 # torch `features` Sequential: ints are 3x3 convs (+ ReLU), "M" max-pools.
 CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M")
+# He init for the random start (a ReLU stack of 11 layers: Xavier would shrink
+# the embedding ~1e-4x, leaving a from-scratch audio path almost silent). Real
+# runs load the released VGGish weights over it.
+HE = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 class VGGish(nn.Module):
@@ -31,10 +35,10 @@ class VGGish(nn.Module):
         idx += 1
       else:
         x = nn.relu(layers.conv(item, 3, padding=1, dtype=self.dtype,
-                                name=f"features_{idx}")(x))
+                                kernel_init=HE, name=f"features_{idx}")(x))
         idx += 2                             # conv, ReLU
     x = x.reshape(x.shape[0], -1)                              # [N, 12288]
     for i, width in ((0, 4096), (2, 4096), (4, 128)):
-      x = nn.relu(layers.dense(width, dtype=self.dtype,
+      x = nn.relu(layers.dense(width, dtype=self.dtype, kernel_init=HE,
                                name=f"embeddings_{i}")(x))
     return x
