@@ -44,7 +44,7 @@ def get_config(arg=None):
 
   t = c.train
   t.batch_size = 8
-  t.num_epochs = 20
+  t.num_epochs = 12
   t.learning_rate = 1e-3
   t.freeze_backbone_epochs = 10**6     # backbone stays random and frozen
   t.log_every_steps = 10
