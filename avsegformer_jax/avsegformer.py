@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from avsegformer_jax import layers
+from avsegformer_jax import deformable_attention, layers
 from avsegformer_jax.head import AVSegHead
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -89,6 +89,10 @@ def build_model(config, axis_name: str | None = None) -> AVSegFormer:
     raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, "
                      f"got {mc.dtype!r}")
   dtype = DTYPES[mc.dtype]
+  if mc.get("msda_impl", deformable_attention.DEFAULT_IMPL) not in \
+      deformable_attention.IMPLS:
+    raise ValueError(f"model.msda_impl must be one of "
+                     f"{deformable_attention.IMPLS}, got {mc.msda_impl!r}")
   if mc.embed_dim % 32 or mc.embed_dim % mc.num_heads:
     raise ValueError("model.embed_dim must be a multiple of 32 (GroupNorm "
                      f"groups) and of num_heads, got {mc.embed_dim}")
@@ -103,7 +107,9 @@ def build_model(config, axis_name: str | None = None) -> AVSegFormer:
       query_ffn_dim=mc.query_ffn_dim, num_queries=mc.num_queries,
       learnable_queries=mc.learnable_queries, mixer=mc.mixer,
       head_mlp_dim=mc.head_mlp_dim, dropout=mc.dropout, remat=mc.remat,
-      scan_layers=mc.scan_layers, dtype=dtype, parent=None)
+      scan_layers=mc.scan_layers,
+      msda_impl=mc.get("msda_impl", deformable_attention.DEFAULT_IMPL),
+      dtype=dtype, parent=None)
   return AVSegFormer(backbone=backbone,
                      vggish=vggish.VGGish(dtype=dtype, parent=None),
                      head=head, embed_dim=mc.embed_dim, dtype=dtype)

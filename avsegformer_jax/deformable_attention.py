@@ -21,61 +21,152 @@ import numpy as np
 from avsegformer_jax import layers
 
 
+def _corners(loc, h, w):
+  """Bilinear corners of sampling locations (always computed in float32).
+
+  loc [..., 2] (x, y) in [0, 1] -> flat indices [..., 4] (clamped) and
+  weights [..., 4], zero for corners outside the map (grid_sample zeros,
+  align_corners=False: pixel = location * size - 0.5). h, w: ints, or arrays
+  that broadcast against loc[..., 0] (per-level sizes).
+  """
+  loc = loc.astype(jnp.float32)
+  h4 = np.asarray(h, np.float32)[..., None]          # broadcast over corners
+  w4 = np.asarray(w, np.float32)[..., None]
+  x = loc[..., 0] * w - 0.5
+  y = loc[..., 1] * h - 0.5
+  x0, y0 = jnp.floor(x), jnp.floor(y)
+  fx, fy = x - x0, y - y0
+  xs = jnp.stack([x0, x0 + 1, x0, x0 + 1], -1)
+  ys = jnp.stack([y0, y0, y0 + 1, y0 + 1], -1)
+  wx = jnp.stack([1 - fx, fx, 1 - fx, fx], -1)
+  wy = jnp.stack([1 - fy, 1 - fy, fy, fy], -1)
+  valid = (xs >= 0) & (xs <= w4 - 1) & (ys >= 0) & (ys <= h4 - 1)
+  wgt = jnp.where(valid, wx * wy, 0.0)
+  idx = (jnp.clip(ys, 0, h4 - 1) * w4 + jnp.clip(xs, 0, w4 - 1))
+  return idx.astype(jnp.int32), wgt
+
+
 def _sample_level(value, h, w, loc):
-  """Bilinear samples of one level.
+  """Bilinear samples of one level, one gather per corner.
 
   value: [B, nH, h*w, D]; loc: [B, nH, P, 2] (x, y) in [0, 1] coordinates.
   Returns [B, nH, P, D]; samples outside the map are zero (grid_sample zeros).
   """
-  x = loc[..., 0] * w - 0.5
-  y = loc[..., 1] * h - 0.5
-  x0 = jnp.floor(x)
-  y0 = jnp.floor(y)
-  fx, fy = x - x0, y - y0
+  idx, wgt = _corners(loc, h, w)                                  # [B,nH,P,4]
   out = None
-  for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
-    xi, yi = x0 + dx, y0 + dy
-    wgt = (fx if dx else 1 - fx) * (fy if dy else 1 - fy)
-    valid = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
-    idx = (jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)).astype(jnp.int32)
-    g = jnp.take_along_axis(value, idx[..., None], axis=2)
-    term = g * jnp.where(valid, wgt, 0.0)[..., None].astype(value.dtype)
+  for c in range(4):
+    g = jnp.take_along_axis(value, idx[..., c, None], axis=2)
+    term = g * wgt[..., c, None].astype(value.dtype)
     out = term if out is None else out + term
   return out
 
 
 def _sample_level_fused(value, h, w, loc):
   """As `_sample_level`, with the four corners packed into one gather."""
-  x = loc[..., 0] * w - 0.5
-  y = loc[..., 1] * h - 0.5
-  x0, y0 = jnp.floor(x), jnp.floor(y)
-  fx, fy = x - x0, y - y0
-  xs = jnp.stack([x0, x0 + 1, x0, x0 + 1], -1)                    # [..., P, 4]
-  ys = jnp.stack([y0, y0, y0 + 1, y0 + 1], -1)
-  wx = jnp.stack([1 - fx, fx, 1 - fx, fx], -1)
-  wy = jnp.stack([1 - fy, 1 - fy, fy, fy], -1)
-  valid = (xs >= 0) & (xs <= w - 1) & (ys >= 0) & (ys <= h - 1)
-  wgt = jnp.where(valid, wx * wy, 0.0).astype(value.dtype)
-  idx = (jnp.clip(ys, 0, h - 1) * w + jnp.clip(xs, 0, w - 1)).astype(jnp.int32)
+  idx, wgt = _corners(loc, h, w)
   b, nh, p = idx.shape[:3]
   g = jnp.take_along_axis(value, idx.reshape(b, nh, p * 4, 1), axis=2)
-  return jnp.einsum("bhpcd,bhpc->bhpd", g.reshape(b, nh, p, 4, -1), wgt)
+  return jnp.einsum("bhpcd,bhpc->bhpd", g.reshape(b, nh, p, 4, -1),
+                    wgt.astype(value.dtype))
 
 
 SAMPLERS = {"gather4": _sample_level, "fused": _sample_level_fused}
+# Core implementations: per level with the samplers above, or all levels at
+# once from value viewed as a [B*S*nH, D] table with the bilinear and
+# attention weights folded together ("rows": one gather + weighted sum;
+# "taps": gathers fused into the sum, custom backward). benchmarks/msda.py
+# times them; "taps" is the fastest on CPU (forward 4x "rows").
+IMPLS = ("gather4", "fused", "rows", "taps")
+DEFAULT_IMPL = "taps"
+
+
+def _table_rows(value, spatial_shapes, sampling_locations, attention_weights):
+  """All levels' bilinear taps as rows of value viewed as a [B*S*nH, D] table
+  (its natural layout: no transpose, no batch dimensions in the gather).
+
+  Returns the table, rows [B*Lq*nH, K] (in bounds) and float32 weights
+  [B*Lq*nH, K] = bilinear x attention, K = nL * nP * 4 taps.
+  """
+  b, s, nh, d = value.shape
+  _, lq, _, nl, _, _ = sampling_locations.shape
+  hs = np.asarray([h for h, _ in spatial_shapes], np.float32).reshape(nl, 1)
+  ws = np.asarray([w for _, w in spatial_shapes], np.float32).reshape(nl, 1)
+  starts = np.cumsum([0] + [h * w for h, w in spatial_shapes])[:-1]
+  idx, wgt = _corners(sampling_locations, hs, ws)        # [B,Lq,nH,nL,nP,4]
+  row = (idx + starts.reshape(nl, 1, 1).astype(np.int32)) * nh
+  row = row + (np.arange(b, dtype=np.int32) * (s * nh)).reshape(b, 1, 1, 1, 1, 1)
+  row = row + np.arange(nh, dtype=np.int32).reshape(1, 1, nh, 1, 1, 1)
+  wgt = wgt * attention_weights.astype(jnp.float32)[..., None]
+  return (value.reshape(b * s * nh, d), row.reshape(b * lq * nh, -1),
+          wgt.reshape(b * lq * nh, -1))
+
+
+def _gather(table, rows):
+  return table.at[rows].get(mode="promise_in_bounds")
+
+
+def _weighted_rows_plain(table, row, wgt):
+  """One gather of every tap [M, K, D], then the weighted sum (float32)."""
+  g = _gather(table, row.reshape(-1)).reshape(row.shape + table.shape[-1:])
+  return jnp.einsum("mkd,mk->md", g.astype(jnp.float32), wgt)
+
+
+@jax.custom_vjp
+def _weighted_rows(table, row, wgt):
+  """sum_k wgt[m, k] * table[row[m, k]]: table [R, D], row/wgt [M, K] -> [M, D].
+
+  One gather per tap, multiplied and added in turn (float32), so XLA fuses
+  the gathers and the sum into one loop and never writes the [M, K, D]
+  intermediate: the gather is memory-bound on CPU. The custom backward keeps
+  one scatter-add for the table (autodiff of the loop would give K of them)
+  and fused gather-dot loops for the weights.
+  """
+  out = None
+  for k in range(row.shape[-1]):
+    term = _gather(table, row[:, k]).astype(jnp.float32) * wgt[:, k, None]
+    out = term if out is None else out + term
+  return out
+
+
+def _weighted_rows_fwd(table, row, wgt):
+  return _weighted_rows(table, row, wgt), (table, row, wgt)
+
+
+def _weighted_rows_bwd(res, ct):
+  table, row, wgt = res
+  ct = ct.astype(jnp.float32)
+  d_wgt = jnp.stack([
+      jnp.sum(_gather(table, row[:, k]).astype(jnp.float32) * ct, -1)
+      for k in range(row.shape[-1])], -1)
+  upd = (wgt[:, :, None] * ct[:, None, :]).reshape(-1, table.shape[-1])
+  d_table = jnp.zeros(table.shape, jnp.float32).at[row.reshape(-1)].add(
+      upd, mode="promise_in_bounds")
+  return d_table.astype(table.dtype), None, d_wgt
+
+
+_weighted_rows.defvjp(_weighted_rows_fwd, _weighted_rows_bwd)
 
 
 def ms_deform_attn_core(value, spatial_shapes: Sequence[tuple[int, int]],
                         sampling_locations, attention_weights,
-                        impl: str = "gather4"):
+                        impl: str = DEFAULT_IMPL):
   """The sampling core.
 
   value: [B, S, nH, D] (S = sum of h*w); sampling_locations:
   [B, Lq, nH, nL, nP, 2] (x, y); attention_weights: [B, Lq, nH, nL, nP].
-  Returns [B, Lq, nH*D] with channel = head * D + d.
+  Returns [B, Lq, nH*D] with channel = head * D + d. Locations stay float32
+  whatever the compute dtype: in bfloat16 they would be off by up to a
+  quarter pixel on a 64-wide map.
   """
   b, _, nh, d = value.shape
   _, lq, _, nl, npts, _ = sampling_locations.shape
+  if impl in ("rows", "taps"):
+    table, row, wgt = _table_rows(value, spatial_shapes, sampling_locations,
+                                  attention_weights)
+    fn = _weighted_rows if impl == "taps" else _weighted_rows_plain
+    return fn(table, row, wgt).astype(value.dtype).reshape(b, lq, nh * d)
+  if impl not in SAMPLERS:
+    raise ValueError(f"MSDA impl must be one of {IMPLS}, got {impl!r}")
   out = None
   start = 0
   for lvl, (h, w) in enumerate(spatial_shapes):
@@ -110,7 +201,7 @@ class MSDeformAttn(nn.Module):
   n_levels: int = 3
   n_heads: int = 8
   n_points: int = 4
-  impl: str = "gather4"          # bilinear sampler: gather4 | fused
+  impl: str = DEFAULT_IMPL       # core: packed | fused | gather4 (IMPLS)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -138,6 +229,6 @@ class MSDeformAttn(nn.Module):
                  + offsets / normalizer[None, None, None, :, None, :])
     self.sow("intermediates", "sampling_locations", locations)
     self.sow("intermediates", "attention_probs", attn)
-    out = ms_deform_attn_core(value, spatial_shapes, locations.astype(value.dtype),
-                              attn.astype(value.dtype), self.impl)
+    out = ms_deform_attn_core(value, spatial_shapes, locations, attn,
+                              self.impl)
     return layers.dense(self.d_model, dtype=self.dtype, name="output_proj")(out)

@@ -55,13 +55,15 @@ class EncoderLayer(nn.Module):
   spatial_shapes: tuple = ()
   train: bool = False
   scan: bool = False             # return (x, None) for nn.scan
+  msda_impl: str = "taps"
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, src, pos, ref):
     drop = lambda x: nn.Dropout(self.dropout, deterministic=not self.train)(x)
     attn = MSDeformAttn(self.dim, self.num_levels, self.num_heads,
-                        self.num_points, dtype=self.dtype, name="self_attn")
+                        self.num_points, impl=self.msda_impl,
+                        dtype=self.dtype, name="self_attn")
     src = src + drop(attn(src + pos, ref, src, self.spatial_shapes))
     src = layers.layer_norm(dtype=self.dtype, name="norm1")(src)
     y = layers.dense(self.ffn_dim, dtype=self.dtype, name="linear1")(src)
@@ -83,6 +85,7 @@ class Encoder(nn.Module):
   spatial_shapes: tuple = ()
   remat: bool = False
   scan_layers: bool = False
+  msda_impl: str = "taps"
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -96,6 +99,6 @@ class Encoder(nn.Module):
                   num_levels=self.num_levels, num_heads=self.num_heads,
                   num_points=self.num_points,
                   spatial_shapes=self.spatial_shapes, train=train,
-                  dtype=self.dtype)
+                  msda_impl=self.msda_impl, dtype=self.dtype)
     return layers.repeat(EncoderLayer, self.num_layers, kwargs, src, pos, ref,
                          remat=self.remat, scan=self.scan_layers)

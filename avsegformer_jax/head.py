@@ -65,6 +65,7 @@ class AVSegHead(nn.Module):
   dropout: float = 0.1
   remat: bool = False
   scan_layers: bool = False
+  msda_impl: str = "taps"
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -103,7 +104,8 @@ class AVSegHead(nn.Module):
         Encoder(self.num_encoder_layers, c, self.encoder_ffn_dim,
                 self.dropout, self.num_levels, self.num_heads,
                 self.num_points, shapes, remat=self.remat,
-                scan_layers=self.scan_layers, dtype=dt, parent=None),
+                scan_layers=self.scan_layers, msda_impl=self.msda_impl,
+                dtype=dt, parent=None),
         Decoder(self.num_decoder_layers, c, self.num_heads,
                 self.decoder_ffn_dim, self.dropout, remat=self.remat,
                 scan_layers=self.scan_layers, dtype=dt, parent=None),

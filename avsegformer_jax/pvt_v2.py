@@ -72,8 +72,8 @@ class DWConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     n, l, c = x.shape
-    x = layers.conv(c, 3, padding=1, groups=c, dtype=self.dtype,
-                    name="dwconv")(x.reshape(n, *self.hw, c))
+    x = layers.DepthwiseConv(3, dtype=self.dtype, name="dwconv")(
+        x.reshape(n, *self.hw, c))
     return x.reshape(n, l, c)
 
 

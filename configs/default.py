@@ -37,7 +37,7 @@ def get_config():
   m.dtype = "float32"            # compute dtype: float32 | bfloat16 (params stay float32)
   m.remat = False                # rematerialise transformer / backbone blocks
   m.scan_layers = False          # nn.scan over repeated identical layers
-  m.msda_impl = "packed"         # deformable-attention core: packed | fused | gather4
+  m.msda_impl = "taps"           # deformable-attention core: taps | rows | fused | gather4
 
   # ----------------------------------------------------------------- data --
   d = c.data = ml_collections.ConfigDict()

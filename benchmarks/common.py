@@ -1,0 +1,137 @@
+"""Shared timing and memory helpers for the benchmarks.
+
+Timings call `jax.block_until_ready` on every result so asynchronous dispatch
+cannot hide work; compile time is measured with the AOT API (lower + compile)
+so it never mixes with run time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+# XLA's CPU backend (jax 0.10) hands whole subgraphs to its experimental
+# YNNPACK fusion, which runs this model's convolutions and big matmuls several
+# times slower (VGGish: 1.9 s -> 0.33 s per 2 examples without it); turn it
+# off unless the user chose otherwise. Only on CPU-only installs: a GPU/TPU
+# plugin's XLA may not know the flag, and an unknown flag is fatal.
+CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
+
+
+def configure_cpu_xla() -> bool:
+  """Add CPU_XLA_FLAGS to XLA_FLAGS (before JAX starts its backends)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "ynn_fusion_type" in flags or _accelerator_plugin_installed():
+    return False
+  os.environ["XLA_FLAGS"] = (flags + " " + CPU_XLA_FLAGS).strip()
+  return True
+
+
+def _accelerator_plugin_installed() -> bool:
+  if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+    return False
+  from importlib import metadata
+  names = {(d.metadata["Name"] or "").lower()
+           for d in metadata.distributions()}
+  return any(n.startswith(("jax-cuda", "jax_cuda", "libtpu", "jax-rocm"))
+             for n in names)
+
+
+def device_info() -> dict:
+  d = jax.devices()[0]
+  info = {"platform": d.platform, "device_kind": d.device_kind,
+          "num_devices": jax.device_count(), "jax": jax.__version__,
+          "host": platform.node(), "cpu_count": os.cpu_count(),
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  if d.platform == "cpu":
+    info["cpu_threads"] = _cpu_threads()
+  return info
+
+
+def _cpu_threads():
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:       # macOS
+    return os.cpu_count()
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+  """(peak bytes, what was measured): the accelerator allocator's peak where
+  it reports one, else this process's peak resident set (both monotonic over
+  the process's life, so isolate runs in subprocesses to compare them)."""
+  stats = None
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:            # noqa: BLE001  (CPU clients may raise)
+    stats = None
+  if stats and stats.get("peak_bytes_in_use"):
+    return int(stats["peak_bytes_in_use"]), "device_peak_bytes_in_use"
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  scale = 1 if sys.platform == "darwin" else 1024          # Linux: KiB
+  return int(rss * scale), "host_peak_rss"
+
+
+def aot_compile(jitted, *args):
+  """(compiled executable, seconds to lower + compile, flops or None)."""
+  t = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  seconds = time.perf_counter() - t
+  return compiled, seconds, flops_of(compiled)
+
+
+def flops_of(compiled):
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:            # noqa: BLE001  (not every backend reports it)
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def timed(fn, steps: int):
+  """Run fn() `steps` times, blocking on each result; returns (times, last)."""
+  times, out = [], None
+  for _ in range(steps):
+    t = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return times, out
+
+
+def summary(times) -> dict:
+  a = np.asarray(times, np.float64)
+  return {"median_s": float(np.median(a)), "min_s": float(a.min()),
+          "mean_s": float(a.mean()), "n": int(a.size)}
+
+
+def write_json(path: str, obj) -> None:
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+
+
+def fmt_table(rows, cols) -> str:
+  """Plain fixed-width table: cols = [(header, key, format)]."""
+  cells = [[h for h, _, _ in cols]]
+  for r in rows:
+    line = []
+    for _, k, f in cols:
+      v = r.get(k)
+      line.append("-" if v is None else (f.format(v) if f else str(v)))
+    cells.append(line)
+  widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+  out = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
+  out.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(out)

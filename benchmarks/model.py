@@ -1,0 +1,285 @@
+"""Whole-model speed: train step, eval step, compile time, peak memory.
+
+    python -m benchmarks.model [--configs s4_res50_224,s4_pvt2_224,...]
+        [--dtypes float32,bfloat16] [--steps N] [--json OUT] [--quick]
+        [--remat false[,true]] [--scan false[,true]] [--batch B]
+        [--eval_batch B] [--phases eval,frozen,unfrozen]
+
+Uses the real training code (`train.Steps`: shard_mapped, jitted, donated
+state) on random data: B clips of T frames (T=5, AVSS T=10). For every
+config x dtype x remat x scan it reports the train step with the visual
+backbone frozen and unfrozen (seconds, clips/s, compile seconds), the eval
+step (frames/s, compile seconds), the peak memory (the device allocator's
+peak on accelerators, the process's peak RSS on CPU) and, where XLA reports
+them, the step's FLOPs. Each combination runs in its own subprocess so the
+peak memory is its own (`--inprocess` turns that off; `--quick` implies it).
+Runs unchanged on CPU and GPU/TPU.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from benchmarks import common
+
+# name: (config module, backbone, image size)
+SPECS = {
+    "s4_res50_224": ("s4", "res50", 224),
+    "s4_pvt2_224": ("s4", "pvt2", 224),
+    "s4_pvt2_512": ("s4", "pvt2", 512),
+    "avss_pvt2_224": ("avss", "pvt2", 224),
+    "tiny_pvt2": ("tiny", "pvt2", 64),
+    "tiny_res50": ("tiny", "res50", 64),
+}
+DEFAULT_CONFIGS = "s4_res50_224,s4_pvt2_224,s4_pvt2_512,avss_pvt2_224"
+PHASES = ("eval", "frozen", "unfrozen")
+# Dense bf16 peak FLOP/s by device kind, for the model-FLOP utilisation column.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12,
+             "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+             "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+def make_config(name, dtype="float32", remat=False, scan=False,
+                msda_impl=None):
+  import importlib
+  module, backbone, size = SPECS[name]
+  config = importlib.import_module(f"configs.{module}").get_config(backbone)
+  config.data.image_size = size
+  config.model.dtype = dtype
+  config.model.remat = remat
+  config.model.scan_layers = scan
+  if msda_impl:
+    config.model.msda_impl = msda_impl
+  return config
+
+
+def random_batch(config, clips: int, seed: int = 0):
+  """A host batch as the input pipeline gives it (task-shaped labels/flags)."""
+  t, s = config.data.num_frames, config.data.image_size
+  r = np.random.RandomState(seed)
+  if config.task == "avss":
+    masks = r.randint(0, config.model.num_classes, (clips, t, s, s))
+    gt_flag = np.ones((clips, t), np.float32)
+  else:
+    masks = (r.rand(clips, t, s, s) > 0.5)
+    gt_flag = np.zeros((clips, t), np.float32)
+    gt_flag[:, 0] = 1.0                                  # S4 train: frame 0
+  return dict(
+      frames=r.standard_normal((clips, t, s, s, 3)).astype(np.float32),
+      audio=r.standard_normal((clips, t, 96, 64)).astype(np.float32),
+      masks=masks.astype(np.int32), gt_flag=gt_flag,
+      vid_flag=np.ones((clips, t), np.float32),
+      clip_valid=np.ones((clips,), np.float32))
+
+
+def _peak_flops(kind: str):
+  for k, v in PEAK_BF16.items():
+    if k.lower() in kind.lower():
+      return v
+  return None
+
+
+def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
+          phases, msda_impl=None) -> dict:
+  """All phases of one combination, in this process."""
+  from avsegformer_jax import avsegformer, train
+  config = make_config(name, dtype, remat, scan, msda_impl)
+  config.train.freeze_backbone_epochs = 1
+  t_frames = config.data.num_frames
+  row = dict(config=name, dtype=dtype, remat=remat, scan=scan,
+             batch_clips=batch, eval_batch_clips=eval_batch,
+             frames_per_clip=t_frames, image_size=config.data.image_size,
+             steps=steps, msda_impl=config.model.get("msda_impl"))
+  mesh = train.make_mesh()
+  model = avsegformer.build_model(config, axis_name=train.AXIS)
+  steps_fn = train.Steps(model, config, mesh)
+  t0 = time.perf_counter()
+  # One jitted init (op-by-op init of PVTv2-B5 dispatches thousands of ops).
+  plain = avsegformer.build_model(config)
+  variables = jax.jit(lambda r: avsegformer.init_variables(plain, r))(
+      jax.random.PRNGKey(1))
+  state = train.create_train_state(config, plain, jax.random.PRNGKey(0),
+                                   variables=variables)
+  state = jax.block_until_ready(train.replicate(state, mesh))
+  row["init_s"] = time.perf_counter() - t0
+  peak = _peak_flops(jax.devices()[0].device_kind)
+  n_dev = jax.device_count()
+
+  def loop(compiled, fn):
+    common.timed(fn, warmup)
+    return common.timed(fn, steps)
+
+  if "eval" in phases:
+    gb = train.shard_batch(random_batch(config, eval_batch), mesh)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    compiled, secs, flops = common.aot_compile(steps_fn._eval, variables, gb)
+    times, _ = loop(compiled, lambda: compiled(variables, gb))
+    med = common.summary(times)["median_s"]
+    row.update(eval_compile_s=secs, eval_step_s=med,
+               eval_frames_per_s=eval_batch * t_frames / med,
+               eval_flops=flops)
+    row["peak_bytes_after_eval"], row["memory_kind"] = \
+        common.peak_memory_bytes()
+
+  gb = train.shard_batch(random_batch(config, batch), mesh)
+  for phase in ("frozen", "unfrozen"):
+    if phase not in phases:
+      continue
+    if phase == "unfrozen":
+      state = train.unfreeze_backbone(state, config)
+    compiled, secs, flops = common.aot_compile(steps_fn._train, state, gb)
+    holder = {"state": state}
+
+    def step():
+      holder["state"], stats = compiled(holder["state"], gb)   # donates state
+      return stats
+    times, stats = loop(compiled, step)
+    state = holder["state"]
+    med = common.summary(times)["median_s"]
+    loss = float(stats["loss"])
+    row.update({f"train_{phase}_compile_s": secs,
+                f"train_{phase}_step_s": med,
+                f"train_{phase}_clips_per_s": batch / med,
+                f"train_{phase}_flops": flops,
+                f"train_{phase}_loss": loss})
+    if flops:
+      row[f"train_{phase}_tflops_per_s"] = flops * n_dev / med / 1e12
+      if peak:
+        row[f"train_{phase}_mfu"] = flops / med / peak
+    row[f"peak_bytes_after_{phase}"], row["memory_kind"] = \
+        common.peak_memory_bytes()
+    if not np.isfinite(loss):
+      row["error"] = f"non-finite loss in the {phase} train step"
+  row["peak_bytes"] = max(v for k, v in row.items()
+                          if k.startswith("peak_bytes_after_"))
+  return row
+
+
+def _bool_list(s):
+  out = []
+  for v in s.split(","):
+    v = v.strip().lower()
+    if v not in ("true", "false", "1", "0"):
+      raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+    out.append(v in ("true", "1"))
+  return out
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(
+      prog="python -m benchmarks.model", description=__doc__.split("\n")[0])
+  p.add_argument("--configs", default=None,
+                 help=f"comma list of {sorted(SPECS)}")
+  p.add_argument("--dtypes", default="float32,bfloat16")
+  p.add_argument("--remat", type=_bool_list, default=[False])
+  p.add_argument("--scan", type=_bool_list, default=[False])
+  p.add_argument("--steps", type=int, default=3, help="timed steps")
+  p.add_argument("--warmup", type=int, default=1,
+                 help="untimed runs after compiling")
+  p.add_argument("--batch", type=int, default=1, help="train clips")
+  p.add_argument("--eval_batch", type=int, default=1, help="eval clips")
+  p.add_argument("--phases", default=",".join(PHASES))
+  p.add_argument("--msda_impl", default=None,
+                 help="override model.msda_impl")
+  p.add_argument("--json", default="")
+  p.add_argument("--quick", action="store_true",
+                 help="tiny configs, in-process (for tests and smoke runs)")
+  p.add_argument("--inprocess", action="store_true")
+  a = p.parse_args(argv)
+  if a.configs is None:
+    a.configs = "tiny_pvt2" if a.quick else DEFAULT_CONFIGS
+  a.configs = a.configs.split(",")
+  bad = [c for c in a.configs if c not in SPECS]
+  if bad:
+    p.error(f"unknown config(s) {bad}; choose from {sorted(SPECS)}")
+  a.dtypes = a.dtypes.split(",")
+  a.phases = tuple(x for x in a.phases.split(",") if x)
+  if set(a.phases) - set(PHASES):
+    p.error(f"--phases takes {PHASES}")
+  if a.quick:
+    a.inprocess = True
+  return a
+
+
+def _subprocess_row(a, name, dtype, remat, scan):
+  with tempfile.TemporaryDirectory() as d:
+    out = os.path.join(d, "row.json")
+    cmd = [sys.executable, "-m", "benchmarks.model", "--inprocess",
+           "--configs", name, "--dtypes", dtype, "--remat", str(remat),
+           "--scan", str(scan), "--steps", str(a.steps),
+           "--warmup", str(a.warmup), "--batch", str(a.batch),
+           "--eval_batch", str(a.eval_batch), "--phases", ",".join(a.phases),
+           "--json", out]
+    if a.msda_impl:
+      cmd += ["--msda_impl", a.msda_impl]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 0 and os.path.exists(out):
+      with open(out) as f:
+        return json.load(f)["rows"][0]
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return dict(config=name, dtype=dtype, remat=remat, scan=scan,
+                error=f"exit {proc.returncode}: " + " | ".join(tail))
+
+
+COLS = [("config", "config", None), ("dtype", "dtype", None),
+        ("remat", "remat", None), ("scan", "scan", None),
+        ("frozen s", "train_frozen_step_s", "{:.3f}"),
+        ("clips/s", "train_frozen_clips_per_s", "{:.2f}"),
+        ("unfrozen s", "train_unfrozen_step_s", "{:.3f}"),
+        ("clips/s", "train_unfrozen_clips_per_s", "{:.2f}"),
+        ("eval fr/s", "eval_frames_per_s", "{:.1f}"),
+        ("compile frz/unf/eval s", "_compile", None),
+        ("peak GiB", "_peak_gib", "{:.2f}"),
+        ("MFU unf", "train_unfrozen_mfu", "{:.1%}"),
+        ("error", "error", None)]
+
+
+def table(rows) -> str:
+  shown = []
+  for r in rows:
+    r = dict(r)
+    c = [r.get(f"{k}_compile_s") for k in
+         ("train_frozen", "train_unfrozen", "eval")]
+    r["_compile"] = "/".join("-" if v is None else f"{v:.1f}" for v in c)
+    if r.get("peak_bytes"):
+      r["_peak_gib"] = r["peak_bytes"] / 2**30
+    shown.append(r)
+  return common.fmt_table(shown, COLS)
+
+
+def main(argv=None):
+  a = parse_args(sys.argv[1:] if argv is None else argv)
+  common.configure_cpu_xla()
+  info = common.device_info()
+  rows = []
+  args = {k: v for k, v in vars(a).items()}
+  for name, dtype, remat, scan in itertools.product(
+      a.configs, a.dtypes, a.remat, a.scan):
+    if a.inprocess:
+      row = bench(name, dtype, remat, scan, a.steps, a.warmup, a.batch,
+                  a.eval_batch, a.phases, a.msda_impl)
+    else:
+      row = _subprocess_row(a, name, dtype, remat, scan)
+    rows.append(row)
+    # Partial results survive a time limit: one line now, JSON so far.
+    print("row: " + table([row]).splitlines()[-1], file=sys.stderr,
+          flush=True)
+    common.write_json(a.json, {"device": info, "args": args, "rows": rows})
+  print(f"{info['device_kind']} ({info['platform']}, "
+        f"{info['num_devices']} device(s), jax {info['jax']}); memory: "
+        f"{rows[0].get('memory_kind', '?')}")
+  print(table(rows))
+  return rows
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,105 @@
+"""Speed options that must not change the model: bfloat16 compute (float32
+parameters, optimizer state, loss and metrics), rematerialisation and
+scanned layers (identical gradients), on tiny configs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from avsegformer_jax import avsegformer, build_model, train
+from configs import tiny
+
+
+def _batch(config, clips=1, seed=0):
+  t, s = config.data.num_frames, config.data.image_size
+  r = np.random.RandomState(seed)
+  return dict(
+      frames=r.standard_normal((clips, t, s, s, 3)).astype(np.float32),
+      audio=r.standard_normal((clips, t, 96, 64)).astype(np.float32),
+      masks=(r.rand(clips, t, s, s) > 0.5).astype(np.int32),
+      gt_flag=np.ones((clips, t), np.float32),
+      vid_flag=np.ones((clips, t), np.float32),
+      clip_valid=np.ones((clips,), np.float32))
+
+
+def _dtypes(tree):
+  return {str(x.dtype) for x in jax.tree_util.tree_leaves(tree)}
+
+
+def test_bfloat16_train_and_eval_steps():
+  """bf16 compute end to end through the real steps: finite float32 loss,
+  float32 params/optimizer state before and after, float32 metric sums,
+  and logits close to the float32 model's with the same parameters."""
+  config = tiny.get_config("pvt2")
+  config.train.freeze_backbone_epochs = 0
+  config.model.dtype = "bfloat16"
+  mesh = train.make_mesh()
+  model = avsegformer.build_model(config, axis_name=train.AXIS)
+  state = train.create_train_state(config, build_model(config),
+                                   jax.random.PRNGKey(0))
+  assert _dtypes(state.params) == {"float32"}
+  batch = train.shard_batch(_batch(config), mesh)
+  steps = train.Steps(model, config, mesh)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  stats, logits16 = steps.eval(variables, batch)
+  assert logits16.dtype == jnp.float32 and _dtypes(stats) == {"float32"}
+
+  config32 = tiny.get_config("pvt2")
+  logits32, _ = jax.jit(build_model(config32).apply)(
+      variables, batch["frames"].reshape((-1,) + batch["frames"].shape[2:]),
+      batch["audio"].reshape((-1, 96, 64)))
+  logits16 = np.asarray(logits16).reshape(logits32.shape)
+  logits32 = np.asarray(logits32)
+  # bf16 keeps ~3 significant digits; 6+ layers of it drift further. The
+  # bound is loose but a wrong cast (e.g. bf16 sampling locations, or
+  # float32 params silently truncated and re-expanded wrongly) breaks it.
+  scale = np.abs(logits32).max()
+  err = np.abs(logits16 - logits32)
+  assert err.max() <= 0.1 * scale, (err.max(), scale)
+  assert err.mean() <= 0.02 * np.abs(logits32).mean() + 1e-3, err.mean()
+  assert np.corrcoef(logits16.ravel(), logits32.ravel())[0, 1] > 0.99
+
+  state = train.replicate(state, mesh)
+  new_state, stats = steps.train(state, batch)
+  assert np.isfinite(float(stats["loss"])) and stats["loss"].dtype == jnp.float32
+  assert _dtypes(new_state.params) == {"float32"}
+  assert _dtypes(new_state.opt_state) <= {"float32", "int32"}
+
+
+def _grads(config, train_mode, seed=0):
+  model = build_model(config)
+  v = avsegformer.init_variables(model, jax.random.PRNGKey(0))
+  b = _batch(config, clips=2, seed=seed)
+  frames = b["frames"].reshape((-1,) + b["frames"].shape[2:])
+  audio = b["audio"].reshape((-1, 96, 64))
+  mutable = ["batch_stats"] if "batch_stats" in v else []
+
+  def loss(p):
+    (logits, mf), _ = model.apply(
+        {**v, "params": p}, frames, audio, train=train_mode,
+        rngs={"dropout": jax.random.PRNGKey(1)}, mutable=mutable)
+    return jnp.mean(jnp.tanh(logits)) + 0.1 * jnp.mean(mf * mf)
+  with jax.default_matmul_precision("highest"):
+    return jax.jit(jax.value_and_grad(loss))(v["params"])
+
+
+# One case: every compile of a train-mode gradient costs minutes on a 2-core
+# CPU. PVTv2 unscanned covers remat of backbone blocks and of the encoder,
+# decoder and query-generator layers.
+@pytest.mark.parametrize("backbone,scan", [("pvt2", False)])
+def test_remat_gives_identical_gradients(backbone, scan):
+  """Train mode (dropout, drop-path, batch statistics): rematerialised blocks
+  recompute exactly what they stored, with the same random bits."""
+  out = []
+  for remat in (False, True):
+    config = tiny.get_config(backbone)
+    config.model.remat, config.model.scan_layers = remat, scan
+    out.append(_grads(config, train_mode=True))
+  (l0, g0), (l1, g1) = out
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  flat0 = jax.tree_util.tree_leaves_with_path(g0)
+  flat1 = dict(jax.tree_util.tree_leaves_with_path(g1))
+  assert len(flat0) == len(flat1)
+  for path, a in flat0:
+    np.testing.assert_allclose(flat1[path], a, atol=1e-5, rtol=1e-5,
+                               err_msg=jax.tree_util.keystr(path))
