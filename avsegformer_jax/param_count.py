@@ -21,7 +21,6 @@ from ml_collections import config_flags
 
 from avsegformer_jax import avsegformer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.")
 
 
 def _size(tree) -> int:
@@ -53,10 +52,13 @@ def count(config) -> dict[str, int]:
 
 def main(argv):
   del argv
-  for k, v in count(_CONFIG.value).items():
+  for k, v in count(flags.FLAGS.config).items():
     print(f"{k:40s} {v:>14,d}")
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not at import: the library modules share absl's
+  # global flag registry, and two `--config` definitions collide.
+  config_flags.DEFINE_config_file("config", None, "Model config file.")
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -255,34 +255,37 @@ def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
   return summary
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Model config.",
-                                          lock_config=True)
-_CKPT = flags.DEFINE_string("checkpoint", None,
-                            "Model export or training workdir.")
-_VIDEO = flags.DEFINE_string("video", None, "Input video (mp4, webm, mkv, ...).")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-_FPS = flags.DEFINE_float("fps", 1.0, "Sampled frames per second (1: AVSBench).")
-_EVERY = flags.DEFINE_bool("every_frame", False, "Run on every frame.")
-_BATCH = flags.DEFINE_integer("batch_clips", 1, "Windows of T frames per call.")
-flags.mark_flags_as_required(["config", "checkpoint", "video", "out"])
+def _define_flags():
+  """Defines the CLI flags; at import they would collide with other CLIs'."""
+  config_flags.DEFINE_config_file("config", None, "Model config.",
+                                  lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "Model export or training workdir.")
+  flags.DEFINE_string("video", None, "Input video (mp4, webm, mkv, ...).")
+  flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_float("fps", 1.0, "Sampled frames per second (1: AVSBench).")
+  flags.DEFINE_bool("every_frame", False, "Run on every frame.")
+  flags.DEFINE_integer("batch_clips", 1, "Windows of T frames per call.")
+  flags.mark_flags_as_required(["config", "checkpoint", "video", "out"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
   try:
-    s = predict(_CONFIG.value, _VIDEO.value, _OUT.value,
-                checkpoint_dir=_CKPT.value, fps=_FPS.value,
-                every_frame=_EVERY.value, batch_clips=_BATCH.value)
+    s = predict(f.config, f.video, f.out, checkpoint_dir=f.checkpoint,
+                fps=f.fps, every_frame=f.every_frame,
+                batch_clips=f.batch_clips)
   except PredictError as e:
     print(f"predict: error: {e}", file=sys.stderr)
     sys.exit(2)
   model_fps = s["frames_per_s_model"]
-  print(f"{s['num_frames']} frames ({s['sampling']}) -> {_OUT.value}: "
+  print(f"{s['num_frames']} frames ({s['sampling']}) -> {f.out}: "
         f"{s['frames_per_s_end_to_end']:.2f} frames/s end to end"
         + (f", {model_fps:.2f} frames/s in the model" if model_fps else "")
         + f" (first call incl. compile {s['first_call_s']:.1f} s)")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -53,8 +53,11 @@ def test_one_vs_four_devices(reference_run, tmp_path):
   assert sorted(l1) == sorted(l4) and len(l1) == 6   # 3 steps x 2 epochs
   np.testing.assert_allclose([l4[s] for s in sorted(l4)],
                              [l1[s] for s in sorted(l1)], rtol=2e-5)
+  # Metrics threshold the logits: parameters that differ by float32 round-off
+  # may flip a pixel that sits at 0 (one pixel of one 32x32 frame moves the
+  # mIoU by ~1e-4). A shard counted twice or missed moves it by far more.
   for k in ("miou", "fscore", "miou_dataset"):
-    np.testing.assert_allclose(four[k], one[k], atol=1e-5, err_msg=k)
+    np.testing.assert_allclose(four[k], one[k], atol=1e-3, err_msg=k)
   # Summation order differs across devices: float32 round-off only.
   _assert_same_params(one, four, atol=2e-5)
 

@@ -1,0 +1,17 @@
+"""Test-session setup.
+
+XLA's persistent compilation cache: on 2 CPU cores most of a tiny-model test
+is compilation (a train step ~20-40 s, the random init ~30 s), and the
+trainer tests run the same programs in several subprocesses (reference run,
+killed run, resumed run). Every program is still compiled at least once per
+fresh cache; the key covers the HLO, the options and the JAX version, so a
+hit is the same executable. Set JAX_COMPILATION_CACHE_DIR to choose the
+folder (an empty value turns the cache off).
+"""
+import os
+import tempfile
+
+# Before JAX is imported (conftest loads first); subprocesses inherit it.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), "avsegformer-jax-test-xla-cache"))
