@@ -49,6 +49,8 @@ def _demo_data(config, workdir):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from avsegformer_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  xla_cpu.configure()                  # before JAX starts its CPU backend
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
     jax.distributed.initialize()

@@ -40,7 +40,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from avsegformer_jax import audio as audio_lib
-from avsegformer_jax import avsegformer, checkpoint, video_io, visualize
+from avsegformer_jax import avsegformer, checkpoint, video_io, visualize, xla_cpu
 
 PAD_MODES = {"s4": "repeat_last", "ms3": "repeat_last", "avss": "zero_pad"}
 
@@ -287,5 +287,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  xla_cpu.configure()
   _define_flags()
   app.run(main)

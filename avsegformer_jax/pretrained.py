@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from avsegformer_jax import convert, torch_io
+from avsegformer_jax import convert, torch_io, xla_cpu
 from avsegformer_jax.convert import ConversionError
 
 _BN_COUNTER = re.compile(r".*\.num_batches_tracked$")
@@ -237,5 +237,6 @@ def _run(argv) -> int | str:
 def cli_main(argv=None, run: Callable = _run):
   """Entry point of `python -m avsegformer_jax.convert`."""
   from absl import app
+  xla_cpu.configure()
   _define_flags()
   app.run(run, argv=argv)

@@ -16,32 +16,12 @@ import time
 import jax
 import numpy as np
 
-
-# XLA's CPU backend (jax 0.10) hands whole subgraphs to its experimental
-# YNNPACK fusion, which runs this model's convolutions and big matmuls several
-# times slower (VGGish: 1.9 s -> 0.33 s per 2 examples without it); turn it
-# off unless the user chose otherwise. Only on CPU-only installs: a GPU/TPU
-# plugin's XLA may not know the flag, and an unknown flag is fatal.
-CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
+from avsegformer_jax import xla_cpu
 
 
-def configure_cpu_xla() -> bool:
-  """Add CPU_XLA_FLAGS to XLA_FLAGS (before JAX starts its backends)."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "ynn_fusion_type" in flags or _accelerator_plugin_installed():
-    return False
-  os.environ["XLA_FLAGS"] = (flags + " " + CPU_XLA_FLAGS).strip()
-  return True
-
-
-def _accelerator_plugin_installed() -> bool:
-  if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
-    return False
-  from importlib import metadata
-  names = {(d.metadata["Name"] or "").lower()
-           for d in metadata.distributions()}
-  return any(n.startswith(("jax-cuda", "jax_cuda", "libtpu", "jax-rocm"))
-             for n in names)
+# XLA:CPU's YNNPACK fusion off on CPU-only installs: see avsegformer_jax.xla_cpu.
+CPU_XLA_FLAGS = xla_cpu.FLAGS
+configure_cpu_xla = xla_cpu.configure
 
 
 def device_info() -> dict:
