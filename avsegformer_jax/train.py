@@ -48,7 +48,8 @@ def make_mesh(devices=None) -> Mesh:
 
 def optimizer(config) -> optax.GradientTransformation:
   """torch.optim.AdamW with the original's settings (no schedule)."""
-  return optax.adamw(config.train.learning_rate, b1=0.9, b2=0.999, eps=1e-8,
+  return optax.adamw(config.train.learning_rate, b1=0.9, b2=0.999,
+                     eps=config.train.get("adam_eps", 1e-8),
                      weight_decay=config.train.weight_decay)
 
 

@@ -61,6 +61,7 @@ def get_config():
   t.num_epochs = 30
   t.learning_rate = 2e-5
   t.weight_decay = 0.01
+  t.adam_eps = 1e-8              # torch.optim.AdamW's default, as the original
   t.freeze_backbone_epochs = 5   # visual backbone frozen for the first N epochs
   t.loss = "dice"                # dice | bce | ce
   t.iou_loss_weight = 1.0

@@ -24,6 +24,12 @@ def tiny_config():
   c.train.num_epochs = 2
   c.train.freeze_backbone_epochs = 1   # exercises the unfreeze on resume
   c.train.learning_rate = 1e-3
+  # Adam's first steps are sign descent (m/sqrt(v) = +-1): with eps 1e-8 a
+  # gradient entry that is round-off-small (most of a random tiny backbone's)
+  # moves by a full +-lr whichever way round-off tips it, so 1 and 4 devices
+  # end up ~lr apart. With eps above those entries the update is linear in
+  # the gradient and summation-order round-off stays round-off.
+  c.train.adam_eps = 1e-3
   c.train.log_every_steps = 1
   c.checkpoint.every_steps = 1
   c.eval.batch_size = 4
