@@ -51,6 +51,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from avsegformer_jax import xla_cpu  # pylint: disable=g-import-not-at-top
   xla_cpu.configure()                  # before JAX starts its CPU backend
+  if not flags.FLAGS["verbosity"].present:
+    # orbax logs ~50 INFO lines per checkpoint save; the progress bar and the
+    # per-epoch line are printed. --verbosity=0 brings the INFO logs back.
+    logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
