@@ -29,11 +29,28 @@ class AVSegFormer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, frames, audio, frame_mask=None, train: bool = False):
+  def __call__(self, frames, audio, frame_mask=None, train: bool = False,
+               head_every: int = 1):
     """frames [N,H,W,3], audio [N,96,64], frame_mask [N] or None.
 
     Returns (logits [N,H,W,C] float32, mask_feature [N,H/4,W/4,C'] float32).
+
+    `head_every=k` (static) returns frames 0, k, 2k, ... only ([N/k, ...]):
+    the S4 train step, whose loss sees frame 0 of each clip, so the other
+    frames' head, VGGish and (unless batch statistics tie the frames
+    together: ResNet-50 in training) backbone work is skipped. Every frame
+    is an independent batch item otherwise, so the kept frames' outputs are
+    what the full call gives them.
     """
+    k = head_every
+    if k > 1:
+      if frames.shape[0] % k:
+        raise ValueError(f"head_every={k} does not divide N={frames.shape[0]}")
+      audio = audio[::k]
+      if not (train and getattr(self.backbone, "batch_statistics", False)):
+        frames = frames[::k]
+        frame_mask = None if frame_mask is None else frame_mask[::k]
+        k = 1                           # nothing left to drop after the backbone
     # VGGish is always frozen in the original: no gradient flows into it.
     emb = jax.lax.stop_gradient(self.vggish(audio.astype(self.dtype)))
     self.sow("intermediates", "vggish_embedding", emb)
@@ -44,6 +61,9 @@ class AVSegFormer(nn.Module):
     if frame_mask is not None:
       m = frame_mask.astype(self.dtype)[:, None, None, None]
       feats = [f * m for f in feats]
+    if k > 1:                           # batch statistics saw every frame
+      feats = [f[::k] for f in feats]
+      frame_mask = None if frame_mask is None else frame_mask[::k]
     for i, f in enumerate(feats):
       self.sow("intermediates", f"backbone_mean_{i}", f.mean((1, 2)))
     logits, mask_feature = self.head(feats, audio_feat, train=train)

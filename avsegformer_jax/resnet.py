@@ -13,6 +13,8 @@ n/(n-1), n = N*H*W per channel, negligible at these sizes).
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -60,6 +62,8 @@ class ResNet50(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
   axis_name: str | None = None
+  # Frames interact through batch statistics in training (see AVSegFormer).
+  batch_statistics: ClassVar[bool] = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):

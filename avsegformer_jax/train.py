@@ -86,6 +86,26 @@ def _flat(batch, key, tail):
       (-1,) + tail)
 
 
+def supervised_every(config, num_frames: int) -> int:
+  """T when training supervises frame 0 of each clip only (S4:
+  `train.first_frame_only`), else 1: the model then runs the head (and
+  VGGish, and a backbone without batch norm) on those frames alone — the
+  same loss and gradients at a fraction of the cost (tests/test_train_step.py)."""
+  return num_frames if config.train.get("first_frame_only", False) else 1
+
+
+def check_supervision(batch, config):
+  """Host-side guard for `supervised_every`: a batch that supervises frames
+  other than the first under `train.first_frame_only` would silently lose
+  them, so it is an error."""
+  flag = np.asarray(batch["gt_flag"])
+  if supervised_every(config, flag.shape[1]) > 1 and flag[:, 1:].any():
+    raise ValueError(
+        "train.first_frame_only is set but the training data supervise "
+        "frames after the first (gt_flag); set "
+        "--config.train.first_frame_only=False for this data")
+
+
 def train_step(state: TrainState, batch, *, model, config):
   """One optimisation step on this device's shard (call through `p_train_step`)."""
   frozen = state.opt_state["backbone"] is None
@@ -94,6 +114,9 @@ def train_step(state: TrainState, batch, *, model, config):
   labels = _flat(batch, "masks", None)
   weights = _flat(batch, "gt_flag", ())
   vid = _flat(batch, "vid_flag", ())
+  every = supervised_every(config, batch["frames"].shape[1])
+  if every > 1:          # S4: only frame 0 of each clip reaches the loss
+    labels, weights = labels[::every], weights[::every]
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                            lax.axis_index(AXIS))
   denom = jnp.maximum(lax.psum(weights.sum(), AXIS), 1e-12)
@@ -106,7 +129,7 @@ def train_step(state: TrainState, batch, *, model, config):
       variables["batch_stats"] = state.batch_stats
     (logits, mask_feature), new_vars = model.apply(
         variables, frames, audio, vid, train=True, rngs={"dropout": rng},
-        mutable=["batch_stats"] if has_bn else [])
+        mutable=["batch_stats"] if has_bn else [], head_every=every)
     main, mix = losses.per_frame_losses(logits, mask_feature, labels, t.loss)
     main = jnp.sum(main * weights) / denom
     mix = jnp.sum(mix * weights) / denom

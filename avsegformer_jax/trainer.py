@@ -182,6 +182,7 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
       state = train.replicate(train.unfreeze_backbone(state, config), mesh)
       logging.info("epoch %d: visual backbone unfrozen", epoch)
     batch = next(data_iter)
+    train.check_supervision(batch, config)
     state, stats = steps.train(state, train.shard_batch(batch, mesh))
     pending.append((step, stats))
     clips += info["global_batch"]

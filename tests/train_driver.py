@@ -23,6 +23,9 @@ def tiny_config():
   c.train.batch_size = 4
   c.train.num_epochs = 2
   c.train.freeze_backbone_epochs = 1   # exercises the unfreeze on resume
+  # The source supervises some later frames (different counts per device:
+  # the global loss normalisation); the S4 first-frame path has its own test.
+  c.train.first_frame_only = False
   c.train.learning_rate = 1e-3
   # Adam's first steps are sign descent (m/sqrt(v) = +-1): with eps 1e-8 a
   # gradient entry that is round-off-small (most of a random tiny backbone's)

@@ -1,0 +1,80 @@
+"""The S4 train step's first-frame path (`train.supervised_every`): running
+the head only on the supervised frame gives the loss, gradients, parameters
+and batch statistics of the full T-frame step, for a backbone without batch
+norm (PVTv2: frames sliced before it) and with it (ResNet-50: the backbone
+sees every frame, as its batch statistics must)."""
+import jax
+import numpy as np
+import pytest
+
+from avsegformer_jax import avsegformer, build_model, train
+from configs import tiny
+
+
+def _config(backbone, first_frame_only):
+  c = tiny.get_config(backbone)
+  c.model.dropout = c.model.drop_path = 0.0   # same maths, not same RNG draws
+  c.train.freeze_backbone_epochs = 0          # backbone gradients too
+  c.train.first_frame_only = first_frame_only
+  # Adam's first step is sign(g) * lr: with eps 1e-8 a round-off-sized
+  # gradient entry moves by +-lr either way (see tests/train_driver.py).
+  c.train.adam_eps = 1e-3
+  return c
+
+
+def _batch(config, clips=2, seed=0):
+  t, s = config.data.num_frames, config.data.image_size
+  r = np.random.RandomState(seed)
+  gt = np.zeros((clips, t), np.float32)
+  gt[:, 0] = 1.0                                    # S4 train: frame 0 only
+  return dict(
+      frames=r.standard_normal((clips, t, s, s, 3)).astype(np.float32),
+      audio=r.standard_normal((clips, t, 96, 64)).astype(np.float32),
+      masks=(r.rand(clips, t, s, s) > 0.5).astype(np.int32), gt_flag=gt,
+      vid_flag=np.ones((clips, t), np.float32),
+      clip_valid=np.ones((clips,), np.float32))
+
+
+def _step(config, batch):
+  mesh = train.make_mesh(jax.devices()[:1])
+  model = avsegformer.build_model(config, axis_name=train.AXIS)
+  state = train.create_train_state(config, build_model(config),
+                                   jax.random.PRNGKey(0))
+  steps = train.Steps(model, config, mesh)
+  with jax.default_matmul_precision("highest"):
+    new, stats = steps.train(train.replicate(state, mesh),
+                             train.shard_batch(batch, mesh))
+  return jax.device_get((new.params, new.batch_stats, stats))
+
+
+@pytest.mark.parametrize("backbone", ["pvt2", "res50"])
+def test_first_frame_path_equals_the_full_step(backbone):
+  batch = _batch(_config(backbone, False))
+  assert train.supervised_every(_config(backbone, True), 2) == 2
+  # NaN where the first-frame path must not look: later frames' audio (their
+  # VGGish and head are skipped) and, without batch norm, their pixels.
+  poisoned = {k: v.copy() for k, v in batch.items()}
+  poisoned["audio"][:, 1:] = np.nan
+  if backbone == "pvt2":
+    poisoned["frames"][:, 1:] = np.nan
+  p1, bs1, s1 = _step(_config(backbone, True), poisoned)
+  pf, bsf, sf = _step(_config(backbone, False), batch)
+  for k in ("loss", "iou_loss", "mix_loss", "grad_norm"):
+    np.testing.assert_allclose(s1[k], sf[k], rtol=1e-5, err_msg=k)
+  for tree1, treef in ((p1, pf), (bs1, bsf)):
+    flat = dict(jax.tree_util.tree_leaves_with_path(treef))
+    for path, a in jax.tree_util.tree_leaves_with_path(tree1):
+      np.testing.assert_allclose(a, flat[path], atol=1e-6, rtol=1e-5,
+                                 err_msg=jax.tree_util.keystr(path))
+  if backbone == "res50":   # batch statistics came from every frame
+    assert jax.tree_util.tree_leaves(bs1)
+
+
+def test_first_frame_only_refuses_data_supervising_later_frames():
+  config = _config("pvt2", True)
+  batch = _batch(config)
+  train.check_supervision(batch, config)          # frame 0 only: fine
+  batch["gt_flag"][1, 1] = 1.0
+  with pytest.raises(ValueError, match="first_frame_only"):
+    train.check_supervision(batch, config)
+  train.check_supervision(batch, _config("pvt2", False))
