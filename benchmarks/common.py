@@ -16,13 +16,6 @@ import time
 import jax
 import numpy as np
 
-from avsegformer_jax import xla_cpu
-
-
-# XLA:CPU's YNNPACK fusion off on CPU-only installs: see avsegformer_jax.xla_cpu.
-CPU_XLA_FLAGS = xla_cpu.FLAGS
-configure_cpu_xla = xla_cpu.configure
-
 
 def device_info() -> dict:
   d = jax.devices()[0]

@@ -29,6 +29,7 @@ import time
 import jax
 import numpy as np
 
+from avsegformer_jax import xla_cpu
 from benchmarks import common
 
 # name: (config module, backbone, image size)
@@ -258,7 +259,7 @@ def table(rows) -> str:
 
 def main(argv=None):
   a = parse_args(sys.argv[1:] if argv is None else argv)
-  common.configure_cpu_xla()
+  xla_cpu.configure()        # as the CLIs do (avsegformer_jax/xla_cpu.py)
   info = common.device_info()
   rows = []
   args = {k: v for k, v in vars(a).items()}

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from avsegformer_jax import deformable_attention as da
+from avsegformer_jax import xla_cpu
 from benchmarks import common
 
 HEADS, HEAD_DIM, POINTS = 8, 32, 4
@@ -104,7 +105,7 @@ def main(argv=None):
   p.add_argument("--impls", default=",".join(da.IMPLS))
   p.add_argument("--json", default="")
   a = p.parse_args(argv)
-  common.configure_cpu_xla()
+  xla_cpu.configure()        # as the CLIs do (avsegformer_jax/xla_cpu.py)
   rows = run([int(s) for s in a.sizes.split(",")], a.frames, a.steps,
              a.dtypes.split(","), a.impls.split(","))
   info = common.device_info()

@@ -7,19 +7,8 @@ import numpy as np
 import pytest
 
 from avsegformer_jax import avsegformer, build_model, train
+from benchmarks.model import random_batch
 from configs import tiny
-
-
-def _batch(config, clips=1, seed=0):
-  t, s = config.data.num_frames, config.data.image_size
-  r = np.random.RandomState(seed)
-  return dict(
-      frames=r.standard_normal((clips, t, s, s, 3)).astype(np.float32),
-      audio=r.standard_normal((clips, t, 96, 64)).astype(np.float32),
-      masks=(r.rand(clips, t, s, s) > 0.5).astype(np.int32),
-      gt_flag=np.ones((clips, t), np.float32),
-      vid_flag=np.ones((clips, t), np.float32),
-      clip_valid=np.ones((clips,), np.float32))
 
 
 def _dtypes(tree):
@@ -38,7 +27,7 @@ def test_bfloat16_train_and_eval_steps():
   state = train.create_train_state(config, build_model(config),
                                    jax.random.PRNGKey(0))
   assert _dtypes(state.params) == {"float32"}
-  batch = train.shard_batch(_batch(config), mesh)
+  batch = train.shard_batch(random_batch(config, clips=1), mesh)
   steps = train.Steps(model, config, mesh)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   stats, logits16 = steps.eval(variables, batch)
@@ -69,7 +58,7 @@ def test_bfloat16_train_and_eval_steps():
 def _grads(config, train_mode, seed=0):
   model = build_model(config)
   v = avsegformer.init_variables(model, jax.random.PRNGKey(0))
-  b = _batch(config, clips=2, seed=seed)
+  b = random_batch(config, clips=2, seed=seed)
   frames = b["frames"].reshape((-1,) + b["frames"].shape[2:])
   audio = b["audio"].reshape((-1, 96, 64))
   mutable = ["batch_stats"] if "batch_stats" in v else []

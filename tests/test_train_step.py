@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from avsegformer_jax import avsegformer, build_model, train
+from benchmarks.model import random_batch
 from configs import tiny
 
 
@@ -20,19 +21,6 @@ def _config(backbone, first_frame_only):
   # gradient entry moves by +-lr either way (see tests/train_driver.py).
   c.train.adam_eps = 1e-3
   return c
-
-
-def _batch(config, clips=2, seed=0):
-  t, s = config.data.num_frames, config.data.image_size
-  r = np.random.RandomState(seed)
-  gt = np.zeros((clips, t), np.float32)
-  gt[:, 0] = 1.0                                    # S4 train: frame 0 only
-  return dict(
-      frames=r.standard_normal((clips, t, s, s, 3)).astype(np.float32),
-      audio=r.standard_normal((clips, t, 96, 64)).astype(np.float32),
-      masks=(r.rand(clips, t, s, s) > 0.5).astype(np.int32), gt_flag=gt,
-      vid_flag=np.ones((clips, t), np.float32),
-      clip_valid=np.ones((clips,), np.float32))
 
 
 def _step(config, batch):
@@ -49,7 +37,7 @@ def _step(config, batch):
 
 @pytest.mark.parametrize("backbone", ["pvt2", "res50"])
 def test_first_frame_path_equals_the_full_step(backbone):
-  batch = _batch(_config(backbone, False))
+  batch = random_batch(_config(backbone, False), clips=2)
   assert train.supervised_every(_config(backbone, True), 2) == 2
   # NaN where the first-frame path must not look: later frames' audio (their
   # VGGish and head are skipped) and, without batch norm, their pixels.
@@ -72,7 +60,7 @@ def test_first_frame_path_equals_the_full_step(backbone):
 
 def test_first_frame_only_refuses_data_supervising_later_frames():
   config = _config("pvt2", True)
-  batch = _batch(config)
+  batch = random_batch(config, clips=2)
   train.check_supervision(batch, config)          # frame 0 only: fine
   batch["gt_flag"][1, 1] = 1.0
   with pytest.raises(ValueError, match="first_frame_only"):
