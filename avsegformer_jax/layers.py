@@ -78,12 +78,41 @@ gelu = functools.partial(jax.nn.gelu, approximate=False)   # torch nn.GELU()
 def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
   """F.interpolate(mode='bilinear', align_corners=False) for upsampling NHWC.
 
-  Half-pixel centres with edge clamping; exact for the integer up-scales the
-  model uses (x2, x4, to-label-size).
+  Half-pixel centres with edge clamping. Integer up-scales (the model's x2,
+  x4 and to-label-size) take two taps per output along each axis; other
+  sizes go through jax.image.resize, which builds dense [out, in]
+  interpolation matrices (the head's x4 at 224: 230 ms of a 5.5 s CPU eval).
   """
-  n, _, _, c = x.shape
+  n, h, w, c = x.shape
+  if size[0] % h == 0 and size[1] % w == 0 and size[0] >= h and size[1] >= w:
+    # W before H, as torch's upsample_bilinear2d nests its lambdas.
+    return _upsample_axis(_upsample_axis(x, 2, size[1] // w), 1, size[0] // h)
   return jax.image.resize(x, (n, size[0], size[1], c), method="linear",
                           antialias=False)
+
+
+def _upsample_axis(x: jax.Array, axis: int, s: int) -> jax.Array:
+  """Linear x`s` along `axis`: output s*i+r reads inputs i and i-1 or i+1.
+
+  Its source coordinate is i + (r+.5)/s - .5; past the edges the neighbour
+  is the edge itself (torch clamps the source index).
+  """
+  if s == 1:
+    return x
+  n = x.shape[axis]
+  take = lambda a, b: jax.lax.slice_in_dim(x, a, b, axis=axis)
+  prev = jnp.concatenate([take(0, 1), take(0, n - 1)], axis)
+  nxt = jnp.concatenate([take(1, n), take(n - 1, n)], axis)
+  offs = [(r + 0.5) / s - 0.5 for r in range(s)]   # each in (-0.5, 0.5)
+  shape = [1] * (x.ndim + 1)
+  shape[axis + 1] = s
+  wt = lambda v: jnp.asarray(v, x.dtype).reshape(shape)
+  ex = lambda a: jnp.expand_dims(a, axis + 1)
+  # One broadcasted expression for all phases: XLA fuses it into one loop.
+  y = (wt([1.0 - abs(o) for o in offs]) * ex(x)
+       + wt([-o if o < 0 else 0.0 for o in offs]) * ex(prev)
+       + wt([o if o > 0 else 0.0 for o in offs]) * ex(nxt))  # [.., n, s, ..]
+  return y.reshape(x.shape[:axis] + (n * s,) + x.shape[axis + 1:])
 
 
 class MultiheadAttention(nn.Module):
@@ -106,11 +135,15 @@ class MultiheadAttention(nn.Module):
     q = mk("q_proj")(q).reshape(q.shape[:-1] + (h, d))
     k = mk("k_proj")(k).reshape(k.shape[:-1] + (h, d))
     v = mk("v_proj")(v).reshape(v.shape[:-1] + (h, d))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * (d ** -0.5), k)
+    # Heads-first operands ([B,h,L,d]): XLA:CPU's batched dot runs these
+    # layouts ~20% faster than the same einsums on [B,L,h,d].
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q * (d ** -0.5), k, v))
+    logits = q @ k.transpose(0, 1, 3, 2)                         # [B,h,Lq,Lk]
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     if train and self.dropout > 0:
       attn = nn.Dropout(self.dropout, deterministic=False)(attn)
-    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(q.shape[:2] + (-1,))
+    out = (attn @ v).transpose(0, 2, 1, 3)
+    out = out.reshape(out.shape[:2] + (-1,))
     out_proj = dense(self.dim, use_bias=self.use_bias, dtype=self.dtype,
                      name="out_proj")
     return out_proj(out)
