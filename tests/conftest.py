@@ -16,7 +16,7 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
     os.path.join(tempfile.gettempdir(), "avsegformer-jax-test-xla-cache"))
 
-# The CLIs turn XLA:CPU's YNNPACK fusion off (avsegformer_jax/xla_cpu.py);
+# The CLIs limit XLA:CPU's YNNPACK fusion to single dots (avsegformer_jax/xla_cpu.py);
 # the tests run what users run (and several times faster).
 from avsegformer_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
