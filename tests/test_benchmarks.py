@@ -51,3 +51,39 @@ def test_unknown_config_is_named(capsys):
   with pytest.raises(SystemExit):
     bench_model.parse_args(["--configs", "s4_vit_224"])
   assert "s4_vit_224" in capsys.readouterr().err
+
+
+def test_matmul_flops_counts_scan_bodies_and_convs():
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from benchmarks import common
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.Dense(16)(x), None
+
+  x = jnp.ones((4, 16))
+  scanned = nn.scan(Block, variable_axes={"params": 0},
+                    split_rngs={"params": True}, length=5)()
+  params = scanned.init(jax.random.PRNGKey(0), x, None)
+  fn = jax.jit(lambda p, x: scanned.apply(p, x, None)[0])
+  one = 2 * 4 * 16 * 16
+  # XLA's cost analysis counts this while-loop body once; we want 5 bodies.
+  assert common.matmul_flops(fn.trace(params, x).jaxpr) == 5 * one
+  # Gradient: forward, and two matmuls per layer backward.
+  grad = jax.jit(jax.grad(lambda p, x: fn(p, x).sum()))
+  assert common.matmul_flops(grad.trace(params, x).jaxpr) == 3 * 5 * one
+  # A 3x3 conv, 2 groups: out elements x window x input channels per group.
+  img, ker = jnp.ones((2, 8, 8, 6)), jnp.ones((3, 3, 3, 10))
+  conv = jax.jit(lambda a, b: jax.lax.conv_general_dilated(
+      a, b, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=2))
+  assert common.matmul_flops(conv.trace(img, ker).jaxpr) == \
+      2 * (2 * 8 * 8 * 10) * (3 * 3 * 3)
+  # cond: the costlier branch, once.
+  cond = jax.jit(lambda p, a: jax.lax.cond(p, lambda a: a @ a @ a,
+                                           lambda a: a @ a, a))
+  assert common.matmul_flops(cond.trace(True, jnp.ones((8, 8))).jaxpr) == \
+      2 * 2 * 8 * 8 * 8
