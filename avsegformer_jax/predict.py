@@ -34,7 +34,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 from tqdm import tqdm
@@ -272,6 +272,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  if not f["verbosity"].present:       # orbax's INFO lines only with --v=0
+    logging.set_verbosity(logging.WARNING)
   try:
     s = predict(f.config, f.video, f.out, checkpoint_dir=f.checkpoint,
                 fps=f.fps, every_frame=f.every_frame,
