@@ -38,8 +38,8 @@ class QueryProduct(nn.Module):
 
   conv1(einsum(dec, mf)) = mf . (dec^T W1): W1 is folded into the decoder
   output once per frame, so the [N,H,W,300] product is never formed and the
-  per-pixel contraction is over C=256 instead of 300 (the head's einsum and
-  first layer on 2 CPU cores: ~12% faster). Parameters as `nn.Dense`.
+  per-pixel contraction is over C=256 instead of 300 (product + MLP for 5
+  frames at 224 on 2 CPU cores: 1.58 -> 1.39 s). Parameters as `nn.Dense`.
   """
   features: int
   dtype: jnp.dtype = jnp.float32

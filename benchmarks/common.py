@@ -67,8 +67,8 @@ def matmul_flops(jaxpr) -> float:
 
   Counted on the jaxpr, not with XLA's cost analysis, which counts a
   while-loop body once: with `scan_layers` it saw one of PVTv2-B5's 40
-  stage-3 blocks and one of each 6-layer stack (S4 PVTv2-B5 224 eval:
-  266 GFLOP reported for a backbone alone worth ~118). Scan bodies count
+  stage-3 blocks and one of each 6-layer stack (S4 PVTv2-B5 224 eval step:
+  266 GFLOP reported, 487 counted here, 116 in the backbone alone). Scan bodies count
   `length` times, cond the costliest branch, a shard_map body once (per
   device). Elementwise work is left out, as model-FLOP utilisation does.
   """
