@@ -54,12 +54,33 @@ def peak_memory_bytes() -> tuple[int, str]:
 
 def aot_compile(jitted, *args):
   """(compiled executable, seconds to trace + lower + compile, matmul FLOPs
-  per device of one call: see `matmul_flops`)."""
+  per device of one call: see `matmul_flops`). The arguments may be
+  `jax.ShapeDtypeStruct`s: nothing is run."""
   t = time.perf_counter()
   traced = jitted.trace(*args)
   compiled = traced.lower().compile()
   seconds = time.perf_counter() - t
   return compiled, seconds, matmul_flops(traced.jaxpr)
+
+
+def memory_plan(compiled) -> dict:
+  """XLA's buffer assignment for one call, per device, in bytes.
+
+  `total` = arguments + outputs - donated (aliased) outputs + temporaries:
+  XLA packs every temporary into one block sized by liveness, so this is
+  what the executable holds at once. Known at compile time, so it sizes a
+  step that cannot be run here; another backend fuses differently and so
+  plans other temporaries: a plan, not a measurement. (XLA's own
+  `peak_memory_in_bytes` leaves the temporaries out on CPU.)
+  """
+  m = compiled.memory_analysis()
+  if m is None:                                  # some backends give none
+    return {}
+  plan = {k: int(getattr(m, f"{k}_size_in_bytes"))
+          for k in ("argument", "output", "alias", "temp")}
+  plan["total"] = (plan["argument"] + plan["output"] - plan["alias"]
+                   + plan["temp"])
+  return plan
 
 
 def matmul_flops(jaxpr) -> float:

@@ -10,10 +10,12 @@ state) on random data: B clips of T frames (T=5, AVSS T=10). For every
 config x dtype x remat x scan it reports the train step with the visual
 backbone frozen and unfrozen (seconds, clips/s, compile seconds), the eval
 step (frames/s, compile seconds), the peak memory (the device allocator's
-peak on accelerators, the process's peak RSS on CPU) and, where XLA reports
-them, the step's FLOPs. Each combination runs in its own subprocess so the
-peak memory is its own (`--inprocess` turns that off; `--quick` implies it).
-Runs unchanged on CPU and GPU/TPU.
+peak on accelerators, the process's peak RSS on CPU), XLA's memory plan of
+each step (`common.memory_plan`) and the steps' matmul FLOPs. Each
+combination runs in its own subprocess so the peak memory is its own
+(`--inprocess` turns that off; `--quick` implies it). Runs unchanged on CPU
+and GPU/TPU; `benchmarks.plan` compiles without running, also for a GPU
+that is not here.
 """
 from __future__ import annotations
 
@@ -117,15 +119,22 @@ def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
     common.timed(fn, warmup)
     return common.timed(fn, steps)
 
+  def plan(phase, compiled):
+    p = common.memory_plan(compiled)
+    if p:
+      row[f"{phase}_plan_bytes"] = p["total"]
+      row[f"{phase}_plan_temp_bytes"] = p["temp"]
+
   if "eval" in phases:
     gb = train.shard_batch(random_batch(config, eval_batch), mesh)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     compiled, secs, flops = common.aot_compile(steps_fn._eval, variables, gb)
+    row.update(eval_compile_s=secs, eval_flops=flops)
+    plan("eval", compiled)
     times, _ = loop(compiled, lambda: compiled(variables, gb))
     med = common.summary(times)["median_s"]
-    row.update(eval_compile_s=secs, eval_step_s=med,
-               eval_frames_per_s=eval_batch * t_frames / med,
-               eval_flops=flops)
+    row.update(eval_step_s=med,
+               eval_frames_per_s=eval_batch * t_frames / med)
     row["peak_bytes_after_eval"], row["memory_kind"] = \
         common.peak_memory_bytes()
 
@@ -136,6 +145,9 @@ def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
     if phase == "unfrozen":
       state = train.unfreeze_backbone(state, config)
     compiled, secs, flops = common.aot_compile(steps_fn._train, state, gb)
+    row.update({f"train_{phase}_compile_s": secs,
+                f"train_{phase}_flops": flops})
+    plan(f"train_{phase}", compiled)
     holder = {"state": state}
 
     def step():
@@ -145,10 +157,8 @@ def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
     state = holder["state"]
     med = common.summary(times)["median_s"]
     loss = float(stats["loss"])
-    row.update({f"train_{phase}_compile_s": secs,
-                f"train_{phase}_step_s": med,
+    row.update({f"train_{phase}_step_s": med,
                 f"train_{phase}_clips_per_s": batch / med,
-                f"train_{phase}_flops": flops,
                 f"train_{phase}_loss": loss})
     if flops:
       row[f"train_{phase}_tflops_per_s"] = flops * n_dev / med / 1e12
@@ -160,6 +170,9 @@ def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
       row["error"] = f"non-finite loss in the {phase} train step"
   row["peak_bytes"] = max(v for k, v in row.items()
                           if k.startswith("peak_bytes_after_"))
+  plans = [v for k, v in row.items() if k.endswith("_plan_bytes")]
+  if plans:
+    row["plan_bytes"] = max(plans)
   return row
 
 
@@ -238,6 +251,7 @@ COLS = [("config", "config", None), ("dtype", "dtype", None),
         ("eval fr/s", "eval_frames_per_s", "{:.1f}"),
         ("compile frz/unf/eval s", "_compile", None),
         ("peak GiB", "_peak_gib", "{:.2f}"),
+        ("plan GiB", "_plan_gib", "{:.2f}"),
         ("MFU unf", "train_unfrozen_mfu", "{:.1%}"),
         ("error", "error", None)]
 
@@ -251,6 +265,8 @@ def table(rows) -> str:
     r["_compile"] = "/".join("-" if v is None else f"{v:.1f}" for v in c)
     if r.get("peak_bytes"):
       r["_peak_gib"] = r["peak_bytes"] / 2**30
+    if r.get("plan_bytes"):
+      r["_plan_gib"] = r["plan_bytes"] / 2**30
     shown.append(r)
   return common.fmt_table(shown, COLS)
 

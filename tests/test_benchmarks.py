@@ -44,6 +44,9 @@ def test_quick_benchmark_writes_json(tmp_path, capsys):
   assert np.isfinite(row["train_frozen_loss"])
   assert row["memory_kind"] in ("host_peak_rss", "device_peak_bytes_in_use")
   assert row["peak_bytes"] >= row["peak_bytes_after_eval"] > 2**20
+  # XLA's plan holds at least the parameters it is given (tiny: ~4 MB f32).
+  assert row["plan_bytes"] >= row["eval_plan_bytes"] > 2**20
+  assert 0 < row["train_frozen_plan_temp_bytes"] < row["train_frozen_plan_bytes"]
 
 
 def test_unknown_config_is_named(capsys):
@@ -87,3 +90,54 @@ def test_matmul_flops_counts_scan_bodies_and_convs():
                                            lambda a: a @ a, a))
   assert common.matmul_flops(cond.trace(True, jnp.ones((8, 8))).jaxpr) == \
       2 * 2 * 8 * 8 * 8
+
+
+def test_memory_plan_counts_temporaries_and_donation():
+  import jax
+  import jax.numpy as jnp
+  from benchmarks import common
+
+  mib = 2**20
+  x = jax.ShapeDtypeStruct((512, 512), jnp.float32)            # 1 MiB
+  # (x @ x) @ x keeps a 1 MiB product alive; nothing runs.
+  compiled, _, _ = common.aot_compile(jax.jit(lambda x: (x @ x) @ x), x)
+  plan = common.memory_plan(compiled)
+  assert plan["argument"] == plan["output"] == mib and plan["alias"] == 0
+  assert plan["temp"] >= mib
+  assert plan["total"] == 2 * mib + plan["temp"]
+  # A donated argument that becomes the output is counted once.
+  donated = jax.jit(lambda x: x * 2 + 1, donate_argnums=0)
+  plan = common.memory_plan(common.aot_compile(donated, x)[0])
+  assert plan["alias"] == mib
+  assert plan["total"] == mib + plan["temp"]
+
+
+def test_plan_compiles_without_running_and_scales_with_batch():
+  from benchmarks import plan as bench_plan
+  mesh = bench_plan.target_mesh("local", 1)
+  rows = [bench_plan.plan_row("tiny_pvt2", "float32", False, False, 1, b,
+                              ("eval",), mesh) for b in (1, 2)]
+  one, two = rows
+  # Every op of the eval step is per frame: FLOPs exactly double.
+  assert one["eval_flops"] > 1e9
+  assert two["eval_flops"] == 2 * one["eval_flops"]
+  # Same parameters; one more clip of frames, audio, labels, flags in the
+  # arguments: T x (64x64x3 + 96x64 + 64x64) x 4 bytes + 3 flags.
+  t = one["frames_per_clip"]
+  assert two["eval_plan_argument_bytes"] - one["eval_plan_argument_bytes"] \
+      == t * (64 * 64 * 3 + 96 * 64 + 64 * 64) * 4 + (2 * t + 1) * 4
+  assert two["eval_plan_temp_bytes"] > one["eval_plan_temp_bytes"]
+  assert "eval_plan_total_bytes" in one and "train_frozen_flops" not in one
+  assert "eval" in bench_plan.table(rows) and "plan GiB" in \
+      bench_plan.table(rows)
+
+
+def test_plan_gpu_target_needs_the_cuda_plugin_or_compiles_for_it():
+  from benchmarks import plan as bench_plan
+  try:
+    mesh = bench_plan.target_mesh("h100", 1)
+  except SystemExit as e:                     # CI: no CUDA plugin installed
+    assert "jax[cuda12]" in str(e) and "h100" in str(e)
+    return
+  (device,) = mesh.devices.flat
+  assert "H100" in device.device_kind

@@ -1,0 +1,207 @@
+"""Compile the train and eval steps without running them, for this machine
+or for a GPU that is not here: XLA's memory plan, FLOPs, compile time.
+
+    python -m benchmarks.plan --target h100 --configs avss_pvt2_224 \
+        --dtypes bfloat16 --remat false,true --scan true --batch 4 \
+        --phases unfrozen [--json OUT]
+
+`--target local` compiles for this process's devices. `--target h100|h200`
+compiles for that GPU through JAX's compile-only topology (deviceless AOT,
+`jax.experimental.topologies`) from the device description in
+`benchmarks/targets/<target>.txtpb`: it needs the CUDA plugin of the
+installed jaxlib (`pip install "jax[cuda12]==$(python -c 'import jax;
+print(jax.__version__)')"`: the compiler and ptxas), no GPU. It is XLA:GPU's
+own buffer assignment of the real step (`train.Steps`, shard_mapped,
+state donated), so it answers "does batch B fit in N GB" before a device is
+lent. Without a device XLA cannot autotune: GEMMs go to cuBLAS (Triton
+GEMM fusion off, `GPU_FLAGS`) and convolution algorithms (and their
+workspaces) may differ from a run's. Nothing is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from benchmarks import common
+from benchmarks import model as bench_model
+
+TARGETS = ("local", "h100", "h200")
+GPU_FLAGS = "--xla_gpu_enable_triton_gemm=false"
+_TARGET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           "targets")
+
+
+def target_mesh(target: str, devices: int):
+  """A `data` mesh of the local devices or of compile-only GPU devices."""
+  from avsegformer_jax import train
+  if target == "local":
+    return train.make_mesh()
+  from jax.experimental import topologies
+  with open(os.path.join(_TARGET_DIR, f"{target}.txtpb")) as f:
+    target_config = f.read()
+  try:
+    topo = topologies.get_topology_desc(
+        platform="cuda", target_config=target_config,
+        topology=f"1x1x{devices}")
+  except Exception as e:          # noqa: BLE001  (plugin missing: many kinds)
+    raise SystemExit(
+        f"benchmarks.plan: cannot compile for {target} without JAX's CUDA "
+        f"plugin ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+        f"Install it for jax {jax.__version__}: "
+        f'pip install "jax[cuda12]=={jax.__version__}" (no GPU needed)')
+  return train.make_mesh(list(topo.devices))
+
+
+def _abstract(tree, sharding):
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      tree)
+
+
+def plan_row(name, dtype, remat, scan, batch, eval_batch, phases, mesh,
+             msda_impl=None) -> dict:
+  """Compile every phase of one combination on abstract inputs."""
+  from avsegformer_jax import avsegformer, train
+  config = bench_model.make_config(name, dtype, remat, scan, msda_impl)
+  config.train.freeze_backbone_epochs = 1
+  row = dict(config=name, dtype=dtype, remat=remat, scan=scan,
+             batch_clips=batch, eval_batch_clips=eval_batch,
+             frames_per_clip=config.data.num_frames,
+             image_size=config.data.image_size,
+             msda_impl=config.model.get("msda_impl"))
+  steps = train.Steps(avsegformer.build_model(config, axis_name=train.AXIS),
+                      config, mesh)
+  plain = avsegformer.build_model(config)
+  state = jax.eval_shape(lambda r: train.create_train_state(config, plain, r),
+                         jax.random.PRNGKey(0))
+  replicated = NamedSharding(mesh, P())
+  split = NamedSharding(mesh, P(train.AXIS))
+
+  def batch_of(clips):
+    return _abstract(bench_model.random_batch(config, clips), split)
+
+  def compile_phase(phase, fn, *args):
+    compiled, secs, flops = common.aot_compile(fn, *args)
+    plan = common.memory_plan(compiled)
+    row.update({f"{phase}_compile_s": secs, f"{phase}_flops": flops})
+    row.update({f"{phase}_plan_{k}_bytes": v for k, v in plan.items()})
+
+  if "eval" in phases:
+    variables = _abstract({"params": state.params,
+                           "batch_stats": state.batch_stats}, replicated)
+    compile_phase("eval", steps._eval, variables, batch_of(eval_batch))
+  for phase in ("frozen", "unfrozen"):
+    if phase in phases:
+      if phase == "unfrozen":
+        state = jax.eval_shape(lambda s: train.unfreeze_backbone(s, config),
+                               state)
+      compile_phase(f"train_{phase}", steps._train,
+                    _abstract(state, replicated), batch_of(batch))
+  return row
+
+
+COLS = [("config", "config", None), ("dtype", "dtype", None),
+        ("remat", "remat", None), ("scan", "scan", None),
+        ("clips", "_clips", None), ("phase", "phase", None),
+        ("compile s", "compile_s", "{:.1f}"), ("GFLOP", "_gflop", "{:.0f}"),
+        ("args GiB", "_args", "{:.2f}"), ("temp GiB", "_temp", "{:.2f}"),
+        ("plan GiB", "_total", "{:.2f}")]
+
+
+def table(rows) -> str:
+  """One line per compiled phase."""
+  lines = []
+  for r in rows:
+    for phase in ("eval", "train_frozen", "train_unfrozen"):
+      if f"{phase}_compile_s" not in r:
+        continue
+      g = lambda k: r.get(f"{phase}_{k}")                   # noqa: E731
+      gib = lambda k: None if g(k) is None else g(k) / 2**30  # noqa: E731
+      lines.append(dict(
+          r, phase=phase, compile_s=g("compile_s"),
+          _clips=r["eval_batch_clips" if phase == "eval" else "batch_clips"],
+          _gflop=g("flops") / 1e9, _args=gib("plan_argument_bytes"),
+          _temp=gib("plan_temp_bytes"), _total=gib("plan_total_bytes")))
+  return common.fmt_table(lines, COLS)
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m benchmarks.plan",
+                              description=__doc__.split("\n")[0])
+  p.add_argument("--target", default="local", choices=TARGETS)
+  p.add_argument("--devices", type=int, default=1,
+                 help="GPUs of the target (the data axis); local: all")
+  p.add_argument("--configs", default="avss_pvt2_224",
+                 help=f"comma list of {sorted(bench_model.SPECS)}")
+  p.add_argument("--dtypes", default="bfloat16")
+  p.add_argument("--remat", type=bench_model._bool_list, default=[False])
+  p.add_argument("--scan", type=bench_model._bool_list, default=[True])
+  p.add_argument("--batch", type=int, default=1, help="train clips (global)")
+  p.add_argument("--eval_batch", type=int, default=1, help="eval clips")
+  p.add_argument("--phases", default="unfrozen")
+  p.add_argument("--msda_impl", default=None)
+  p.add_argument("--json", default="")
+  a = p.parse_args(argv)
+  a.configs = a.configs.split(",")
+  bad = [c for c in a.configs if c not in bench_model.SPECS]
+  if bad:
+    p.error(f"unknown config(s) {bad}; choose from "
+            f"{sorted(bench_model.SPECS)}")
+  a.dtypes = a.dtypes.split(",")
+  a.phases = tuple(x for x in a.phases.split(",") if x)
+  if set(a.phases) - set(bench_model.PHASES):
+    p.error(f"--phases takes {bench_model.PHASES}")
+  return a
+
+
+def main(argv=None):
+  a = parse_args(sys.argv[1:] if argv is None else argv)
+  if a.target == "local":
+    from avsegformer_jax import xla_cpu
+    xla_cpu.configure()                          # as the CLIs do
+  else:   # compile-only GPU devices; the local backend stays the CPU
+    jax.config.update("jax_platforms", "cpu")
+    # Triton GEMM tiles are chosen by autotuning, which needs the device
+    # ("Couldn't find output tile sizes" without it): cuBLAS GEMMs instead.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
+                               + GPU_FLAGS).strip()
+  mesh = target_mesh(a.target, a.devices)
+  n = mesh.devices.size
+  for b in (a.batch, a.eval_batch):
+    if b % n:
+      raise SystemExit(f"benchmarks.plan: batch {b} does not split over "
+                       f"{n} devices")
+  info = dict(common.device_info(), target=a.target,
+              target_devices=[d.device_kind for d in mesh.devices.flat][:1],
+              num_target_devices=int(n))
+  rows = []
+  for name, dtype, remat, scan in itertools.product(
+      a.configs, a.dtypes, a.remat, a.scan):
+    try:
+      row = plan_row(name, dtype, remat, scan, a.batch, a.eval_batch,
+                     a.phases, mesh, a.msda_impl)
+    except Exception as e:       # noqa: BLE001  (report, go on: a table row)
+      row = dict(config=name, dtype=dtype, remat=remat, scan=scan,
+                 batch_clips=a.batch, error=f"{type(e).__name__}: {e}"[:300])
+    rows.append(row)
+    print("row: " + (table([row]).splitlines()[-1] if "error" not in row
+                     else row["error"]), file=sys.stderr, flush=True)
+    common.write_json(a.json, {"device": info, "args": vars(a), "rows": rows})
+  kind = info["target_devices"][0] if info["target_devices"] else "?"
+  print(f"target: {a.target} ({n} x {kind}); per-device plans, "
+        f"jax {jax.__version__}, compiled on {info['device_kind']}")
+  print(table([r for r in rows if "error" not in r]))
+  for r in rows:
+    if "error" in r:
+      print(f"{r['config']} {r['dtype']} remat={r['remat']}: {r['error']}")
+  return rows
+
+
+if __name__ == "__main__":
+  main()
