@@ -25,7 +25,6 @@ import os
 import sys
 
 import jax
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks import common
