@@ -91,17 +91,28 @@ def _peak_flops(kind: str):
   return None
 
 
+def combination(name, dtype, remat, scan, batch, eval_batch,
+                msda_impl=None):
+  """(config, the row's fields naming it) of one benchmarked combination;
+  the backbone starts frozen so both train phases can be compiled."""
+  config = make_config(name, dtype, remat, scan, msda_impl)
+  config.train.freeze_backbone_epochs = 1
+  row = dict(config=name, dtype=dtype, remat=remat, scan=scan,
+             batch_clips=batch, eval_batch_clips=eval_batch,
+             frames_per_clip=config.data.num_frames,
+             image_size=config.data.image_size,
+             msda_impl=config.model.get("msda_impl"))
+  return config, row
+
+
 def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
           phases, msda_impl=None) -> dict:
   """All phases of one combination, in this process."""
   from avsegformer_jax import avsegformer, train
-  config = make_config(name, dtype, remat, scan, msda_impl)
-  config.train.freeze_backbone_epochs = 1
+  config, row = combination(name, dtype, remat, scan, batch, eval_batch,
+                            msda_impl)
+  row["steps"] = steps
   t_frames = config.data.num_frames
-  row = dict(config=name, dtype=dtype, remat=remat, scan=scan,
-             batch_clips=batch, eval_batch_clips=eval_batch,
-             frames_per_clip=t_frames, image_size=config.data.image_size,
-             steps=steps, msda_impl=config.model.get("msda_impl"))
   mesh = train.make_mesh()
   model = avsegformer.build_model(config, axis_name=train.AXIS)
   steps_fn = train.Steps(model, config, mesh)
@@ -186,6 +197,18 @@ def _bool_list(s):
   return out
 
 
+def split_lists(p, a):
+  """--configs, --dtypes, --phases: comma lists -> checked lists."""
+  a.configs = a.configs.split(",")
+  bad = [c for c in a.configs if c not in SPECS]
+  if bad:
+    p.error(f"unknown config(s) {bad}; choose from {sorted(SPECS)}")
+  a.dtypes = a.dtypes.split(",")
+  a.phases = tuple(x for x in a.phases.split(",") if x)
+  if set(a.phases) - set(PHASES):
+    p.error(f"--phases takes {PHASES}")
+
+
 def parse_args(argv):
   p = argparse.ArgumentParser(
       prog="python -m benchmarks.model", description=__doc__.split("\n")[0])
@@ -209,14 +232,7 @@ def parse_args(argv):
   a = p.parse_args(argv)
   if a.configs is None:
     a.configs = "tiny_pvt2" if a.quick else DEFAULT_CONFIGS
-  a.configs = a.configs.split(",")
-  bad = [c for c in a.configs if c not in SPECS]
-  if bad:
-    p.error(f"unknown config(s) {bad}; choose from {sorted(SPECS)}")
-  a.dtypes = a.dtypes.split(",")
-  a.phases = tuple(x for x in a.phases.split(",") if x)
-  if set(a.phases) - set(PHASES):
-    p.error(f"--phases takes {PHASES}")
+  split_lists(p, a)
   if a.quick:
     a.inprocess = True
   return a

@@ -67,13 +67,8 @@ def plan_row(name, dtype, remat, scan, batch, eval_batch, phases, mesh,
              msda_impl=None) -> dict:
   """Compile every phase of one combination on abstract inputs."""
   from avsegformer_jax import avsegformer, train
-  config = bench_model.make_config(name, dtype, remat, scan, msda_impl)
-  config.train.freeze_backbone_epochs = 1
-  row = dict(config=name, dtype=dtype, remat=remat, scan=scan,
-             batch_clips=batch, eval_batch_clips=eval_batch,
-             frames_per_clip=config.data.num_frames,
-             image_size=config.data.image_size,
-             msda_impl=config.model.get("msda_impl"))
+  config, row = bench_model.combination(name, dtype, remat, scan, batch,
+                                        eval_batch, msda_impl)
   steps = train.Steps(avsegformer.build_model(config, axis_name=train.AXIS),
                       config, mesh)
   plain = avsegformer.build_model(config)
@@ -147,15 +142,7 @@ def parse_args(argv):
   p.add_argument("--msda_impl", default=None)
   p.add_argument("--json", default="")
   a = p.parse_args(argv)
-  a.configs = a.configs.split(",")
-  bad = [c for c in a.configs if c not in bench_model.SPECS]
-  if bad:
-    p.error(f"unknown config(s) {bad}; choose from "
-            f"{sorted(bench_model.SPECS)}")
-  a.dtypes = a.dtypes.split(",")
-  a.phases = tuple(x for x in a.phases.split(",") if x)
-  if set(a.phases) - set(bench_model.PHASES):
-    p.error(f"--phases takes {bench_model.PHASES}")
+  bench_model.split_lists(p, a)
   return a
 
 
