@@ -6,6 +6,8 @@ so it never mixes with run time.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -114,6 +116,25 @@ def matmul_flops(jaxpr) -> float:
       if counts:                # cond: one branch runs; others: each once
         total += times * (max(counts) if name == "cond" else sum(counts))
   return float(total)
+
+
+@contextlib.contextmanager
+def device_to_itself():
+  """Hold the file lock named by $BENCH_DEVICE_LOCK (if set) while timing.
+
+  `benchmarks.model --jobs N` runs N combinations at once so their compiles
+  (host CPU) overlap, but only one of them times steps on the device at a
+  time; the row records the host load average while it held the lock."""
+  path = os.environ.get("BENCH_DEVICE_LOCK")
+  if not path:
+    yield
+    return
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def timed(fn, steps: int):

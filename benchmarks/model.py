@@ -20,6 +20,7 @@ that is not here.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
 import json
 import os
@@ -127,8 +128,11 @@ def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
   n_dev = jax.device_count()
 
   def loop(compiled, fn):
-    common.timed(fn, warmup)
-    return common.timed(fn, steps)
+    with common.device_to_itself():
+      common.timed(fn, warmup)
+      out = common.timed(fn, steps)
+      row.setdefault("load_avg_timing", []).append(os.getloadavg()[0])
+    return out
 
   def plan(phase, compiled):
     p = common.memory_plan(compiled)
@@ -229,6 +233,9 @@ def parse_args(argv):
   p.add_argument("--quick", action="store_true",
                  help="tiny configs, in-process (for tests and smoke runs)")
   p.add_argument("--inprocess", action="store_true")
+  p.add_argument("--jobs", type=int, default=1,
+                 help="combinations at once (subprocesses): compiles overlap,"
+                      " timed steps take turns on the device")
   a = p.parse_args(argv)
   if a.configs is None:
     a.configs = "tiny_pvt2" if a.quick else DEFAULT_CONFIGS
@@ -238,7 +245,19 @@ def parse_args(argv):
   return a
 
 
-def _subprocess_row(a, name, dtype, remat, scan):
+def _jobs_env(jobs):
+  """Children of a --jobs run share one device: each allocates what it uses
+  (no 75% preallocation) and times under one lock file."""
+  env = dict(os.environ)
+  if jobs > 1:
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if "BENCH_DEVICE_LOCK" not in env:
+      fd, env["BENCH_DEVICE_LOCK"] = tempfile.mkstemp(prefix="bench_lock_")
+      os.close(fd)
+  return env
+
+
+def _subprocess_row(a, name, dtype, remat, scan, env=None):
   with tempfile.TemporaryDirectory() as d:
     out = os.path.join(d, "row.json")
     cmd = [sys.executable, "-m", "benchmarks.model", "--inprocess",
@@ -249,7 +268,7 @@ def _subprocess_row(a, name, dtype, remat, scan):
            "--json", out]
     if a.msda_impl:
       cmd += ["--msda_impl", a.msda_impl]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode == 0 and os.path.exists(out):
       with open(out) as f:
         return json.load(f)["rows"][0]
@@ -293,17 +312,28 @@ def main(argv=None):
   info = common.device_info()
   rows = []
   args = {k: v for k, v in vars(a).items()}
-  for name, dtype, remat, scan in itertools.product(
-      a.configs, a.dtypes, a.remat, a.scan):
-    if a.inprocess:
-      row = bench(name, dtype, remat, scan, a.steps, a.warmup, a.batch,
-                  a.eval_batch, a.phases, a.msda_impl)
-    else:
-      row = _subprocess_row(a, name, dtype, remat, scan)
+  combos = list(itertools.product(a.configs, a.dtypes, a.remat, a.scan))
+
+  def done(row):
     rows.append(row)
     # Partial results survive a time limit: one line now, JSON so far.
     print("row: " + table([row]).splitlines()[-1], file=sys.stderr,
           flush=True)
+    common.write_json(a.json, {"device": info, "args": args, "rows": rows})
+
+  if a.inprocess:
+    for c in combos:
+      done(bench(*c, a.steps, a.warmup, a.batch, a.eval_batch, a.phases,
+                 a.msda_impl))
+  else:
+    env = _jobs_env(a.jobs)
+    with concurrent.futures.ThreadPoolExecutor(max(1, a.jobs)) as pool:
+      futures = [pool.submit(_subprocess_row, a, *c, env) for c in combos]
+      for f in concurrent.futures.as_completed(futures):
+        done(f.result())
+    order = {c: i for i, c in enumerate(combos)}
+    rows.sort(key=lambda r: order.get(
+        (r["config"], r["dtype"], r["remat"], r["scan"]), len(order)))
     common.write_json(a.json, {"device": info, "args": args, "rows": rows})
   print(f"{info['device_kind']} ({info['platform']}, "
         f"{info['num_devices']} device(s), jax {info['jax']}); memory: "
