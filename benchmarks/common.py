@@ -54,15 +54,20 @@ def peak_memory_bytes() -> tuple[int, str]:
   return int(rss * scale), "host_peak_rss"
 
 
-def aot_compile(jitted, *args):
+def aot_compile(jitted, *args, times: dict | None = None):
   """(compiled executable, seconds to trace + lower + compile, matmul FLOPs
   per device of one call: see `matmul_flops`). The arguments may be
-  `jax.ShapeDtypeStruct`s: nothing is run."""
+  `jax.ShapeDtypeStruct`s: nothing is run. `times`, if given, receives
+  `trace_lower_s` (Python/Flax tracing and StableHLO) and `xla_s` (XLA's
+  compiler alone; on a GPU with the device, autotuning included)."""
   t = time.perf_counter()
-  traced = jitted.trace(*args)
-  compiled = traced.lower().compile()
-  seconds = time.perf_counter() - t
-  return compiled, seconds, matmul_flops(traced.jaxpr)
+  lowered = (traced := jitted.trace(*args)).lower()
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  if times is not None:
+    times.update(trace_lower_s=t1 - t, xla_s=t2 - t1)
+  return compiled, t2 - t, matmul_flops(traced.jaxpr)
 
 
 def memory_plan(compiled) -> dict:

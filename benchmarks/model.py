@@ -143,8 +143,11 @@ def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
   if "eval" in phases:
     gb = train.shard_batch(random_batch(config, eval_batch), mesh)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    compiled, secs, flops = common.aot_compile(steps_fn._eval, variables, gb)
-    row.update(eval_compile_s=secs, eval_flops=flops)
+    tm = {}
+    compiled, secs, flops = common.aot_compile(steps_fn._eval, variables, gb,
+                                               times=tm)
+    row.update(eval_compile_s=secs, eval_flops=flops,
+               eval_xla_compile_s=tm["xla_s"])
     plan("eval", compiled)
     times, _ = loop(compiled, lambda: compiled(variables, gb))
     med = common.summary(times)["median_s"]
@@ -159,8 +162,11 @@ def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
       continue
     if phase == "unfrozen":
       state = train.unfreeze_backbone(state, config)
-    compiled, secs, flops = common.aot_compile(steps_fn._train, state, gb)
+    tm = {}
+    compiled, secs, flops = common.aot_compile(steps_fn._train, state, gb,
+                                               times=tm)
     row.update({f"train_{phase}_compile_s": secs,
+                f"train_{phase}_xla_compile_s": tm["xla_s"],
                 f"train_{phase}_flops": flops})
     plan(f"train_{phase}", compiled)
     holder = {"state": state}

@@ -81,9 +81,11 @@ def plan_row(name, dtype, remat, scan, batch, eval_batch, phases, mesh,
     return _abstract(bench_model.random_batch(config, clips), split)
 
   def compile_phase(phase, fn, *args):
-    compiled, secs, flops = common.aot_compile(fn, *args)
+    tm = {}
+    compiled, secs, flops = common.aot_compile(fn, *args, times=tm)
     plan = common.memory_plan(compiled)
-    row.update({f"{phase}_compile_s": secs, f"{phase}_flops": flops})
+    row.update({f"{phase}_compile_s": secs, f"{phase}_flops": flops,
+                f"{phase}_xla_compile_s": tm["xla_s"]})
     row.update({f"{phase}_plan_{k}_bytes": v for k, v in plan.items()})
 
   if "eval" in phases:
@@ -103,7 +105,8 @@ def plan_row(name, dtype, remat, scan, batch, eval_batch, phases, mesh,
 COLS = [("config", "config", None), ("dtype", "dtype", None),
         ("remat", "remat", None), ("scan", "scan", None),
         ("clips", "_clips", None), ("phase", "phase", None),
-        ("compile s", "compile_s", "{:.1f}"), ("GFLOP", "_gflop", "{:.0f}"),
+        ("compile s", "compile_s", "{:.1f}"),
+        ("XLA s", "xla_compile_s", "{:.1f}"), ("GFLOP", "_gflop", "{:.0f}"),
         ("args GiB", "_args", "{:.2f}"), ("temp GiB", "_temp", "{:.2f}"),
         ("plan GiB", "_total", "{:.2f}")]
 
@@ -119,6 +122,7 @@ def table(rows) -> str:
       gib = lambda k: None if g(k) is None else g(k) / 2**30  # noqa: E731
       lines.append(dict(
           r, phase=phase, compile_s=g("compile_s"),
+          xla_compile_s=g("xla_compile_s"),
           _clips=r["eval_batch_clips" if phase == "eval" else "batch_clips"],
           _gflop=g("flops") / 1e9, _args=gib("plan_argument_bytes"),
           _temp=gib("plan_temp_bytes"), _total=gib("plan_total_bytes")))

@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # The GPU numbers for issue 6 in < 9 minutes on one H100/H200, in waves by
-# priority. Compiling (host CPU, tens of seconds per step) costs far more
-# than running, so each wave runs its sections at once and the combinations
-# inside a section with --jobs: compiles overlap on the host's cores while
-# timed steps take turns on the device (one lock file, BENCH_DEVICE_LOCK;
-# nothing preallocates). Compile times under that contention are longer than
-# alone; the compile study runs alone, last.
-#   wave 1: bf16 model table (4 configs, eval + unfrozen, B=1), AVSS PVTv2-B5
-#           batch 4 with remat (the 16 GB target), inference at 32 clips
-#   wave 2: float32 model table, bf16 with the backbone frozen
-#   wave 3: MSDA cores; remat x scan compile study (alone)
+# priority. On the device, compiling a train step (host CPU plus XLA's
+# autotuning on the GPU) takes minutes and running it milliseconds, so each
+# wave runs its sections at once: compiles overlap while timed steps take
+# turns on the device (one lock file, BENCH_DEVICE_LOCK; nothing
+# preallocates). Compile times under that contention are longer than alone.
+# The first H100 session of this script (2026-11-26) ran seven compiles at
+# once: the inference rows finished, no train step compiled within 240 s.
+# So train sections run two at a time, the first wave with cuBLAS GEMMs
+# (--xla_gpu_enable_triton_gemm=false: no Triton tile search, as the
+# deviceless compile that takes 132 s on 2 cores) and the second repeating
+# the S4 step with XLA's defaults, the A/B.
+#   wave 1: S4 PVTv2-B5 224 train (16 clips, unfrozen; MFU), AVSS PVTv2-B5
+#           batch 4 with remat (the 16 GB target)
+#   wave 2: the S4 PVTv2-B5 step with default flags; S4 ResNet-50 224 train
+#   wave 3: inference at 32 clips; bf16 model table (B=1)
 # Each section has a time limit and writes <name>.{json,txt,err} to $WORK as
 # it ends; a section that would start after TOTAL_S is skipped. Everything
 # ends up in $OUT/bench.tgz (the device tool returns at most 8 files).
@@ -20,7 +25,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
 WORK=${WORK:-$OUT/bench}
-TOTAL_S=${TOTAL_S:-480}
+TOTAL_S=${TOTAL_S:-560}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH=${PYTHONPATH:-}:.
@@ -48,21 +53,21 @@ trap pack EXIT
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   echo "cpus $(nproc)"; } 2>&1 | tee "$WORK/device.txt"
 
-M="-m benchmarks.model --scan true"
-section model_bf16 240 $M --dtypes bfloat16 --phases eval,unfrozen --steps 5 \
-  --jobs 4 &
-section avss_b4_remat 240 $M --configs avss_pvt2_224 --dtypes bfloat16 \
+M="-m benchmarks.model --scan true --dtypes bfloat16"
+CUBLAS=--xla_gpu_enable_triton_gemm=false
+XLA_FLAGS=$CUBLAS section train_s4_pvt2_cublas 300 $M --configs s4_pvt2_224 \
+  --phases unfrozen --batch 16 --steps 5 &
+XLA_FLAGS=$CUBLAS section avss_b4_remat 300 $M --configs avss_pvt2_224 \
   --remat true --phases unfrozen --batch 4 --steps 3 &
-section eval_b32 150 $M --configs s4_pvt2_224,s4_res50_224 --dtypes bfloat16 \
-  --phases eval --eval_batch 32 --steps 10 --jobs 2 &
 wait
-section model_f32 200 $M --dtypes float32 --phases eval,unfrozen --steps 5 \
-  --jobs 4 &
-section frozen_bf16 200 $M --dtypes bfloat16 --phases frozen --steps 5 \
-  --jobs 4 &
+section train_s4_pvt2_default 200 $M --configs s4_pvt2_224 --phases unfrozen \
+  --batch 16 --steps 5 &
+XLA_FLAGS=$CUBLAS section train_s4_res50_cublas 200 $M --configs s4_res50_224 \
+  --phases unfrozen --batch 16 --steps 5 &
 wait
-section msda 60 -m benchmarks.msda --dtypes float32,bfloat16 --steps 10
-section compile_study 150 -m benchmarks.model --configs s4_pvt2_224 \
-  --dtypes bfloat16 --scan false,true --remat false,true --phases frozen \
-  --steps 2
+section eval_b32 150 $M --configs s4_pvt2_224,s4_res50_224 --phases eval \
+  --eval_batch 32 --steps 10 --jobs 2 &
+XLA_FLAGS=$CUBLAS section model_bf16 150 $M --phases unfrozen --steps 5 \
+  --jobs 2 &
+wait
 echo "total $(( $(date +%s) - START ))s; results in $OUT/bench.tgz"
