@@ -17,6 +17,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from avsegformer_jax import compile_cache   # os only: no JAX import yet
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs, results.")
@@ -32,6 +34,10 @@ _SHUFFLED = flags.DEFINE_bool(
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host "
     "GPU/TPU; the coordinator is found from SLURM / TPU / env variables).")
+_XLA_CACHE = flags.DEFINE_string(
+    "xla_cache_dir", compile_cache.DEFAULT_DIR, "Persistent compilation "
+    "cache: compiled steps are kept here and reused by later runs (empty: "
+    "off; $JAX_COMPILATION_CACHE_DIR wins).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -56,6 +62,7 @@ def main(argv):
     # per-epoch line are printed. --verbosity=0 brings the INFO logs back.
     logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
+  compile_cache.enable(_XLA_CACHE.value)
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   from avsegformer_jax import trainer  # pylint: disable=g-import-not-at-top

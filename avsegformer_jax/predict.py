@@ -40,7 +40,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from avsegformer_jax import audio as audio_lib
-from avsegformer_jax import avsegformer, checkpoint, video_io, visualize, xla_cpu
+from avsegformer_jax import (avsegformer, checkpoint, compile_cache, video_io,
+                             visualize, xla_cpu)
 
 PAD_MODES = {"s4": "repeat_last", "ms3": "repeat_last", "avss": "zero_pad"}
 
@@ -265,6 +266,8 @@ def _define_flags():
   flags.DEFINE_float("fps", 1.0, "Sampled frames per second (1: AVSBench).")
   flags.DEFINE_bool("every_frame", False, "Run on every frame.")
   flags.DEFINE_integer("batch_clips", 1, "Windows of T frames per call.")
+  flags.DEFINE_string("xla_cache_dir", compile_cache.DEFAULT_DIR,
+                      "Persistent compilation cache (empty: off).")
   flags.mark_flags_as_required(["config", "checkpoint", "video", "out"])
 
 
@@ -274,6 +277,7 @@ def main(argv):
   f = flags.FLAGS
   if not f["verbosity"].present:       # orbax's INFO lines only with --v=0
     logging.set_verbosity(logging.WARNING)
+  compile_cache.enable(f.xla_cache_dir)
   try:
     s = predict(f.config, f.video, f.out, checkpoint_dir=f.checkpoint,
                 fps=f.fps, every_frame=f.every_frame,

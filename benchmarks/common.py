@@ -25,7 +25,9 @@ def device_info() -> dict:
   info = {"platform": d.platform, "device_kind": d.device_kind,
           "num_devices": jax.device_count(), "jax": jax.__version__,
           "host": platform.node(), "cpu_count": os.cpu_count(),
-          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          # Set: compile times may be loads from JAX's persistent cache.
+          "compilation_cache_dir": jax.config.jax_compilation_cache_dir}
   if d.platform == "cpu":
     info["cpu_threads"] = _cpu_threads()
   return info

@@ -149,10 +149,13 @@ def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
     row.update(eval_compile_s=secs, eval_flops=flops,
                eval_xla_compile_s=tm["xla_s"])
     plan("eval", compiled)
-    times, _ = loop(compiled, lambda: compiled(variables, gb))
+    times, out = loop(compiled, lambda: compiled(variables, gb))
     med = common.summary(times)["median_s"]
     row.update(eval_step_s=med,
                eval_frames_per_s=eval_batch * t_frames / med)
+    if not all(np.isfinite(np.asarray(x, np.float32)).all()
+               for x in jax.tree_util.tree_leaves(out)):
+      row["error"] = "non-finite eval outputs"
     row["peak_bytes_after_eval"], row["memory_kind"] = \
         common.peak_memory_bytes()
 
@@ -252,9 +255,11 @@ def parse_args(argv):
 
 
 def _jobs_env(jobs):
-  """Children of a --jobs run share one device: each allocates what it uses
-  (no 75% preallocation) and times under one lock file."""
+  """Each combination's process compiles afresh (no persistent cache); with
+  --jobs they share one device: each allocates what it uses (no 75%
+  preallocation) and times under one lock file."""
   env = dict(os.environ)
+  env["JAX_COMPILATION_CACHE_DIR"] = ""    # compile times are compiles
   if jobs > 1:
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if "BENCH_DEVICE_LOCK" not in env:
