@@ -125,23 +125,70 @@ def matmul_flops(jaxpr) -> float:
   return float(total)
 
 
-@contextlib.contextmanager
-def device_to_itself():
-  """Hold the file lock named by $BENCH_DEVICE_LOCK (if set) while timing.
+# Processes sharing one device (`benchmarks.model --jobs N`, or the
+# concurrent sections of run_gpu.sh) coordinate through the lock file named
+# by $BENCH_DEVICE_LOCK: compiles overlap, but XLA:GPU autotunes on the
+# device while it compiles, so a process times its steps only when it holds
+# the lock and no other process is compiling (a marker file per compiling
+# process in <lock>.d; markers of dead processes are ignored).
 
-  `benchmarks.model --jobs N` runs N combinations at once so their compiles
-  (host CPU) overlap, but only one of them times steps on the device at a
-  time; the row records the host load average while it held the lock."""
-  path = os.environ.get("BENCH_DEVICE_LOCK")
-  if not path:
-    yield
-    return
+
+@contextlib.contextmanager
+def _locked(path):
   with open(path, "a") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
       yield
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def compiling():
+  """Mark this process as compiling (see above); no-op without the lock."""
+  path = os.environ.get("BENCH_DEVICE_LOCK")
+  if not path:
+    yield
+    return
+  os.makedirs(path + ".d", exist_ok=True)
+  marker = os.path.join(path + ".d", str(os.getpid()))
+  with _locked(path):          # never starts while another process times
+    open(marker, "w").close()
+  try:
+    yield
+  finally:
+    os.remove(marker)
+
+
+@contextlib.contextmanager
+def device_to_itself(poll_s: float = 0.5):
+  """Hold the device for timing: the lock, once no other process compiles."""
+  path = os.environ.get("BENCH_DEVICE_LOCK")
+  if not path:
+    yield
+    return
+  with _locked(path):
+    while any(_alive(int(m)) for m in _markers(path)
+              if int(m) != os.getpid()):
+      time.sleep(poll_s)
+    yield
+
+
+def _markers(path):
+  try:
+    return [m for m in os.listdir(path + ".d") if m.isdigit()]
+  except FileNotFoundError:
+    return []
 
 
 def timed(fn, steps: int):

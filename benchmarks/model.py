@@ -119,10 +119,11 @@ def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
   steps_fn = train.Steps(model, config, mesh)
   t0 = time.perf_counter()
   plain = avsegformer.build_model(config)
-  variables = avsegformer.init_variables(plain, jax.random.PRNGKey(1))  # jitted
-  state = train.create_train_state(config, plain, jax.random.PRNGKey(0),
-                                   variables=variables)
-  state = jax.block_until_ready(train.replicate(state, mesh))
+  with common.compiling():                       # the init is jitted
+    variables = avsegformer.init_variables(plain, jax.random.PRNGKey(1))
+    state = train.create_train_state(config, plain, jax.random.PRNGKey(0),
+                                     variables=variables)
+    state = jax.block_until_ready(train.replicate(state, mesh))
   row["init_s"] = time.perf_counter() - t0
   peak = _peak_flops(jax.devices()[0].device_kind)
   n_dev = jax.device_count()
@@ -144,8 +145,9 @@ def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
     gb = train.shard_batch(random_batch(config, eval_batch), mesh)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     tm = {}
-    compiled, secs, flops = common.aot_compile(steps_fn._eval, variables, gb,
-                                               times=tm)
+    with common.compiling():
+      compiled, secs, flops = common.aot_compile(steps_fn._eval, variables,
+                                                 gb, times=tm)
     row.update(eval_compile_s=secs, eval_flops=flops,
                eval_xla_compile_s=tm["xla_s"])
     plan("eval", compiled)
@@ -166,8 +168,9 @@ def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
     if phase == "unfrozen":
       state = train.unfreeze_backbone(state, config)
     tm = {}
-    compiled, secs, flops = common.aot_compile(steps_fn._train, state, gb,
-                                               times=tm)
+    with common.compiling():
+      compiled, secs, flops = common.aot_compile(steps_fn._train, state, gb,
+                                                 times=tm)
     row.update({f"train_{phase}_compile_s": secs,
                 f"train_{phase}_xla_compile_s": tm["xla_s"],
                 f"train_{phase}_flops": flops})

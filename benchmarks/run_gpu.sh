@@ -2,8 +2,9 @@
 # The GPU numbers for issue 6 in < 9 minutes on one H100/H200, in waves by
 # priority. On the device, compiling a train step (host CPU plus XLA's
 # autotuning on the GPU) takes minutes and running it milliseconds, so each
-# wave runs its sections at once: compiles overlap while timed steps take
-# turns on the device (one lock file, BENCH_DEVICE_LOCK; nothing
+# wave runs its sections at once: compiles overlap, and a process times its
+# steps only while it holds the device and no other process compiles (XLA
+# autotunes on the device; benchmarks/common.py, BENCH_DEVICE_LOCK; nothing
 # preallocates). Compile times under that contention are longer than alone.
 # The first H100 session of this script (2026-11-26) ran seven compiles at
 # once: the inference rows finished, no train step compiled within 240 s.

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 
+from benchmarks import common
 from benchmarks import model as bench_model
 
 PHASE_FIELDS = {
@@ -60,7 +61,6 @@ def test_matmul_flops_counts_scan_bodies_and_convs():
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  from benchmarks import common
 
   class Block(nn.Module):
     @nn.compact
@@ -95,7 +95,6 @@ def test_matmul_flops_counts_scan_bodies_and_convs():
 def test_memory_plan_counts_temporaries_and_donation():
   import jax
   import jax.numpy as jnp
-  from benchmarks import common
 
   mib = 2**20
   x = jax.ShapeDtypeStruct((512, 512), jnp.float32)            # 1 MiB
@@ -141,3 +140,45 @@ def test_plan_gpu_target_needs_the_cuda_plugin_or_compiles_for_it():
     return
   (device,) = mesh.devices.flat
   assert "H100" in device.device_kind
+
+
+_COMPILER = """
+import sys, time
+from benchmarks import common
+with common.compiling():
+  open(sys.argv[1] + ".started", "w").close()
+  time.sleep(1.5)
+  end = time.time()
+open(sys.argv[1] + ".ended", "w").write(repr(end))
+"""
+
+
+def test_timing_waits_for_other_processes_compiles(tmp_path, monkeypatch):
+  """XLA:GPU autotunes on the device while compiling: a process sharing the
+  device (--jobs) must not time its steps meanwhile."""
+  import os
+  import subprocess
+  import sys
+  import time
+  lock = str(tmp_path / "device.lock")
+  monkeypatch.setenv("BENCH_DEVICE_LOCK", lock)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.Popen([sys.executable, "-c", _COMPILER, lock], cwd=root,
+                          env={**os.environ, "PYTHONPATH": root})
+  try:
+    deadline = time.time() + 60
+    while not os.path.exists(lock + ".started"):
+      assert time.time() < deadline and proc.poll() is None
+      time.sleep(0.02)
+    with common.device_to_itself(poll_s=0.02):
+      entered = time.time()
+  finally:
+    proc.wait(timeout=60)
+  assert entered >= float(open(lock + ".ended").read())
+  # A marker left by a process that died (killed at a time limit) is ignored.
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  open(os.path.join(lock + ".d", str(dead.pid)), "w").close()
+  t = time.time()
+  with common.device_to_itself(poll_s=0.02):
+    assert time.time() - t < 5
