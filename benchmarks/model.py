@@ -24,6 +24,7 @@ import concurrent.futures
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -246,8 +247,8 @@ def parse_args(argv):
                  help="tiny configs, in-process (for tests and smoke runs)")
   p.add_argument("--inprocess", action="store_true")
   p.add_argument("--jobs", type=int, default=1,
-                 help="combinations at once (subprocesses): compiles overlap,"
-                      " timed steps take turns on the device")
+                 help="combinations at once (subprocesses): compiles overlap;"
+                      " each times its steps alone on the device")
   a = p.parse_args(argv)
   if a.configs is None:
     a.configs = "tiny_pvt2" if a.quick else DEFAULT_CONFIGS
@@ -341,10 +342,16 @@ def main(argv=None):
                  a.msda_impl))
   else:
     env = _jobs_env(a.jobs)
-    with concurrent.futures.ThreadPoolExecutor(max(1, a.jobs)) as pool:
-      futures = [pool.submit(_subprocess_row, a, *c, env) for c in combos]
-      for f in concurrent.futures.as_completed(futures):
-        done(f.result())
+    try:
+      with concurrent.futures.ThreadPoolExecutor(max(1, a.jobs)) as pool:
+        futures = [pool.submit(_subprocess_row, a, *c, env) for c in combos]
+        for f in concurrent.futures.as_completed(futures):
+          done(f.result())
+    finally:
+      lock = env.get("BENCH_DEVICE_LOCK")
+      if lock and lock != os.environ.get("BENCH_DEVICE_LOCK"):   # ours
+        shutil.rmtree(lock + ".d", ignore_errors=True)
+        os.remove(lock)
     order = {c: i for i, c in enumerate(combos)}
     rows.sort(key=lambda r: order.get(
         (r["config"], r["dtype"], r["remat"], r["scan"]), len(order)))
