@@ -22,6 +22,8 @@
 #
 #   bash benchmarks/run_gpu.sh        # from the repository root
 #   OUT=/somewhere TOTAL_S=420 bash benchmarks/run_gpu.sh
+#   SMOKE=1 OUT=/tmp/smoke bash benchmarks/run_gpu.sh   # tiny configs, any
+#                              # machine: checks the script before a device
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
@@ -55,20 +57,26 @@ trap pack EXIT
   echo "cpus $(nproc)"; } 2>&1 | tee "$WORK/device.txt"
 
 M="-m benchmarks.model --scan true --dtypes bfloat16"
+S4P=s4_pvt2_224 S4R=s4_res50_224 AVSS=avss_pvt2_224 B=16 BA=4 BE=32
+ALL=s4_res50_224,s4_pvt2_224,s4_pvt2_512,avss_pvt2_224
+if [ "${SMOKE:-0}" = 1 ]; then
+  S4P=tiny_pvt2 S4R=tiny_res50 AVSS=tiny_pvt2 B=2 BA=2 BE=2
+  ALL=tiny_pvt2,tiny_res50
+fi
 CUBLAS=--xla_gpu_enable_triton_gemm=false
-XLA_FLAGS=$CUBLAS section train_s4_pvt2_cublas 300 $M --configs s4_pvt2_224 \
-  --phases unfrozen --batch 16 --steps 5 &
-XLA_FLAGS=$CUBLAS section avss_b4_remat 300 $M --configs avss_pvt2_224 \
-  --remat true --phases unfrozen --batch 4 --steps 3 &
+XLA_FLAGS=$CUBLAS section train_s4_pvt2_cublas 300 $M --configs $S4P \
+  --phases unfrozen --batch $B --steps 5 &
+XLA_FLAGS=$CUBLAS section avss_b4_remat 300 $M --configs $AVSS \
+  --remat true --phases unfrozen --batch $BA --steps 3 &
 wait
-section train_s4_pvt2_default 200 $M --configs s4_pvt2_224 --phases unfrozen \
-  --batch 16 --steps 5 &
-XLA_FLAGS=$CUBLAS section train_s4_res50_cublas 200 $M --configs s4_res50_224 \
-  --phases unfrozen --batch 16 --steps 5 &
+section train_s4_pvt2_default 200 $M --configs $S4P --phases unfrozen \
+  --batch $B --steps 5 &
+XLA_FLAGS=$CUBLAS section train_s4_res50_cublas 200 $M --configs $S4R \
+  --phases unfrozen --batch $B --steps 5 &
 wait
-section eval_b32 150 $M --configs s4_pvt2_224,s4_res50_224 --phases eval \
-  --eval_batch 32 --steps 10 --jobs 2 &
-XLA_FLAGS=$CUBLAS section model_bf16 150 $M --phases unfrozen --steps 5 \
+section eval_b32 150 $M --configs $S4P,$S4R --phases eval \
+  --eval_batch $BE --steps 10 --jobs 2 &
+XLA_FLAGS=$CUBLAS section model_bf16 150 $M --configs $ALL --phases unfrozen --steps 5 \
   --jobs 2 &
 wait
 echo "total $(( $(date +%s) - START ))s; results in $OUT/bench.tgz"
