@@ -1,0 +1,124 @@
+"""benchmarks/roofline.py: FLOPs and bytes of compiled HLO, per kernel and
+times the trip counts of the loops around it."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import roofline
+
+
+def _compiled_text(fn, *args):
+  return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_scan_counts_every_trip_and_only_the_slices_it_touches():
+  t, d = 16, 128
+  act = d * d * 4                                        # one f32 [d, d]
+
+  def f(x, ws):                                          # ws [t, d, d]
+    def step(x, w):
+      x = jnp.tanh(x @ w)
+      return x, x
+    return jax.lax.scan(step, x, ws)
+
+  est = roofline.estimate(
+      _compiled_text(f, jnp.ones((d, d)), jnp.ones((t, d, d))))
+  total = est["total"]
+  assert total["flops"] == t * 2 * d ** 3
+  # Each step reads its weight slice and x and writes x and its row of ys: a
+  # few activations. Counting the stacked [t, d, d] operands whole (the scan
+  # reads layer i, writes row i) would add >= 2 * t activations per step.
+  per_step = total["bytes"] / t / act
+  assert 3 <= per_step <= 14, per_step
+
+
+def test_nested_loops_multiply():
+  def f(x):
+    def inner(x, _):
+      return x @ x, None
+
+    def outer(x, _):
+      return jax.lax.scan(inner, x, None, length=3)[0], None
+    return jax.lax.scan(outer, x, None, length=5)[0]
+
+  est = roofline.estimate(_compiled_text(f, jnp.ones((64, 64))))
+  assert est["total"]["flops"] == 15 * 2 * 64 ** 3
+
+
+def test_convolution_flops_forward_and_gradients():
+  x, k = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 32))
+
+  def conv(x, k):
+    return jax.lax.conv_general_dilated(
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  macs = 2 * 16 * 16 * 32 * 3 * 3 * 8
+  assert roofline.estimate(
+      _compiled_text(conv, x, k))["total"]["flops"] == 2 * macs
+  # d/dx and d/dk of a sum: two convolutions (the forward is dead code).
+  grads = jax.grad(lambda x, k: conv(x, k).sum(), argnums=(0, 1))
+  assert roofline.estimate(
+      _compiled_text(grads, x, k))["total"]["flops"] == 2 * 2 * macs
+
+
+# XLA:GPU's spelling (from a deviceless H100 compile, trimmed): cuBLAS and
+# cuDNN custom calls with workspaces, a fusion that updates one row of a
+# stacked buffer in place through a bitcast, inside a 40-trip loop.
+_GPU_HLO = """\
+HloModule jit_step
+
+%fused_dus (param_0: bf16[40,16,64], param_1: s32[], param_2: bf16[16,64]) -> bf16[40,16,64] {
+  %param_0 = bf16[40,16,64]{2,1,0} parameter(0)
+  %bitcast.1 = bf16[40,16,64]{2,1,0} bitcast(%param_0)
+  %param_2 = bf16[16,64]{1,0} parameter(2)
+  %bitcast.2 = bf16[1,16,64]{2,1,0} bitcast(%param_2)
+  %param_1 = s32[] parameter(1)
+  %c = s32[] constant(0)
+  ROOT %dus = bf16[40,16,64]{2,1,0} dynamic-update-slice(%bitcast.1, %bitcast.2, %param_1, %c, %c)
+}
+
+%body (arg: (s32[], bf16[40,16,64], bf16[16,32], bf16[64,32])) -> (s32[], bf16[40,16,64], bf16[16,32], bf16[64,32]) {
+  %arg = (s32[], bf16[40,16,64]{2,1,0}, bf16[16,32]{1,0}, bf16[64,32]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%arg), index=0
+  %stack = bf16[40,16,64]{2,1,0} get-tuple-element(%arg), index=1
+  %a = bf16[16,32]{1,0} get-tuple-element(%arg), index=2
+  %b = bf16[64,32]{1,0} get-tuple-element(%arg), index=3
+  %gemm = (bf16[16,64]{1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/jvp(AVSegFormer)/backbone/while/body/closed_call/block3/mlp/fc1/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["1"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  %y = bf16[16,64]{1,0} get-tuple-element(%gemm), index=0
+  %upd = bf16[40,16,64]{2,1,0} fusion(%stack, %i, %y), kind=kLoop, calls=%fused_dus, metadata={op_name="jit(step)/jvp(AVSegFormer)/backbone/while/body/dynamic_update_slice"}
+  ROOT %t = (s32[], bf16[40,16,64]{2,1,0}, bf16[16,32]{1,0}, bf16[64,32]{1,0}) tuple(%i, %upd, %a, %b)
+}
+
+%cond (arg: (s32[], bf16[40,16,64], bf16[16,32], bf16[64,32])) -> pred[] {
+  %arg = (s32[], bf16[40,16,64]{2,1,0}, bf16[16,32]{1,0}, bf16[64,32]{1,0}) parameter(0)
+  ROOT %p = pred[] constant(true)
+}
+
+ENTRY %main (x: bf16[8,14,14,320], dy: bf16[8,7,7,320], init: (s32[], bf16[40,16,64], bf16[16,32], bf16[64,32])) -> bf16[320,2,2,320] {
+  %x = bf16[8,14,14,320]{3,2,1,0} parameter(0)
+  %dy = bf16[8,7,7,320]{3,2,1,0} parameter(1)
+  %init = (s32[], bf16[40,16,64]{2,1,0}, bf16[16,32]{1,0}, bf16[64,32]{1,0}) parameter(2)
+  %w = (s32[], bf16[40,16,64]{2,1,0}, bf16[16,32]{1,0}, bf16[64,32]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"40"}}
+  %dw = (bf16[320,2,2,320]{3,2,1,0}, u8[0]{0}) custom-call(%x, %dy), window={size=2x2 stride=2x2}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBackwardFilter", metadata={op_name="jit(step)/transpose(jvp(AVSegFormer))/backbone/while/body/closed_call/block3/attn/sr/conv_general_dilated"}
+  ROOT %r = bf16[320,2,2,320]{3,2,1,0} get-tuple-element(%dw), index=0
+}
+"""
+
+
+def test_gpu_custom_calls_and_in_place_updates():
+  est = roofline.estimate(_GPU_HLO, peak_flops=1e15, bandwidth=1e12)
+  gemm_flops = 40 * 2 * 16 * 64 * 32
+  conv_flops = 2 * (8 * 7 * 7 * 320) * (320 * 2 * 2 * 320) / 320
+  assert est["total"]["flops"] == pytest.approx(gemm_flops + conv_flops)
+  assert est["total"]["kernels"] == 40 * 2 + 1
+  # Per trip: the GEMM reads a, b and writes y (its workspace is not
+  # traffic); the update reads y and writes one row of the stack in place.
+  row = 16 * 64 * 2
+  gemm_bytes = (16 * 32 + 64 * 32) * 2 + row
+  upd_bytes = row + 4 + row
+  conv_bytes = (8 * 14 * 14 * 320 + 8 * 7 * 7 * 320 + 320 * 4 * 320) * 2
+  assert est["total"]["bytes"] == 40 * (gemm_bytes + upd_bytes) + conv_bytes
+  groups = est["groups"]
+  assert set(groups) == {"backbone/block3/mlp", "backbone/dynamic_update_slice",
+                         "backbone/block3/attn bwd"}
+  assert groups["backbone/block3/attn bwd"]["kernels"] == 1
