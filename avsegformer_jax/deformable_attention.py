@@ -121,11 +121,27 @@ def _weighted_rows(table, row, wgt):
   one scatter-add for the table (autodiff of the loop would give K of them)
   and fused gather-dot loops for the weights.
   """
+  return jax.lax.platform_dependent(table, row, wgt, cpu=_tap_loop,
+                                    default=_weighted_rows_plain)
+
+
+def _tap_loop(table, row, wgt):
   out = None
   for k in range(row.shape[-1]):
     term = _gather(table, row[:, k]).astype(jnp.float32) * wgt[:, k, None]
     out = term if out is None else out + term
   return out
+
+
+def _tap_dots_loop(table, row, ct):
+  return jnp.stack([
+      jnp.sum(_gather(table, row[:, k]).astype(jnp.float32) * ct, -1)
+      for k in range(row.shape[-1])], -1)
+
+
+def _tap_dots_gather(table, row, ct):
+  g = _gather(table, row.reshape(-1)).reshape(row.shape + table.shape[-1:])
+  return jnp.einsum("mkd,md->mk", g.astype(jnp.float32), ct)
 
 
 def _weighted_rows_fwd(table, row, wgt):
@@ -135,9 +151,8 @@ def _weighted_rows_fwd(table, row, wgt):
 def _weighted_rows_bwd(res, ct):
   table, row, wgt = res
   ct = ct.astype(jnp.float32)
-  d_wgt = jnp.stack([
-      jnp.sum(_gather(table, row[:, k]).astype(jnp.float32) * ct, -1)
-      for k in range(row.shape[-1])], -1)
+  d_wgt = jax.lax.platform_dependent(table, row, ct, cpu=_tap_dots_loop,
+                                     default=_tap_dots_gather)
   upd = (wgt[:, :, None] * ct[:, None, :]).reshape(-1, table.shape[-1])
   d_table = jnp.zeros(table.shape, jnp.float32).at[row.reshape(-1)].add(
       upd, mode="promise_in_bounds")

@@ -109,3 +109,29 @@ def test_impls_agree_on_values_and_gradients():
     assert out16.dtype == jnp.bfloat16
     err = np.abs(np.asarray(out16, np.float32) - np.asarray(out32)).max()
     assert err <= 1e-2 * np.abs(np.asarray(out32)).max(), (impl, err)
+
+
+def test_taps_branches_per_platform_agree():
+  """`taps` sums its taps in one loop on CPU and as one gather + reduction
+  elsewhere (XLA:GPU splits the 48-tap loop into a multi-output fusion that
+  writes every tap: 4x the forward's memory traffic, benchmarks/README).
+  Both branches give the same numbers, and the lowering picks by platform."""
+  r = np.random.RandomState(1)
+  table = jnp.asarray(r.standard_normal((40, 8)), jnp.float32)
+  row = jnp.asarray(r.randint(0, 40, (30, 12)), jnp.int32)
+  wgt = jnp.asarray(r.uniform(0, 1, (30, 12)), jnp.float32)
+  ct = jnp.asarray(r.standard_normal((30, 8)), jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    np.testing.assert_allclose(da._weighted_rows_plain(table, row, wgt),
+                               da._tap_loop(table, row, wgt), rtol=1e-5)
+    np.testing.assert_allclose(da._tap_dots_gather(table, row, ct),
+                               da._tap_dots_loop(table, row, ct), rtol=1e-5,
+                               atol=1e-6)
+
+  def gathers(platform):
+    f = jax.jit(jax.grad(lambda t, w: jnp.sum(da._weighted_rows(t, row, w)
+                                              * ct), (0, 1)))
+    text = f.trace(table, wgt).lower(lowering_platforms=(platform,)).as_text()
+    return text.count("stablehlo.gather")
+  assert gathers("cpu") == 2 * 12           # forward and d_wgt: one per tap
+  assert gathers("cuda") == 2
