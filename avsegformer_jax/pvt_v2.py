@@ -60,7 +60,7 @@ class Attention(nn.Module):
     kv = _dense(2 * self.dim, "kv", self.dtype)(kv_in).reshape(n, -1, 2, nh, hd)
     k, v = kv[:, :, 0], kv[:, :, 1]
     logits = jnp.einsum("nqhd,nkhd->nhqk", q * (hd ** -0.5), k)
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    attn = layers.softmax_in(logits, v.dtype)
     out = jnp.einsum("nhqk,nkhd->nqhd", attn, v).reshape(n, l, c)
     return _dense(self.dim, "proj", self.dtype)(out)
 

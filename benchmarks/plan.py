@@ -3,7 +3,7 @@ or for a GPU that is not here: XLA's memory plan, FLOPs, compile time.
 
     python -m benchmarks.plan --target h100 --configs avss_pvt2_224 \
         --dtypes bfloat16 --remat false,true --scan true --batch 4 \
-        --phases unfrozen [--json OUT]
+        --phases unfrozen [--roofline] [--json OUT]
 
 `--target local` compiles for this process's devices. `--target h100|h200`
 compiles for that GPU through JAX's compile-only topology (deviceless AOT,
@@ -15,11 +15,14 @@ own buffer assignment of the real step (`train.Steps`, shard_mapped,
 state donated), so it answers "does batch B fit in N GB" before a device is
 lent. Without a device XLA cannot autotune: GEMMs go to cuBLAS (Triton
 GEMM fusion off, `GPU_FLAGS`) and convolution algorithms (and their
-workspaces) may differ from a run's. Nothing is timed.
+workspaces) may differ from a run's. Nothing is timed. `--roofline` adds
+the step's time if every kernel ran at the GPU's peak FLOP/s or bandwidth
+(benchmarks/roofline.py) and the model-FLOP utilisation that allows.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import sys
@@ -29,9 +32,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks import common
 from benchmarks import model as bench_model
+from benchmarks import roofline
 
 TARGETS = ("local", "h100", "h200")
 GPU_FLAGS = "--xla_gpu_enable_triton_gemm=false"
+# Dense bf16 FLOP/s and HBM bytes/s of the SXM parts, for --roofline.
+ROOFLINE = {"h100": (989e12, 3.35e12), "h200": (989e12, 4.8e12)}
 _TARGET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            "targets")
 
@@ -64,8 +70,9 @@ def _abstract(tree, sharding):
 
 
 def plan_row(name, dtype, remat, scan, batch, eval_batch, phases, mesh,
-             msda_impl=None) -> dict:
-  """Compile every phase of one combination on abstract inputs."""
+             msda_impl=None, roofline_of=None) -> dict:
+  """Compile every phase of one combination on abstract inputs;
+  `roofline_of(hlo_text)` (benchmarks/roofline.py) bounds each step's time."""
   from avsegformer_jax import avsegformer, train
   config, row = bench_model.combination(name, dtype, remat, scan, batch,
                                         eval_batch, msda_impl)
@@ -86,6 +93,16 @@ def plan_row(name, dtype, remat, scan, batch, eval_batch, phases, mesh,
     plan = common.memory_plan(compiled)
     row.update({f"{phase}_compile_s": secs, f"{phase}_flops": flops,
                 f"{phase}_xla_compile_s": tm["xla_s"]})
+    if roofline_of:
+      est = roofline_of(compiled.as_text())
+      t = est["total"]
+      row.update({f"{phase}_roofline_ms": t["s"] * 1e3,
+                  f"{phase}_roofline_gb": t["bytes"] / 1e9,
+                  f"{phase}_roofline_kernels": int(t["kernels"]),
+                  f"{phase}_roofline_mfu": flops / t["s"] / est["peak_flops"],
+                  f"{phase}_roofline_parts": {
+                      g: round(c["s"] * 1e3, 3)
+                      for g, c in list(est["groups"].items())[:12]}})
     row.update({f"{phase}_plan_{k}_bytes": v for k, v in plan.items()})
 
   if "eval" in phases:
@@ -108,7 +125,9 @@ COLS = [("config", "config", None), ("dtype", "dtype", None),
         ("compile s", "compile_s", "{:.1f}"),
         ("XLA s", "xla_compile_s", "{:.1f}"), ("GFLOP", "_gflop", "{:.0f}"),
         ("args GiB", "_args", "{:.2f}"), ("temp GiB", "_temp", "{:.2f}"),
-        ("plan GiB", "_total", "{:.2f}")]
+        ("plan GiB", "_total", "{:.2f}"),
+        ("roofline ms", "roofline_ms", "{:.1f}"),
+        ("MFU <=", "roofline_mfu", "{:.1%}")]
 
 
 def table(rows) -> str:
@@ -125,7 +144,8 @@ def table(rows) -> str:
           xla_compile_s=g("xla_compile_s"),
           _clips=r["eval_batch_clips" if phase == "eval" else "batch_clips"],
           _gflop=g("flops") / 1e9, _args=gib("plan_argument_bytes"),
-          _temp=gib("plan_temp_bytes"), _total=gib("plan_total_bytes")))
+          _temp=gib("plan_temp_bytes"), _total=gib("plan_total_bytes"),
+          roofline_ms=g("roofline_ms"), roofline_mfu=g("roofline_mfu")))
   return common.fmt_table(lines, COLS)
 
 
@@ -144,8 +164,13 @@ def parse_args(argv):
   p.add_argument("--eval_batch", type=int, default=1, help="eval clips")
   p.add_argument("--phases", default="unfrozen")
   p.add_argument("--msda_impl", default=None)
+  p.add_argument("--roofline", action="store_true",
+                 help="bound each step by the device's peak FLOP/s and "
+                      "memory bandwidth, kernel by kernel (GPU targets)")
   p.add_argument("--json", default="")
   a = p.parse_args(argv)
+  if a.roofline and a.target == "local":
+    p.error("--roofline needs a GPU target (h100, h200)")
   bench_model.split_lists(p, a)
   return a
 
@@ -170,12 +195,17 @@ def main(argv=None):
   info = dict(common.device_info(), target=a.target,
               target_devices=[d.device_kind for d in mesh.devices.flat][:1],
               num_target_devices=int(n))
+  roofline_of = None
+  if a.roofline:
+    peak, bandwidth = ROOFLINE[a.target]
+    roofline_of = functools.partial(roofline.estimate, peak_flops=peak,
+                                    bandwidth=bandwidth)
   rows = []
   for name, dtype, remat, scan in itertools.product(
       a.configs, a.dtypes, a.remat, a.scan):
     try:
       row = plan_row(name, dtype, remat, scan, a.batch, a.eval_batch,
-                     a.phases, mesh, a.msda_impl)
+                     a.phases, mesh, a.msda_impl, roofline_of)
     except Exception as e:       # noqa: BLE001  (report, go on: a table row)
       row = dict(config=name, dtype=dtype, remat=remat, scan=scan,
                  batch_clips=a.batch, error=f"{type(e).__name__}: {e}"[:300])

@@ -15,6 +15,8 @@
 #   wave 1: S4 PVTv2-B5 224 train (16 clips, unfrozen; MFU), AVSS PVTv2-B5
 #           batch 4 with remat (the 16 GB target)
 #   wave 2: the S4 PVTv2-B5 step with default flags; S4 ResNet-50 224 train
+#   then:   the MSDA cores alone at the train step's shapes (16 frames;
+#           "taps" takes its one-gather branch off CPU), nothing beside it
 #   wave 3: inference at 32 clips; bf16 model table (B=1)
 # Each section has a time limit and writes <name>.{json,txt,err} to $WORK as
 # it ends; a section that would start after TOTAL_S is skipped. Everything
@@ -57,10 +59,10 @@ trap pack EXIT
   echo "cpus $(nproc)"; } 2>&1 | tee "$WORK/device.txt"
 
 M="-m benchmarks.model --scan true --dtypes bfloat16"
-S4P=s4_pvt2_224 S4R=s4_res50_224 AVSS=avss_pvt2_224 B=16 BA=4 BE=32
+S4P=s4_pvt2_224 S4R=s4_res50_224 AVSS=avss_pvt2_224 B=16 BA=4 BE=32 BM=16
 ALL=s4_res50_224,s4_pvt2_224,s4_pvt2_512,avss_pvt2_224
 if [ "${SMOKE:-0}" = 1 ]; then
-  S4P=tiny_pvt2 S4R=tiny_res50 AVSS=tiny_pvt2 B=2 BA=2 BE=2
+  S4P=tiny_pvt2 S4R=tiny_res50 AVSS=tiny_pvt2 B=2 BA=2 BE=2 BM=1
   ALL=tiny_pvt2,tiny_res50
 fi
 CUBLAS=--xla_gpu_enable_triton_gemm=false
@@ -74,6 +76,8 @@ section train_s4_pvt2_default 200 $M --configs $S4P --phases unfrozen \
 XLA_FLAGS=$CUBLAS section train_s4_res50_cublas 200 $M --configs $S4R \
   --phases unfrozen --batch $B --steps 5 &
 wait
+section msda_b16 90 -m benchmarks.msda --sizes 224 --frames $BM \
+  --dtypes bfloat16 --impls taps,rows,gather4 --steps 10
 section eval_b32 150 $M --configs $S4P,$S4R --phases eval \
   --eval_batch $BE --steps 10 --jobs 2 &
 XLA_FLAGS=$CUBLAS section model_bf16 150 $M --configs $ALL --phases unfrozen --steps 5 \

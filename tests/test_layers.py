@@ -113,3 +113,24 @@ def test_depthwise_conv_backward_keeps_only_its_input():
   _, vjp = jax.vjp(lambda x, p: conv.apply({"params": p}, x), x, params)
   saved = sum(r.size for r in jax.tree.leaves(vjp) if r.size >= x.size // 2)
   assert saved <= x.size, f"{saved / x.size:.1f} activations kept"
+
+
+def test_softmax_in_gradients_and_residuals():
+  x = jax.random.normal(jax.random.PRNGKey(5), (3, 4, 7)) * 3
+  g = jax.random.normal(jax.random.PRNGKey(6), (3, 4, 7))
+  plain = lambda x, dt: jax.nn.softmax(                       # noqa: E731
+      x.astype(jnp.float32), axis=-1).astype(dt)
+  for dt, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)):
+    xs = x.astype(dt)
+    out, vjp = jax.vjp(lambda x: layers.softmax_in(x, dt), xs)
+    ref_out, ref_vjp = jax.vjp(lambda x: plain(x, dt), xs)
+    assert out.dtype == dt
+    np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                  np.asarray(ref_out, np.float32))
+    (d,), (rd,) = vjp(g.astype(dt)), ref_vjp(g.astype(dt))
+    assert d.dtype == dt
+    np.testing.assert_allclose(np.asarray(d, np.float32),
+                               np.asarray(rd, np.float32), atol=tol, rtol=tol)
+    # Only the dtype-sized probabilities are kept for the backward.
+    kept = [r for r in jax.tree.leaves(vjp) if r.size == x.size]
+    assert [r.dtype for r in kept] == [dt], [r.dtype for r in kept]
