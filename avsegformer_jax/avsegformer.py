@@ -77,10 +77,19 @@ def _model_config(config) -> ml_collections.ConfigDict:
   return config.model if "model" in config else config
 
 
+def _remat(mc):
+  """False, or the rematerialisation mode of `model.remat_policy`."""
+  policy = mc.get("remat_policy", "full")
+  if policy not in layers.REMAT_POLICIES:
+    raise ValueError(f"model.remat_policy must be one of "
+                     f"{layers.REMAT_POLICIES}, got {policy!r}")
+  return policy if mc.remat else False
+
+
 def build_backbone(mc, dtype, axis_name=None):
   if mc.backbone == "res50":
     from avsegformer_jax import resnet
-    return resnet.ResNet50(dtype=dtype, remat=mc.remat, axis_name=axis_name,
+    return resnet.ResNet50(dtype=dtype, remat=_remat(mc), axis_name=axis_name,
                            parent=None), \
         (256, 512, 1024, 2048)
   if mc.backbone == "pvt2":
@@ -91,7 +100,7 @@ def build_backbone(mc, dtype, axis_name=None):
                        f"{sorted(pvt_v2.VARIANTS)}, got {variant!r}")
     module = pvt_v2.PyramidVisionTransformerV2(
         variant=variant, drop_path_rate=mc.drop_path, dtype=dtype,
-        remat=mc.remat, scan_layers=mc.scan_layers, parent=None)
+        remat=_remat(mc), scan_layers=mc.scan_layers, parent=None)
     return module, tuple(pvt_v2.VARIANTS[variant]["embed_dims"])
   raise ValueError(f"model.backbone must be 'res50' or 'pvt2', got "
                    f"{mc.backbone!r}")
@@ -126,7 +135,7 @@ def build_model(config, axis_name: str | None = None) -> AVSegFormer:
       encoder_ffn_dim=mc.encoder_ffn_dim, decoder_ffn_dim=mc.decoder_ffn_dim,
       query_ffn_dim=mc.query_ffn_dim, num_queries=mc.num_queries,
       learnable_queries=mc.learnable_queries, mixer=mc.mixer,
-      head_mlp_dim=mc.head_mlp_dim, dropout=mc.dropout, remat=mc.remat,
+      head_mlp_dim=mc.head_mlp_dim, dropout=mc.dropout, remat=_remat(mc),
       scan_layers=mc.scan_layers,
       msda_impl=mc.get("msda_impl", deformable_attention.DEFAULT_IMPL),
       dtype=dtype, parent=None)

@@ -46,7 +46,7 @@ class Decoder(nn.Module):
   num_heads: int = 8
   ffn_dim: int = 2048
   dropout: float = 0.1
-  remat: bool = False
+  remat: bool | str = False         # layers.remat_module
   scan_layers: bool = False
   dtype: jnp.dtype = jnp.float32
 

@@ -83,7 +83,7 @@ class Encoder(nn.Module):
   num_heads: int = 8
   num_points: int = 4
   spatial_shapes: tuple = ()
-  remat: bool = False
+  remat: bool | str = False         # layers.remat_module
   scan_layers: bool = False
   msda_impl: str = "taps"
   dtype: jnp.dtype = jnp.float32

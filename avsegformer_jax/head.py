@@ -89,7 +89,7 @@ class AVSegHead(nn.Module):
   mixer: str = "cha"
   head_mlp_dim: int = 2048
   dropout: float = 0.1
-  remat: bool = False
+  remat: bool | str = False         # layers.remat_module
   scan_layers: bool = False
   msda_impl: str = "taps"
   dtype: jnp.dtype = jnp.float32

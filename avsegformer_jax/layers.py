@@ -184,8 +184,29 @@ class MultiheadAttention(nn.Module):
     return out_proj(out)
 
 
-def repeat(layer_cls, num: int, kwargs: dict, x, *args, remat: bool = False,
-           scan: bool = False):
+# Rematerialisation modes (`model.remat` on, `model.remat_policy`): "full"
+# recomputes a block's whole forward in its backward; "dots" keeps the outputs
+# of its weight GEMMs (no batch dimensions: not the attention maps) and
+# recomputes the rest (norms, activations, attention), which on a GPU is
+# memory traffic saved rather than FLOPs spent (benchmarks/README.md).
+REMAT_POLICIES = ("full", "dots")
+
+
+def remat_module(module_cls, mode, *, prevent_cse: bool = True):
+  """`module_cls` rematerialised per `mode` (False, True = "full", "dots")."""
+  if not mode:
+    return module_cls
+  if mode is True or mode == "full":
+    return nn.remat(module_cls, prevent_cse=prevent_cse)
+  if mode == "dots":
+    return nn.remat(module_cls, prevent_cse=prevent_cse,
+                    policy=jax.checkpoint_policies
+                    .dots_with_no_batch_dims_saveable)
+  raise ValueError(f"remat mode must be one of {REMAT_POLICIES}, got {mode!r}")
+
+
+def repeat(layer_cls, num: int, kwargs: dict, x, *args,
+           remat: bool | str = False, scan: bool = False):
   """Apply `num` layers `layer_cls(**kwargs)` in sequence to x.
 
   Unrolled, they are named layers_0..layers_{num-1}, like the original's
@@ -194,7 +215,7 @@ def repeat(layer_cls, num: int, kwargs: dict, x, *args, remat: bool = False,
   flat in depth. The layer must take a `scan` field and then return
   (x, None). Extra args are broadcast to every layer.
   """
-  cls = nn.remat(layer_cls, prevent_cse=not scan) if remat else layer_cls
+  cls = remat_module(layer_cls, remat, prevent_cse=not scan)
   if not scan:
     for i in range(num):
       x = cls(**kwargs, name=f"layers_{i}")(x, *args)

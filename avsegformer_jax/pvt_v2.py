@@ -143,7 +143,7 @@ class PyramidVisionTransformerV2(nn.Module):
   variant: str = "b5"
   drop_path_rate: float = 0.1
   dtype: jnp.dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = False         # layers.remat_module
   scan_layers: bool = False
 
   @nn.compact
@@ -151,8 +151,8 @@ class PyramidVisionTransformerV2(nn.Module):
     spec = VARIANTS[self.variant]
     depths = spec["depths"]
     rates = np.linspace(0.0, self.drop_path_rate, sum(depths)).astype(np.float32)
-    block_cls = nn.remat(Block, prevent_cse=not self.scan_layers) \
-        if self.remat else Block
+    block_cls = layers.remat_module(Block, self.remat,
+                                    prevent_cse=not self.scan_layers)
     outs, cur = [], 0
     for s in range(4):
       dim = spec["embed_dims"][s]

@@ -41,7 +41,7 @@ class QueryGenerator(nn.Module):
   dim: int = 256
   num_heads: int = 8
   ffn_dim: int = 1024
-  remat: bool = False
+  remat: bool | str = False         # layers.remat_module
   scan_layers: bool = False
   dtype: jnp.dtype = jnp.float32
 

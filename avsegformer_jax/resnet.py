@@ -60,7 +60,7 @@ class ResNet50(nn.Module):
   (synchronised BN), so N devices see the statistics of the global batch.
   """
   dtype: jnp.dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = False         # layers.remat_module
   axis_name: str | None = None
   # Frames interact through batch statistics in training (see AVSegFormer).
   batch_statistics: ClassVar[bool] = True
@@ -72,7 +72,7 @@ class ResNet50(nn.Module):
                     kernel_init=nn.initializers.kaiming_normal())(x)
     x = nn.relu(_bn(train, self.dtype, "bn1", self.axis_name)(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    block = nn.remat(Bottleneck) if self.remat else Bottleneck
+    block = layers.remat_module(Bottleneck, self.remat)
     # B2_ResNet names its branch-1 stages layer1, layer2, layer3_1, layer4_1.
     names = ("layer1", "layer2", "layer3_1", "layer4_1")
     outs = []

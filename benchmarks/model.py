@@ -2,7 +2,7 @@
 
     python -m benchmarks.model [--configs s4_res50_224,s4_pvt2_224,...]
         [--dtypes float32,bfloat16] [--steps N] [--json OUT] [--quick]
-        [--remat false[,true]] [--scan false[,true]] [--batch B]
+        [--remat false[,true,dots]] [--scan false[,true]] [--batch B]
         [--eval_batch B] [--phases eval,frozen,unfrozen]
 
 Uses the real training code (`train.Steps`: shard_mapped, jitted, donated
@@ -60,7 +60,9 @@ def make_config(name, dtype="float32", remat=False, scan=False,
   config = importlib.import_module(f"configs.{module}").get_config(backbone)
   config.data.image_size = size
   config.model.dtype = dtype
-  config.model.remat = remat
+  config.model.remat = bool(remat)           # True, or a policy name
+  if isinstance(remat, str):
+    config.model.remat_policy = remat
   config.model.scan_layers = scan
   if msda_impl:
     config.model.msda_impl = msda_impl
@@ -214,6 +216,16 @@ def _bool_list(s):
   return out
 
 
+def _remat_list(s):
+  """--remat false,true,dots: off, full, or a `layers.REMAT_POLICIES` name."""
+  out = []
+  for v in s.split(","):
+    v = v.strip().lower()
+    out += ["dots"] if v == "dots" else [True] if v == "full" else \
+        _bool_list(v)
+  return out
+
+
 def split_lists(p, a):
   """--configs, --dtypes, --phases: comma lists -> checked lists."""
   a.configs = a.configs.split(",")
@@ -232,7 +244,8 @@ def parse_args(argv):
   p.add_argument("--configs", default=None,
                  help=f"comma list of {sorted(SPECS)}")
   p.add_argument("--dtypes", default="float32,bfloat16")
-  p.add_argument("--remat", type=_bool_list, default=[False])
+  p.add_argument("--remat", type=_remat_list, default=[False],
+                 help="false,true (full),dots")
   p.add_argument("--scan", type=_bool_list, default=[False])
   p.add_argument("--steps", type=int, default=3, help="timed steps")
   p.add_argument("--warmup", type=int, default=1,

@@ -36,6 +36,7 @@ def get_config():
   m.drop_path = 0.1              # PVTv2 stochastic depth (train only)
   m.dtype = "float32"            # compute dtype: float32 | bfloat16 (params stay float32)
   m.remat = False                # rematerialise transformer / backbone blocks
+  m.remat_policy = "full"        # full: recompute all | dots: keep weight GEMMs' outputs
   m.scan_layers = False          # nn.scan over repeated identical layers
   m.msda_impl = "taps"           # deformable-attention core: taps | rows | fused | gather4
 

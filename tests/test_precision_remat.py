@@ -78,17 +78,27 @@ def _grads(config, train_mode, seed=0):
 @pytest.mark.parametrize("backbone,scan", [("pvt2", False)])
 def test_remat_gives_identical_gradients(backbone, scan):
   """Train mode (dropout, drop-path, batch statistics): rematerialised blocks
-  recompute exactly what they stored, with the same random bits."""
+  recompute exactly what they stored, with the same random bits, whether
+  they recompute everything ("full") or all but the weight GEMMs ("dots")."""
   out = []
-  for remat in (False, True):
+  for remat, policy in ((False, "full"), (True, "full"), (True, "dots")):
     config = tiny.get_config(backbone)
     config.model.remat, config.model.scan_layers = remat, scan
+    config.model.remat_policy = policy
     out.append(_grads(config, train_mode=True))
-  (l0, g0), (l1, g1) = out
-  np.testing.assert_allclose(l0, l1, rtol=1e-6)
-  flat0 = jax.tree_util.tree_leaves_with_path(g0)
-  flat1 = dict(jax.tree_util.tree_leaves_with_path(g1))
-  assert len(flat0) == len(flat1)
-  for path, a in flat0:
-    np.testing.assert_allclose(flat1[path], a, atol=1e-5, rtol=1e-5,
-                               err_msg=jax.tree_util.keystr(path))
+  (l0, g0) = out[0]
+  for l1, g1 in out[1:]:
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    flat0 = jax.tree_util.tree_leaves_with_path(g0)
+    flat1 = dict(jax.tree_util.tree_leaves_with_path(g1))
+    assert len(flat0) == len(flat1)
+    for path, a in flat0:
+      np.testing.assert_allclose(flat1[path], a, atol=1e-5, rtol=1e-5,
+                                 err_msg=jax.tree_util.keystr(path))
+
+
+def test_unknown_remat_policy_is_named():
+  config = tiny.get_config("pvt2")
+  config.model.remat, config.model.remat_policy = True, "some"
+  with pytest.raises(ValueError, match="model.remat_policy must be one of"):
+    avsegformer.build_model(config)
