@@ -90,8 +90,11 @@ def plan_row(name, dtype, remat, scan, batch, eval_batch, phases, mesh,
   def compile_phase(phase, fn, *args):
     tm = {}
     compiled, secs, flops = common.aot_compile(fn, *args, times=tm)
+    mflops = (bench_model.model_flops(config, mesh, *args, flops)
+              if phase.startswith("train") else flops)
     plan = common.memory_plan(compiled)
     row.update({f"{phase}_compile_s": secs, f"{phase}_flops": flops,
+                f"{phase}_model_flops": mflops,
                 f"{phase}_xla_compile_s": tm["xla_s"]})
     if roofline_of:
       est = roofline_of(compiled.as_text())
@@ -99,7 +102,7 @@ def plan_row(name, dtype, remat, scan, batch, eval_batch, phases, mesh,
       row.update({f"{phase}_roofline_ms": t["s"] * 1e3,
                   f"{phase}_roofline_gb": t["bytes"] / 1e9,
                   f"{phase}_roofline_kernels": int(t["kernels"]),
-                  f"{phase}_roofline_mfu": flops / t["s"] / est["peak_flops"],
+                  f"{phase}_roofline_mfu": mflops / t["s"] / est["peak_flops"],
                   f"{phase}_roofline_parts": {
                       g: round(c["s"] * 1e3, 3)
                       for g, c in list(est["groups"].items())[:12]}})

@@ -8,13 +8,13 @@
 # preallocates). Compile times under that contention are longer than alone.
 # The first H100 session of this script (2026-11-26) ran seven compiles at
 # once: the inference rows finished, no train step compiled within 240 s.
-# So train sections run two at a time, the first wave with cuBLAS GEMMs
+# So train sections run two at a time, with cuBLAS GEMMs
 # (--xla_gpu_enable_triton_gemm=false: no Triton tile search, as the
-# deviceless compile that takes 132 s on 2 cores) and the second repeating
-# the S4 step with XLA's defaults, the A/B.
-#   wave 1: S4 PVTv2-B5 224 train (16 clips, unfrozen; MFU), AVSS PVTv2-B5
+# deviceless compile that takes 132 s on 2 cores).
+#   wave 1: S4 PVTv2-B5 224 train (16 clips, unfrozen, remat "dots": the
+#           build benchmarks/roofline.py bounds best; MFU), AVSS PVTv2-B5
 #           batch 4 with remat (the 16 GB target)
-#   wave 2: the S4 PVTv2-B5 step with default flags; S4 ResNet-50 224 train
+#   wave 2: the same S4 step without remat (the A/B); S4 ResNet-50 224 train
 #   then:   the MSDA cores alone at the train step's shapes (16 frames;
 #           "taps" takes its one-gather branch off CPU), nothing beside it
 #   wave 3: inference at 32 clips; bf16 model table (B=1)
@@ -66,13 +66,13 @@ if [ "${SMOKE:-0}" = 1 ]; then
   ALL=tiny_pvt2,tiny_res50
 fi
 CUBLAS=--xla_gpu_enable_triton_gemm=false
-XLA_FLAGS=$CUBLAS section train_s4_pvt2_cublas 300 $M --configs $S4P \
-  --phases unfrozen --batch $B --steps 5 &
+XLA_FLAGS=$CUBLAS section train_s4_pvt2_dots 300 $M --configs $S4P \
+  --remat dots --phases unfrozen --batch $B --steps 5 &
 XLA_FLAGS=$CUBLAS section avss_b4_remat 300 $M --configs $AVSS \
   --remat true --phases unfrozen --batch $BA --steps 3 &
 wait
-section train_s4_pvt2_default 200 $M --configs $S4P --phases unfrozen \
-  --batch $B --steps 5 &
+XLA_FLAGS=$CUBLAS section train_s4_pvt2_noremat 200 $M --configs $S4P \
+  --phases unfrozen --batch $B --steps 5 &
 XLA_FLAGS=$CUBLAS section train_s4_res50_cublas 200 $M --configs $S4R \
   --phases unfrozen --batch $B --steps 5 &
 wait

@@ -182,3 +182,27 @@ def test_timing_waits_for_other_processes_compiles(tmp_path, monkeypatch):
   t = time.time()
   with common.device_to_itself(poll_s=0.02):
     assert time.time() - t < 5
+
+
+def test_model_flops_leave_out_the_recomputation():
+  """MFU counts the model's FLOPs: a rematerialised step runs more (its
+  forwards again), `model_flops` reports the step's count without remat."""
+  import jax
+  from avsegformer_jax import avsegformer, train
+  config = bench_model.make_config("tiny_pvt2", "float32", remat=True,
+                                   scan=True)
+  mesh = train.make_mesh()
+  plain = avsegformer.build_model(config)
+  state = jax.eval_shape(lambda r: train.create_train_state(config, plain, r),
+                         jax.random.PRNGKey(0))
+  batch = bench_model.random_batch(config, 1)
+
+  def traced_flops(c):
+    steps = train.Steps(avsegformer.build_model(c, axis_name=train.AXIS), c,
+                        mesh)
+    return common.matmul_flops(steps._train.trace(state, batch).jaxpr)
+  hardware = traced_flops(config)
+  model = bench_model.model_flops(config, mesh, state, batch, hardware)
+  config.model.remat = False
+  assert model == traced_flops(config) < hardware
+  assert bench_model.model_flops(config, mesh, state, batch, 7.0) == 7.0
