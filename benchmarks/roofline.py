@@ -255,16 +255,16 @@ def estimate(text, peak_flops=989e12, bandwidth=3.35e12, depth=3) -> dict:
     for ins in instrs:
       if ins.opcode in _NO_KERNEL:
         continue
-      out = ins.shapes[0][1] if ins.shapes else []
-      real_out = [s for s in ins.shapes if s[0] not in ("s8", "u8")] \
-          if ins.opcode == "custom-call" else ins.shapes
-      target = ins.attr("custom_call_target") or ""
-      flops = _flops(ins, shapes_of, out, target)
       if ins.opcode == "fusion":
         flops = _fused_flops(ins.attr("calls"), comps)
         nbytes = _fusion_bytes(ins, shapes_of, comps)
       else:
-        nbytes = _nbytes(real_out) + sum(
+        flops = _flops(ins, shapes_of, ins.shapes[0][1] if ins.shapes else [],
+                       ins.attr("custom_call_target") or "")
+        # cuBLAS / cuDNN calls return (result, s8/u8 workspace): not traffic.
+        written = [s for s in ins.shapes if s[0] not in ("s8", "u8")] \
+            if ins.opcode == "custom-call" else ins.shapes
+        nbytes = _nbytes(written) + sum(
             _nbytes(shapes_of.get(o, [])) for o in ins.operands)
       t = max(flops / peak_flops, nbytes / bandwidth)
       g = groups[_group(ins, depth)]
