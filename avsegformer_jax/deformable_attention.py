@@ -105,10 +105,15 @@ def _gather(table, rows):
   return table.at[rows].get(mode="promise_in_bounds")
 
 
+def _gather_taps(table, row):
+  """table [R, D], row [M, K] -> every tap at once, float32 [M, K, D]."""
+  g = _gather(table, row.reshape(-1)).reshape(row.shape + table.shape[-1:])
+  return g.astype(jnp.float32)
+
+
 def _weighted_rows_plain(table, row, wgt):
   """One gather of every tap [M, K, D], then the weighted sum (float32)."""
-  g = _gather(table, row.reshape(-1)).reshape(row.shape + table.shape[-1:])
-  return jnp.einsum("mkd,mk->md", g.astype(jnp.float32), wgt)
+  return jnp.einsum("mkd,mk->md", _gather_taps(table, row), wgt)
 
 
 @jax.custom_vjp
@@ -140,8 +145,7 @@ def _tap_dots_loop(table, row, ct):
 
 
 def _tap_dots_gather(table, row, ct):
-  g = _gather(table, row.reshape(-1)).reshape(row.shape + table.shape[-1:])
-  return jnp.einsum("mkd,md->mk", g.astype(jnp.float32), ct)
+  return jnp.einsum("mkd,md->mk", _gather_taps(table, row), ct)
 
 
 def _weighted_rows_fwd(table, row, wgt):

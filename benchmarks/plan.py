@@ -36,8 +36,8 @@ from benchmarks import roofline
 
 TARGETS = ("local", "h100", "h200")
 GPU_FLAGS = "--xla_gpu_enable_triton_gemm=false"
-# Dense bf16 FLOP/s and HBM bytes/s of the SXM parts, for --roofline.
-ROOFLINE = {"h100": (989e12, 3.35e12), "h200": (989e12, 4.8e12)}
+# HBM bytes/s of the SXM parts, for --roofline (peak FLOP/s: PEAK_BF16).
+BANDWIDTH = {"h100": 3.35e12, "h200": 4.8e12}
 _TARGET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            "targets")
 
@@ -200,9 +200,9 @@ def main(argv=None):
               num_target_devices=int(n))
   roofline_of = None
   if a.roofline:
-    peak, bandwidth = ROOFLINE[a.target]
-    roofline_of = functools.partial(roofline.estimate, peak_flops=peak,
-                                    bandwidth=bandwidth)
+    roofline_of = functools.partial(
+        roofline.estimate, bandwidth=BANDWIDTH[a.target],
+        peak_flops=bench_model._peak_flops(a.target))
   rows = []
   for name, dtype, remat, scan in itertools.product(
       a.configs, a.dtypes, a.remat, a.scan):
