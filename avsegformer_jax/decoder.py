@@ -24,7 +24,7 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, query, memory):
     train = self.train
-    drop = lambda x: nn.Dropout(self.dropout, deterministic=not train)(x)
+    drop = lambda x: layers.Dropout(self.dropout, deterministic=not train)(x)
     mha = lambda n: layers.MultiheadAttention(
         self.dim, self.num_heads, use_bias=True, dropout=self.dropout,
         dtype=self.dtype, name=n)

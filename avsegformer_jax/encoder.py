@@ -60,7 +60,8 @@ class EncoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, src, pos, ref):
-    drop = lambda x: nn.Dropout(self.dropout, deterministic=not self.train)(x)
+    drop = lambda x: layers.Dropout(self.dropout,
+                                     deterministic=not self.train)(x)
     attn = MSDeformAttn(self.dim, self.num_levels, self.num_heads,
                         self.num_points, impl=self.msda_impl,
                         dtype=self.dtype, name="self_attn")

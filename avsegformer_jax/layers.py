@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 
@@ -176,7 +177,7 @@ class MultiheadAttention(nn.Module):
     logits = q @ k.transpose(0, 1, 3, 2)                         # [B,h,Lq,Lk]
     attn = softmax_in(logits, v.dtype)
     if train and self.dropout > 0:
-      attn = nn.Dropout(self.dropout, deterministic=False)(attn)
+      attn = Dropout(self.dropout)(attn)
     out = (attn @ v).transpose(0, 2, 1, 3)
     out = out.reshape(out.shape[:2] + (-1,))
     out_proj = dense(self.dim, use_bias=self.use_bias, dtype=self.dtype,
@@ -184,11 +185,32 @@ class MultiheadAttention(nn.Module):
     return out_proj(out)
 
 
+class Dropout(nn.Module):
+  """flax's `nn.Dropout` (same random bits, same outputs) whose keep mask is
+  named, so rematerialisation keeps it (1 byte per element) instead of
+  drawing it again: on a GPU the bits cost ~80 integer ops per element, more
+  than storing and reading the mask (benchmarks/README.md)."""
+  rate: float
+  deterministic: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    if self.deterministic or self.rate == 0.0:
+      return x
+    keep_prob = 1.0 - self.rate
+    keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, x.shape)
+    keep = checkpoint_name(keep, DROPOUT_MASK)
+    return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+
+
+DROPOUT_MASK = "dropout_mask"
+
 # Rematerialisation modes (`model.remat` on, `model.remat_policy`): "full"
 # recomputes a block's whole forward in its backward; "dots" keeps the outputs
 # of its weight GEMMs (no batch dimensions: not the attention maps) and
 # recomputes the rest (norms, activations, attention), which on a GPU is
-# memory traffic saved rather than FLOPs spent (benchmarks/README.md).
+# memory traffic saved rather than FLOPs spent (benchmarks/README.md). Both
+# keep the dropout masks (`Dropout`).
 REMAT_POLICIES = ("full", "dots")
 
 
@@ -196,12 +218,14 @@ def remat_module(module_cls, mode, *, prevent_cse: bool = True):
   """`module_cls` rematerialised per `mode` (False, True = "full", "dots")."""
   if not mode:
     return module_cls
+  cp = jax.checkpoint_policies
+  masks = cp.save_only_these_names(DROPOUT_MASK)
   if mode is True or mode == "full":
-    return nn.remat(module_cls, prevent_cse=prevent_cse)
+    return nn.remat(module_cls, prevent_cse=prevent_cse, policy=masks)
   if mode == "dots":
     return nn.remat(module_cls, prevent_cse=prevent_cse,
-                    policy=jax.checkpoint_policies
-                    .dots_with_no_batch_dims_saveable)
+                    policy=cp.save_from_both_policies(
+                        cp.dots_with_no_batch_dims_saveable, masks))
   raise ValueError(f"remat mode must be one of {REMAT_POLICIES}, got {mode!r}")
 
 

@@ -106,6 +106,31 @@ def check_supervision(batch, config):
         "--config.train.first_frame_only=False for this data")
 
 
+# Bit generators for dropout (`train.prng_impl`). The state's key stays a
+# threefry key (checkpoints and resumption do not depend on the choice);
+# "rbg" draws dropout bits with XLA's RngBitGenerator (Philox on GPU: ~40
+# integer ops per 32-bit word against threefry's ~120, and threefry is what
+# bounds the dropout kernels on a GPU, benchmarks/README.md). Its bits may
+# differ between backends and XLA versions; training statistics do not.
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
+def prng_impl(config) -> str:
+  impl = config.train.get("prng_impl", "threefry2x32")
+  if impl not in PRNG_IMPLS:
+    raise ValueError(f"train.prng_impl must be one of {PRNG_IMPLS}, "
+                     f"got {impl!r}")
+  return impl
+
+
+def dropout_key(key, impl: str):
+  """The dropout key of one step from the state's threefry key."""
+  if impl == "threefry2x32":
+    return key
+  data = jax.random.bits(key, (4,), jnp.uint32)      # an rbg key is 4 words
+  return jax.random.wrap_key_data(data, impl=impl)
+
+
 def train_step(state: TrainState, batch, *, model, config):
   """One optimisation step on this device's shard (call through `p_train_step`)."""
   frozen = state.opt_state["backbone"] is None
@@ -117,8 +142,9 @@ def train_step(state: TrainState, batch, *, model, config):
   every = supervised_every(config, batch["frames"].shape[1])
   if every > 1:          # S4: only frame 0 of each clip reaches the loss
     labels, weights = labels[::every], weights[::every]
-  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
-                           lax.axis_index(AXIS))
+  rng = dropout_key(
+      jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                         lax.axis_index(AXIS)), prng_impl(config))
   denom = jnp.maximum(lax.psum(weights.sum(), AXIS), 1e-12)
   has_bn = bool(jax.tree_util.tree_leaves(state.batch_stats))
   t = config.train
@@ -182,6 +208,7 @@ class Steps:
   """The jitted, shard_mapped steps for one model/config/mesh."""
 
   def __init__(self, model, config, mesh):
+    prng_impl(config)                      # a bad name fails here, not traced
     self.mesh = mesh
     spec = dict(mesh=mesh, in_specs=(P(), P(AXIS)), check_vma=False)
     self._train = jax.jit(jax.shard_map(

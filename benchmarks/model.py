@@ -54,7 +54,7 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12,
 
 
 def make_config(name, dtype="float32", remat=False, scan=False,
-                msda_impl=None):
+                msda_impl=None, prng_impl=None):
   import importlib
   module, backbone, size = SPECS[name]
   config = importlib.import_module(f"configs.{module}").get_config(backbone)
@@ -66,6 +66,8 @@ def make_config(name, dtype="float32", remat=False, scan=False,
   config.model.scan_layers = scan
   if msda_impl:
     config.model.msda_impl = msda_impl
+  if prng_impl:
+    config.train.prng_impl = prng_impl
   return config
 
 
@@ -96,16 +98,17 @@ def _peak_flops(kind: str):
 
 
 def combination(name, dtype, remat, scan, batch, eval_batch,
-                msda_impl=None):
+                msda_impl=None, prng_impl=None):
   """(config, the row's fields naming it) of one benchmarked combination;
   the backbone starts frozen so both train phases can be compiled."""
-  config = make_config(name, dtype, remat, scan, msda_impl)
+  config = make_config(name, dtype, remat, scan, msda_impl, prng_impl)
   config.train.freeze_backbone_epochs = 1
   row = dict(config=name, dtype=dtype, remat=remat, scan=scan,
              batch_clips=batch, eval_batch_clips=eval_batch,
              frames_per_clip=config.data.num_frames,
              image_size=config.data.image_size,
-             msda_impl=config.model.get("msda_impl"))
+             msda_impl=config.model.get("msda_impl"),
+             prng_impl=config.train.get("prng_impl"))
   return config, row
 
 
@@ -124,11 +127,11 @@ def model_flops(config, mesh, state, batch, flops):
 
 
 def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
-          phases, msda_impl=None) -> dict:
+          phases, msda_impl=None, prng_impl=None) -> dict:
   """All phases of one combination, in this process."""
   from avsegformer_jax import avsegformer, train
   config, row = combination(name, dtype, remat, scan, batch, eval_batch,
-                            msda_impl)
+                            msda_impl, prng_impl)
   row["steps"] = steps
   t_frames = config.data.num_frames
   mesh = train.make_mesh()
@@ -271,6 +274,8 @@ def parse_args(argv):
   p.add_argument("--phases", default=",".join(PHASES))
   p.add_argument("--msda_impl", default=None,
                  help="override model.msda_impl")
+  p.add_argument("--prng_impl", default=None,
+                 help="override train.prng_impl (dropout bits): rbg, ...")
   p.add_argument("--json", default="")
   p.add_argument("--quick", action="store_true",
                  help="tiny configs, in-process (for tests and smoke runs)")
@@ -312,6 +317,8 @@ def _subprocess_row(a, name, dtype, remat, scan, env=None):
            "--json", out]
     if a.msda_impl:
       cmd += ["--msda_impl", a.msda_impl]
+    if a.prng_impl:
+      cmd += ["--prng_impl", a.prng_impl]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode == 0 and os.path.exists(out):
       with open(out) as f:
@@ -368,7 +375,7 @@ def main(argv=None):
   if a.inprocess:
     for c in combos:
       done(bench(*c, a.steps, a.warmup, a.batch, a.eval_batch, a.phases,
-                 a.msda_impl))
+                 a.msda_impl, a.prng_impl))
   else:
     env = _jobs_env(a.jobs)
     try:

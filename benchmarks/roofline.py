@@ -15,7 +15,13 @@ while loops around it (`known_trip_count`):
   bytes: operands read + results written, where a fusion that only slices a
     parameter (a scan reading layer i of stacked weights) reads the slice and
     one that updates a slice in place (a scan stacking residuals) writes it;
-  time: max(FLOPs / peak, bytes / bandwidth).
+  ALU: a fusion's elementwise work, per element of each instruction in it:
+    float ops at the FP32 rate, integer ops at the INT32 rate (64-bit ones
+    2x, integer width conversions free, a shift-shift-or rotate 1), transcendentals (exp, log, tanh, erf, divide,
+    rsqrt, ...) at the special-function rate, reductions per input element.
+    Without it, a kernel that is bound by arithmetic that is not a GEMM
+    looks free (dropout's threefry bits: ~80 integer ops per element);
+  time: max(FLOPs / peak, bytes / bandwidth, ALU time).
 
     python -m benchmarks.roofline HLO.txt [--peak_tflops 989 --tbps 3.35]
 """
@@ -38,6 +44,21 @@ _NO_KERNEL = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast",
               "replica-id", "opt-barrier", "add-dependency", "domain",
               "copy-start", "copy-done", "async-done", "async-update"}
 _SLICES = {"dynamic-slice", "slice"}
+# Instructions inside a fusion that move or index data but compute nothing
+# per element (dots and convolutions are FLOPs, counted apart).
+_NO_ALU = {"parameter", "constant", "broadcast", "bitcast", "reshape", "slice",
+           "dynamic-slice", "dynamic-update-slice", "tuple", "iota",
+           "get-tuple-element", "transpose", "copy", "concatenate", "pad",
+           "gather", "scatter", "reverse", "bitcast-convert", "dot",
+           "convolution", "fusion", "custom-call"}
+_SFU = {"exponential", "exponential-minus-one", "log", "log-plus-one", "tanh",
+        "logistic", "rsqrt", "sqrt", "cbrt", "sine", "cosine", "tan", "power",
+        "divide", "erf", "atan2", "remainder"}
+_INT = {"pred", "s8", "u8", "s16", "u16", "s32", "u32", "s64", "u64"}
+# Elementwise throughput (per second) of the SXM H100/H200: 132 SMs at
+# 1.98 GHz, 128 FP32 / 64 INT32 / 16 special-function lanes per SM.
+ALU_H100 = {"fp": 132 * 128 * 1.98e9, "int": 132 * 64 * 1.98e9,
+            "sfu": 132 * 16 * 1.98e9}
 
 
 def _shapes(type_str):
@@ -226,6 +247,44 @@ def _fused_flops(name, comps):
   return total
 
 
+def _fused_alu(name, comps, alu):
+  """Seconds of elementwise arithmetic in a fusion (nested ones included)
+  at the `alu` rates (module doc)."""
+  instrs = comps.get(name, ())
+  by_name = {i.name: i for i in instrs}
+  shapes_of = {i.name: i.shapes for i in instrs}
+  # or(shl(x, c), shr(x, 32 - c)) is a rotate: one funnel shift on a GPU.
+  rotate_parts = set()
+  for i in instrs:
+    ops = [by_name.get(o) for o in i.operands]
+    if (i.opcode == "or" and len(ops) == 2 and all(ops) and
+        {o.opcode for o in ops} == {"shift-left", "shift-right-logical"} and
+        ops[0].operands[:1] == ops[1].operands[:1]):
+      rotate_parts.update(o.name for o in ops)
+  secs = 0.0
+  for i in instrs:
+    if i.opcode == "fusion":
+      secs += _fused_alu(i.attr("calls"), comps, alu)
+      continue
+    if i.opcode in _NO_ALU or not i.shapes or i.name in rotate_parts:
+      continue
+    dt, dims = i.shapes[0]
+    n = math.prod(dims)
+    if i.opcode == "reduce":            # one op per element reduced
+      src = shapes_of.get(i.operands[0], []) if i.operands else []
+      n = math.prod(src[0][1]) if src else n
+    if i.opcode in _SFU:
+      secs += n / alu["sfu"]
+    elif dt in _INT:
+      src = shapes_of.get(i.operands[0], []) if i.operands else []
+      if i.opcode == "convert" and src and src[0][0] in _INT:
+        continue                        # widen / narrow: register moves
+      secs += n * (2 if dt.endswith("64") else 1) / alu["int"]
+    else:
+      secs += n / alu["fp"]
+  return secs
+
+
 def _group(ins, depth):
   """Model part from the op name: 'backbone' or 'head/transformer/encoder'
   (+ ' bwd' under transpose), 'optimizer' for what is outside the model."""
@@ -243,8 +302,10 @@ def _group(ins, depth):
   return key + (" bwd" if bwd else "")
 
 
-def estimate(text, peak_flops=989e12, bandwidth=3.35e12, depth=3) -> dict:
-  """Roofline of one compiled module's HLO text (see the module doc)."""
+def estimate(text, peak_flops=989e12, bandwidth=3.35e12, depth=3,
+             alu=ALU_H100) -> dict:
+  """Roofline of one compiled module's HLO text (see the module doc);
+  `alu=None` leaves elementwise arithmetic out (two roofs)."""
   comps, entry = parse(text)
   mult = _multipliers(comps, entry)
   groups = collections.defaultdict(lambda: collections.Counter())
@@ -255,9 +316,11 @@ def estimate(text, peak_flops=989e12, bandwidth=3.35e12, depth=3) -> dict:
     for ins in instrs:
       if ins.opcode in _NO_KERNEL:
         continue
+      alu_s = 0.0
       if ins.opcode == "fusion":
         flops = _fused_flops(ins.attr("calls"), comps)
         nbytes = _fusion_bytes(ins, shapes_of, comps)
+        alu_s = _fused_alu(ins.attr("calls"), comps, alu) if alu else 0.0
       else:
         flops = _flops(ins, shapes_of, ins.shapes[0][1] if ins.shapes else [],
                        ins.attr("custom_call_target") or "")
@@ -266,15 +329,17 @@ def estimate(text, peak_flops=989e12, bandwidth=3.35e12, depth=3) -> dict:
             if ins.opcode == "custom-call" else ins.shapes
         nbytes = _nbytes(written) + sum(
             _nbytes(shapes_of.get(o, [])) for o in ins.operands)
-      t = max(flops / peak_flops, nbytes / bandwidth)
+      roofs = {"compute_bound_s": flops / peak_flops,
+               "memory_bound_s": nbytes / bandwidth, "alu_bound_s": alu_s}
+      bound = max(roofs, key=roofs.get)
+      t = roofs[bound]
       g = groups[_group(ins, depth)]
       for c in (g, tot):
         c["kernels"] += k
         c["flops"] += k * flops
         c["bytes"] += k * nbytes
         c["s"] += k * t
-        c["compute_bound_s" if flops / peak_flops >= nbytes / bandwidth
-          else "memory_bound_s"] += k * t
+        c[bound] += k * t
   return dict(peak_flops=peak_flops, bandwidth=bandwidth,
               total={k: float(v) for k, v in tot.items()},
               groups={g: {k: float(v) for k, v in c.items()}
@@ -287,16 +352,18 @@ def report(est, model_flops=None, top=12) -> str:
   lines = [f"roofline: {t['s'] * 1e3:.2f} ms per step over "
            f"{int(t['kernels'])} kernel launches "
            f"({t.get('compute_bound_s', 0) * 1e3:.2f} ms compute-bound, "
-           f"{t.get('memory_bound_s', 0) * 1e3:.2f} ms memory-bound); "
+           f"{t.get('memory_bound_s', 0) * 1e3:.2f} ms memory-bound, "
+           f"{t.get('alu_bound_s', 0) * 1e3:.2f} ms elementwise-ALU-bound); "
            f"{t['flops'] / 1e12:.2f} TFLOP, {t['bytes'] / 1e9:.1f} GB moved"]
   if model_flops:
     lines.append(f"model FLOPs {model_flops / 1e12:.2f} T: MFU at most "
                  f"{model_flops / t['s'] / est['peak_flops']:.1%}")
   lines.append(f"{'part':<48} {'ms':>7} {'share':>6} {'mem-bound ms':>12} "
-               f"{'GB':>7} {'TFLOP':>6} {'kernels':>7}")
+               f"{'ALU-bound ms':>12} {'GB':>7} {'TFLOP':>6} {'kernels':>7}")
   for g, c in list(est["groups"].items())[:top]:
     lines.append(f"{g[:48]:<48} {c['s'] * 1e3:7.2f} {c['s'] / t['s']:6.1%} "
                  f"{c.get('memory_bound_s', 0) * 1e3:12.2f} "
+                 f"{c.get('alu_bound_s', 0) * 1e3:12.2f} "
                  f"{c['bytes'] / 1e9:7.2f} {c['flops'] / 1e12:6.2f} "
                  f"{int(c['kernels']):7d}")
   return "\n".join(lines)

@@ -14,7 +14,8 @@
 #   wave 1: S4 PVTv2-B5 224 train (16 clips, unfrozen, full remat: the
 #           build benchmarks/roofline.py bounds best; MFU), AVSS PVTv2-B5
 #           batch 4 with remat (the 16 GB target)
-#   wave 2: the same S4 step without remat (the A/B); S4 ResNet-50 224 train
+#   wave 2: the same S4 step without remat, and with remat and rbg dropout
+#           bits (train.prng_impl: the A/Bs); ResNet-50 trains in wave 3
 #   then:   the MSDA cores alone at the train step's shapes (16 frames;
 #           "taps" takes its one-gather branch off CPU), nothing beside it
 #   wave 3: inference at 32 clips; bf16 model table (B=1)
@@ -73,8 +74,8 @@ XLA_FLAGS=$CUBLAS section avss_b4_remat 300 $M --configs $AVSS \
 wait
 XLA_FLAGS=$CUBLAS section train_s4_pvt2_noremat 200 $M --configs $S4P \
   --phases unfrozen --batch $B --steps 5 &
-XLA_FLAGS=$CUBLAS section train_s4_res50_cublas 200 $M --configs $S4R \
-  --phases unfrozen --batch $B --steps 5 &
+XLA_FLAGS=$CUBLAS section train_s4_pvt2_remat_rbg 200 $M --configs $S4P \
+  --remat true --prng_impl rbg --phases unfrozen --batch $B --steps 5 &
 wait
 section msda_b16 90 -m benchmarks.msda --sizes 224 --frames $BM \
   --dtypes bfloat16 --impls taps,rows,gather4 --steps 10

@@ -70,6 +70,7 @@ def get_config():
   t.first_frame_only = True      # S4 supervises frame 0 of each clip only
   t.log_every_steps = 50
   t.max_steps = -1               # >0 stops early (benchmarks, smoke tests)
+  t.prng_impl = "threefry2x32"   # dropout bits: threefry2x32 | rbg (faster on GPU)
 
   # ----------------------------------------------------------- checkpoint --
   k = c.checkpoint = ml_collections.ConfigDict()

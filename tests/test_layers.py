@@ -1,4 +1,5 @@
 """Building blocks against independent formulations (goldens cover real sizes)."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,3 +135,47 @@ def test_softmax_in_gradients_and_residuals():
     # Only the dtype-sized probabilities are kept for the backward.
     kept = [r for r in jax.tree.leaves(vjp) if r.size == x.size]
     assert [r.dtype for r in kept] == [dt], [r.dtype for r in kept]
+
+
+def test_dropout_is_flax_dropout_and_remat_keeps_its_mask():
+  """Same bits and outputs as nn.Dropout; under remat ("full" and "dots")
+  the backward reuses the saved keep mask instead of drawing the bits again
+  (plain nn.remat draws them twice)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 64, 32))
+  rngs = {"dropout": jax.random.PRNGKey(3)}
+
+  class Block(nn.Module):
+    drop: type
+
+    @nn.compact
+    def __call__(self, x):
+      y = self.drop(0.1)(nn.Dense(32)(x))
+      return self.drop(0.1)(jnp.tanh(y))        # two masks: Dropout_0, _1
+
+  params = Block(layers.Dropout).init(
+      {"params": jax.random.PRNGKey(1), **rngs}, x)
+  ours = Block(layers.Dropout).apply(params, x, rngs=rngs)
+  ref = Block(lambda r: nn.Dropout(r, deterministic=False)).apply(
+      params, x, rngs=rngs)
+  np.testing.assert_array_equal(ours, ref)
+  assert 0.15 < float((ours == 0).mean()) < 0.23       # 1 - 0.9 ** 2
+
+  def count(jaxpr):                   # random_bits calls, sub-jaxprs too
+    n = 0
+    for eqn in jaxpr.eqns:
+      n += eqn.primitive.name == "random_bits"
+      for v in eqn.params.values():
+        for j in (v if isinstance(v, (tuple, list)) else (v,)):
+          if hasattr(j, "eqns") or hasattr(j, "jaxpr"):
+            n += count(getattr(j, "jaxpr", j))
+    return n
+
+  def draws(block):
+    f = lambda p: block.apply(p, x, rngs=rngs).sum()      # noqa: E731
+    return count(jax.make_jaxpr(jax.grad(f))(params).jaxpr)
+
+  once = draws(Block(layers.Dropout))
+  assert once == 2
+  for mode in ("full", "dots"):
+    assert draws(layers.remat_module(Block, mode)(layers.Dropout)) == once
+  assert draws(nn.remat(Block)(layers.Dropout)) == 2 * once

@@ -55,7 +55,7 @@ def test_bfloat16_train_and_eval_steps():
   assert _dtypes(new_state.opt_state) <= {"float32", "int32"}
 
 
-def _grads(config, train_mode, seed=0):
+def _grads(config, train_mode, seed=0, prng_impl="threefry2x32"):
   model = build_model(config)
   v = avsegformer.init_variables(model, jax.random.PRNGKey(0))
   b = random_batch(config, clips=2, seed=seed)
@@ -66,7 +66,8 @@ def _grads(config, train_mode, seed=0):
   def loss(p):
     (logits, mf), _ = model.apply(
         {**v, "params": p}, frames, audio, train=train_mode,
-        rngs={"dropout": jax.random.PRNGKey(1)}, mutable=mutable)
+        rngs={"dropout": train.dropout_key(jax.random.PRNGKey(1), prng_impl)},
+        mutable=mutable)
     return jnp.mean(jnp.tanh(logits)) + 0.1 * jnp.mean(mf * mf)
   with jax.default_matmul_precision("highest"):
     return jax.jit(jax.value_and_grad(loss))(v["params"])
@@ -79,15 +80,23 @@ def _grads(config, train_mode, seed=0):
 def test_remat_gives_identical_gradients(backbone, scan):
   """Train mode (dropout, drop-path, batch statistics): rematerialised blocks
   recompute exactly what they stored, with the same random bits, whether
-  they recompute everything ("full") or all but the weight GEMMs ("dots")."""
-  out = []
-  for remat, policy in ((False, "full"), (True, "full"), (True, "dots")):
+  they recompute everything ("full") or all but the weight GEMMs ("dots"),
+  and whether the bits come from threefry or XLA's RngBitGenerator ("rbg")."""
+  out = {}
+  for remat, policy, impl in ((False, "full", "threefry2x32"),
+                              (True, "full", "threefry2x32"),
+                              (True, "dots", "threefry2x32"),
+                              (False, "full", "rbg"), (True, "full", "rbg")):
     config = tiny.get_config(backbone)
     config.model.remat, config.model.scan_layers = remat, scan
     config.model.remat_policy = policy
-    out.append(_grads(config, train_mode=True))
-  (l0, g0) = out[0]
-  for l1, g1 in out[1:]:
+    out[remat and policy, impl] = _grads(config, True, prng_impl=impl)
+  # Other dropout bits, another loss: the rbg key reaches the dropouts.
+  assert abs(float(out[False, "rbg"][0] - out[False, "threefry2x32"][0])) > 1e-6
+  for (remat, impl), (l1, g1) in out.items():
+    if not remat:
+      continue
+    l0, g0 = out[False, impl]
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     flat0 = jax.tree_util.tree_leaves_with_path(g0)
     flat1 = dict(jax.tree_util.tree_leaves_with_path(g1))
@@ -95,6 +104,32 @@ def test_remat_gives_identical_gradients(backbone, scan):
     for path, a in flat0:
       np.testing.assert_allclose(flat1[path], a, atol=1e-5, rtol=1e-5,
                                  err_msg=jax.tree_util.keystr(path))
+
+
+def test_rbg_dropout_key_trains_and_checks_its_name():
+  """`train.prng_impl`: the state keeps its threefry key (checkpoints do not
+  change); the step draws dropout bits from an rbg key, deterministically."""
+  config = tiny.get_config("res50")
+  config.train.prng_impl = "rbg"
+  mesh = train.make_mesh()
+  steps = train.Steps(avsegformer.build_model(config, axis_name=train.AXIS),
+                      config, mesh)
+  state = train.replicate(train.create_train_state(
+      config, build_model(config), jax.random.PRNGKey(0)), mesh)
+  assert state.rng.shape == (2,) and state.rng.dtype == jnp.uint32
+  batch = train.shard_batch(random_batch(config, clips=1), mesh)
+  key = train.dropout_key(state.rng, "rbg")
+  assert str(jax.random.key_impl(key)) == "rbg"
+  losses = []
+  for _ in range(2):                 # the state is donated: one copy each
+    fresh = jax.tree_util.tree_map(jnp.copy, state)
+    new_state, stats = steps.train(fresh, batch)
+    losses.append(float(stats["loss"]))
+  assert np.isfinite(losses[0]) and losses[0] == losses[1]
+  assert new_state.rng.shape == (2,)
+  config.train.prng_impl = "philox"
+  with pytest.raises(ValueError, match="train.prng_impl must be one of"):
+    train.Steps(None, config, mesh)
 
 
 def test_unknown_remat_policy_is_named():

@@ -122,3 +122,58 @@ def test_gpu_custom_calls_and_in_place_updates():
   assert set(groups) == {"backbone/block3/mlp", "backbone/dynamic_update_slice",
                          "backbone/block3/attn bwd"}
   assert groups["backbone/block3/attn bwd"]["kernels"] == 1
+
+
+# Elementwise arithmetic (the third roof): a rotate idiom, an integer width
+# conversion, a 64-bit op, an exp and a reduction, in a nested fusion.
+_ALU_HLO = """\
+HloModule jit_alu
+
+%inner (p0: u32[1000]) -> u32[1000] {
+  %p0 = u32[1000]{0} parameter(0)
+  %c13 = u32[1000]{0} constant({...})
+  %c19 = u32[1000]{0} constant({...})
+  %shl = u32[1000]{0} shift-left(%p0, %c13)
+  %shr = u32[1000]{0} shift-right-logical(%p0, %c19)
+  %rot = u32[1000]{0} or(%shl, %shr)
+  ROOT %x = u32[1000]{0} xor(%rot, %p0)
+}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%fused (q0: u32[1000], q1: f32[1000]) -> (u64[1000], f32[]) {
+  %q0 = u32[1000]{0} parameter(0)
+  %n = u32[1000]{0} fusion(%q0), kind=kLoop, calls=%inner
+  %w = u64[1000]{0} convert(%n)
+  %m = u64[1000]{0} multiply(%w, %w)
+  %q1 = f32[1000]{0} parameter(1)
+  %e = f32[1000]{0} exponential(%q1)
+  %z = f32[] constant(0)
+  %r = f32[] reduce(%e, %z), dimensions={0}, to_apply=%add
+  ROOT %t = (u64[1000]{0}, f32[]) tuple(%m, %r)
+}
+
+ENTRY %main (x: u32[1000], y: f32[1000]) -> (u64[1000], f32[]) {
+  %x = u32[1000]{0} parameter(0)
+  %y = f32[1000]{0} parameter(1)
+  ROOT %f = (u64[1000]{0}, f32[]) fusion(%x, %y), kind=kLoop, calls=%fused
+}
+"""
+
+
+def test_elementwise_arithmetic_is_a_third_roof():
+  alu = {"fp": 1e9, "int": 1e8, "sfu": 1e7}
+  est = roofline.estimate(_ALU_HLO, peak_flops=1e15, bandwidth=1e15, alu=alu)
+  # rotate 1 + xor 1 (u32), convert free, 64-bit multiply 2, per element;
+  # exp at the special-function rate; the reduction one add per input.
+  want = 1000 * (4 / 1e8 + 1 / 1e7 + 1 / 1e9)
+  assert est["total"]["s"] == pytest.approx(want)
+  assert est["total"]["alu_bound_s"] == pytest.approx(want)
+  two_roofs = roofline.estimate(_ALU_HLO, peak_flops=1e15, bandwidth=1e15,
+                                alu=None)
+  assert two_roofs["total"]["s"] < want / 1000
+
