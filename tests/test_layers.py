@@ -74,6 +74,23 @@ def test_multihead_attention_matches_per_head_loop():
     heads.append((p / p.sum(-1, keepdims=True)) @ vp[..., sl])
   want = dense("out_proj", np.concatenate(heads, -1))
   np.testing.assert_allclose(got, want, atol=1e-5)
+  # Padded to multiples of 8 (the default for 16-bit compute): the padded
+  # keys get no weight, the padded queries are dropped; gradients agree.
+  padded = layers.MultiheadAttention(16, 4, pad_to=8)
+  np.testing.assert_allclose(padded.apply({"params": params}, q, kv, kv),
+                             want, atol=1e-5)
+  loss = lambda m: lambda p, q, kv: jnp.sum(                 # noqa: E731
+      jnp.tanh(m.apply({"params": p}, q, kv, kv)))
+  with jax.default_matmul_precision("highest"):
+    g1 = jax.grad(loss(mha), argnums=(0, 1, 2))(params, q, kv)
+    g8 = jax.grad(loss(padded), argnums=(0, 1, 2))(params, q, kv)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)):
+    assert np.isfinite(np.asarray(b)).all()
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+  bf16 = layers.MultiheadAttention(16, 4, dtype=jnp.bfloat16)
+  np.testing.assert_allclose(
+      np.asarray(bf16.apply({"params": params}, q, kv, kv), np.float32),
+      want, atol=0.05)
 
 
 def _grouped_conv(x, kernel, bias):
