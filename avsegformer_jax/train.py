@@ -108,10 +108,10 @@ def check_supervision(batch, config):
 
 # Bit generators for dropout (`train.prng_impl`). The state's key stays a
 # threefry key (checkpoints and resumption do not depend on the choice);
-# "rbg" draws dropout bits with XLA's RngBitGenerator (Philox on GPU: ~40
-# integer ops per 32-bit word against threefry's ~120, and threefry is what
+# "rbg" draws dropout bits with XLA's RngBitGenerator (Philox on GPU: ~25
+# integer ops per 32-bit word against threefry's ~80, and threefry is what
 # bounds the dropout kernels on a GPU, benchmarks/README.md). Its bits may
-# differ between backends and XLA versions; training statistics do not.
+# differ between backends and XLA versions (the rate and scaling do not).
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 
