@@ -200,6 +200,9 @@ class MultiheadAttention(nn.Module):
     return out_proj(out)
 
 
+DROPOUT_MASK = "dropout_mask"        # the name remat policies save
+
+
 class Dropout(nn.Module):
   """flax's `nn.Dropout` (same random bits, same outputs) whose keep mask is
   named, so rematerialisation keeps it (1 byte per element) instead of
@@ -217,8 +220,6 @@ class Dropout(nn.Module):
     keep = checkpoint_name(keep, DROPOUT_MASK)
     return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
 
-
-DROPOUT_MASK = "dropout_mask"
 
 # Rematerialisation modes (`model.remat` on, `model.remat_policy`): "full"
 # recomputes a block's whole forward in its backward; "dots" keeps the outputs
