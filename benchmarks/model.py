@@ -53,8 +53,23 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12,
              "TPU v5p": 459e12, "TPU v6": 918e12}
 
 
+# Config fields a run may override from the command line (--msda_impl ...),
+# by the config section that holds them.
+OVERRIDES = {"msda_impl": "model", "prng_impl": "train"}
+
+
+def add_override_flags(p):
+  for key, section in OVERRIDES.items():
+    p.add_argument(f"--{key}", default=None, help=f"override {section}.{key}")
+
+
+def given_overrides(a) -> dict:
+  """{field: value} of the override flags given."""
+  return {k: getattr(a, k) for k in OVERRIDES if getattr(a, k, None)}
+
+
 def make_config(name, dtype="float32", remat=False, scan=False,
-                msda_impl=None, prng_impl=None):
+                overrides=None):
   import importlib
   module, backbone, size = SPECS[name]
   config = importlib.import_module(f"configs.{module}").get_config(backbone)
@@ -64,10 +79,8 @@ def make_config(name, dtype="float32", remat=False, scan=False,
   if isinstance(remat, str):
     config.model.remat_policy = remat
   config.model.scan_layers = scan
-  if msda_impl:
-    config.model.msda_impl = msda_impl
-  if prng_impl:
-    config.train.prng_impl = prng_impl
+  for key, value in (overrides or {}).items():
+    config[OVERRIDES[key]][key] = value
   return config
 
 
@@ -98,17 +111,16 @@ def _peak_flops(kind: str):
 
 
 def combination(name, dtype, remat, scan, batch, eval_batch,
-                msda_impl=None, prng_impl=None):
+                overrides=None):
   """(config, the row's fields naming it) of one benchmarked combination;
   the backbone starts frozen so both train phases can be compiled."""
-  config = make_config(name, dtype, remat, scan, msda_impl, prng_impl)
+  config = make_config(name, dtype, remat, scan, overrides)
   config.train.freeze_backbone_epochs = 1
   row = dict(config=name, dtype=dtype, remat=remat, scan=scan,
              batch_clips=batch, eval_batch_clips=eval_batch,
              frames_per_clip=config.data.num_frames,
              image_size=config.data.image_size,
-             msda_impl=config.model.get("msda_impl"),
-             prng_impl=config.train.get("prng_impl"))
+             **{k: config[sec].get(k) for k, sec in OVERRIDES.items()})
   return config, row
 
 
@@ -127,11 +139,11 @@ def model_flops(config, mesh, state, batch, flops):
 
 
 def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
-          phases, msda_impl=None, prng_impl=None) -> dict:
+          phases, overrides=None) -> dict:
   """All phases of one combination, in this process."""
   from avsegformer_jax import avsegformer, train
   config, row = combination(name, dtype, remat, scan, batch, eval_batch,
-                            msda_impl, prng_impl)
+                            overrides)
   row["steps"] = steps
   t_frames = config.data.num_frames
   mesh = train.make_mesh()
@@ -272,10 +284,7 @@ def parse_args(argv):
   p.add_argument("--batch", type=int, default=1, help="train clips")
   p.add_argument("--eval_batch", type=int, default=1, help="eval clips")
   p.add_argument("--phases", default=",".join(PHASES))
-  p.add_argument("--msda_impl", default=None,
-                 help="override model.msda_impl")
-  p.add_argument("--prng_impl", default=None,
-                 help="override train.prng_impl (dropout bits): rbg, ...")
+  add_override_flags(p)
   p.add_argument("--json", default="")
   p.add_argument("--quick", action="store_true",
                  help="tiny configs, in-process (for tests and smoke runs)")
@@ -315,10 +324,8 @@ def _subprocess_row(a, name, dtype, remat, scan, env=None):
            "--warmup", str(a.warmup), "--batch", str(a.batch),
            "--eval_batch", str(a.eval_batch), "--phases", ",".join(a.phases),
            "--json", out]
-    if a.msda_impl:
-      cmd += ["--msda_impl", a.msda_impl]
-    if a.prng_impl:
-      cmd += ["--prng_impl", a.prng_impl]
+    for key, value in given_overrides(a).items():
+      cmd += [f"--{key}", value]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode == 0 and os.path.exists(out):
       with open(out) as f:
@@ -375,7 +382,7 @@ def main(argv=None):
   if a.inprocess:
     for c in combos:
       done(bench(*c, a.steps, a.warmup, a.batch, a.eval_batch, a.phases,
-                 a.msda_impl, a.prng_impl))
+                 given_overrides(a)))
   else:
     env = _jobs_env(a.jobs)
     try:

@@ -70,12 +70,12 @@ def _abstract(tree, sharding):
 
 
 def plan_row(name, dtype, remat, scan, batch, eval_batch, phases, mesh,
-             msda_impl=None, roofline_of=None, prng_impl=None) -> dict:
+             overrides=None, roofline_of=None) -> dict:
   """Compile every phase of one combination on abstract inputs;
   `roofline_of(hlo_text)` (benchmarks/roofline.py) bounds each step's time."""
   from avsegformer_jax import avsegformer, train
   config, row = bench_model.combination(name, dtype, remat, scan, batch,
-                                        eval_batch, msda_impl, prng_impl)
+                                        eval_batch, overrides)
   steps = train.Steps(avsegformer.build_model(config, axis_name=train.AXIS),
                       config, mesh)
   plain = avsegformer.build_model(config)
@@ -166,9 +166,7 @@ def parse_args(argv):
   p.add_argument("--batch", type=int, default=1, help="train clips (global)")
   p.add_argument("--eval_batch", type=int, default=1, help="eval clips")
   p.add_argument("--phases", default="unfrozen")
-  p.add_argument("--msda_impl", default=None)
-  p.add_argument("--prng_impl", default=None,
-                 help="override train.prng_impl (dropout bits)")
+  bench_model.add_override_flags(p)
   p.add_argument("--roofline", action="store_true",
                  help="bound each step by the device's peak FLOP/s and "
                       "memory bandwidth, kernel by kernel (GPU targets)")
@@ -210,7 +208,8 @@ def main(argv=None):
       a.configs, a.dtypes, a.remat, a.scan):
     try:
       row = plan_row(name, dtype, remat, scan, a.batch, a.eval_batch,
-                     a.phases, mesh, a.msda_impl, roofline_of, a.prng_impl)
+                     a.phases, mesh, bench_model.given_overrides(a),
+                     roofline_of)
     except Exception as e:       # noqa: BLE001  (report, go on: a table row)
       row = dict(config=name, dtype=dtype, remat=remat, scan=scan,
                  batch_clips=a.batch, error=f"{type(e).__name__}: {e}"[:300])
