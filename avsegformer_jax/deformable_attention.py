@@ -75,9 +75,14 @@ SAMPLERS = {"gather4": _sample_level, "fused": _sample_level_fused}
 # once from value viewed as a [B*S*nH, D] table with the bilinear and
 # attention weights folded together ("rows": one gather + weighted sum;
 # "taps": gathers fused into the sum, custom backward). benchmarks/msda.py
-# times them; "taps" is the fastest on CPU (forward 4x "rows").
-IMPLS = ("gather4", "fused", "rows", "taps")
-DEFAULT_IMPL = "taps"
+# times them; "taps" is the fastest on CPU (forward 4x "rows") and GPU
+# (bf16 forward+backward 9x "gather4"). On TPU the 48-tap table gathers are
+# the worst: XLA:TPU materialises [M, 48, 32] padded to 128 lanes and takes
+# minutes to compile them (benchmarks/README.md), so "auto", the default,
+# is "gather4" there and "taps" elsewhere, chosen when the step is lowered.
+IMPLS = ("auto", "gather4", "fused", "rows", "taps")
+DEFAULT_IMPL = "auto"
+AUTO = {"tpu": "gather4", "default": "taps"}
 
 
 def _table_rows(value, spatial_shapes, sampling_locations, attention_weights):
@@ -177,6 +182,13 @@ def ms_deform_attn_core(value, spatial_shapes: Sequence[tuple[int, int]],
   whatever the compute dtype: in bfloat16 they would be off by up to a
   quarter pixel on a 64-wide map.
   """
+  if impl == "auto":
+    def core(name):
+      return lambda v, loc, aw: ms_deform_attn_core(v, spatial_shapes, loc,
+                                                    aw, name)
+    return jax.lax.platform_dependent(
+        value, sampling_locations, attention_weights,
+        **{k: core(v) for k, v in AUTO.items()})
   b, _, nh, d = value.shape
   _, lq, _, nl, npts, _ = sampling_locations.shape
   if impl in ("rows", "taps"):
@@ -220,7 +232,7 @@ class MSDeformAttn(nn.Module):
   n_levels: int = 3
   n_heads: int = 8
   n_points: int = 4
-  impl: str = DEFAULT_IMPL       # core: packed | fused | gather4 (IMPLS)
+  impl: str = DEFAULT_IMPL       # core: one of IMPLS
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact

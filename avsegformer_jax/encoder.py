@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from avsegformer_jax import layers
-from avsegformer_jax.deformable_attention import MSDeformAttn
+from avsegformer_jax.deformable_attention import DEFAULT_IMPL, MSDeformAttn
 
 
 def sine_position_encoding(h: int, w: int, num_feats: int = 128,
@@ -55,7 +55,7 @@ class EncoderLayer(nn.Module):
   spatial_shapes: tuple = ()
   train: bool = False
   scan: bool = False             # return (x, None) for nn.scan
-  msda_impl: str = "taps"
+  msda_impl: str = DEFAULT_IMPL
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -86,7 +86,7 @@ class Encoder(nn.Module):
   spatial_shapes: tuple = ()
   remat: bool | str = False         # layers.remat_module
   scan_layers: bool = False
-  msda_impl: str = "taps"
+  msda_impl: str = DEFAULT_IMPL
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact

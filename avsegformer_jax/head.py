@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from avsegformer_jax import layers
 from avsegformer_jax.decoder import Decoder
+from avsegformer_jax.deformable_attention import DEFAULT_IMPL
 from avsegformer_jax.encoder import Encoder, sine_position_encoding
 from avsegformer_jax.mixer import build_mixer
 from avsegformer_jax.query_generator import QueryGenerator
@@ -91,7 +92,7 @@ class AVSegHead(nn.Module):
   dropout: float = 0.1
   remat: bool | str = False         # layers.remat_module
   scan_layers: bool = False
-  msda_impl: str = "taps"
+  msda_impl: str = DEFAULT_IMPL
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact

@@ -1,7 +1,7 @@
 """Multi-scale deformable attention: time the core implementations.
 
     python -m benchmarks.msda [--sizes 224,512] [--frames 5] [--steps 5]
-        [--dtypes float32] [--impls gather4,fused,packed] [--json OUT]
+        [--dtypes float32] [--impls gather4,fused,rows,taps] [--json OUT]
 
 Shapes are the encoder's: every pixel of the stride 8/16/32 levels queries
 (Lq = S = 1029 at 224, 5376 at 512), 8 heads of 32 channels, 3 levels,
@@ -102,7 +102,8 @@ def main(argv=None):
   p.add_argument("--frames", type=int, default=5, help="N = B*T")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--dtypes", default="float32")
-  p.add_argument("--impls", default=",".join(da.IMPLS))
+  p.add_argument("--impls", default=",".join(i for i in da.IMPLS
+                                              if i != "auto"))
   p.add_argument("--json", default="")
   a = p.parse_args(argv)
   xla_cpu.configure()        # as the CLIs do (avsegformer_jax/xla_cpu.py)

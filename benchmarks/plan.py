@@ -1,5 +1,5 @@
 """Compile the train and eval steps without running them, for this machine
-or for a GPU that is not here: XLA's memory plan, FLOPs, compile time.
+or for a GPU or TPU that is not here: XLA's memory plan, FLOPs, compile time.
 
     python -m benchmarks.plan --target h100 --configs avss_pvt2_224 \
         --dtypes bfloat16 --remat false,true --scan true --batch 4 \
@@ -18,6 +18,13 @@ GEMM fusion off, `GPU_FLAGS`) and convolution algorithms (and their
 workspaces) may differ from a run's. Nothing is timed. `--roofline` adds
 the step's time if every kernel ran at the GPU's peak FLOP/s or bandwidth
 (benchmarks/roofline.py) and the model-FLOP utilisation that allows.
+
+`--target v4|v5e|v5p|v6e` compiles for one host's chips of that TPU
+(`v5e:2x2` etc.) through libtpu's compile-only topology (`pip install
+"jax[tpu]==<jax version>"`, no TPU): XLA:TPU's own memory plan (tiled
+layouts, i.e. padded to 8x128 tiles) and compile time. Not timed, no
+roofline: XLA:TPU's cost model is not exposed (its `optimal_seconds` is
+negative for these programs).
 """
 from __future__ import annotations
 
@@ -34,7 +41,11 @@ from benchmarks import common
 from benchmarks import model as bench_model
 from benchmarks import roofline
 
-TARGETS = ("local", "h100", "h200")
+GPU_TARGETS = ("h100", "h200")
+# Compile-only TPU topologies (one host's chips; libtpu, no TPU needed).
+TPU_TARGETS = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1",
+               "v6e": "v6e:2x2"}
+TARGETS = ("local",) + GPU_TARGETS + tuple(TPU_TARGETS)
 GPU_FLAGS = "--xla_gpu_enable_triton_gemm=false"
 # HBM bytes/s of the SXM parts, for --roofline (peak FLOP/s: PEAK_BF16).
 BANDWIDTH = {"h100": 3.35e12, "h200": 4.8e12}
@@ -48,6 +59,19 @@ def target_mesh(target: str, devices: int):
   if target == "local":
     return train.make_mesh()
   from jax.experimental import topologies
+  if target in TPU_TARGETS:
+    try:
+      topo = topologies.get_topology_desc(TPU_TARGETS[target], "tpu")
+    except Exception as e:        # noqa: BLE001  (libtpu missing: many kinds)
+      raise SystemExit(
+          f"benchmarks.plan: cannot compile for {target} without libtpu "
+          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Install "
+          f'it for jax {jax.__version__}: pip install "jax[tpu]=='
+          f'{jax.__version__}" (no TPU needed)')
+    if devices > len(topo.devices):
+      raise SystemExit(f"benchmarks.plan: {target} compiles for at most "
+                       f"{len(topo.devices)} chips")
+    return train.make_mesh(list(topo.devices)[:devices])
   with open(os.path.join(_TARGET_DIR, f"{target}.txtpb")) as f:
     target_config = f.read()
   try:
@@ -157,7 +181,8 @@ def parse_args(argv):
                               description=__doc__.split("\n")[0])
   p.add_argument("--target", default="local", choices=TARGETS)
   p.add_argument("--devices", type=int, default=1,
-                 help="GPUs of the target (the data axis); local: all")
+                 help="GPUs or TPU chips of the target (the data axis); "
+                      "local: all")
   p.add_argument("--configs", default="avss_pvt2_224",
                  help=f"comma list of {sorted(bench_model.SPECS)}")
   p.add_argument("--dtypes", default="bfloat16")
@@ -172,8 +197,8 @@ def parse_args(argv):
                       "memory bandwidth, kernel by kernel (GPU targets)")
   p.add_argument("--json", default="")
   a = p.parse_args(argv)
-  if a.roofline and a.target == "local":
-    p.error("--roofline needs a GPU target (h100, h200)")
+  if a.roofline and a.target not in GPU_TARGETS:
+    p.error(f"--roofline needs a GPU target {GPU_TARGETS}")
   bench_model.split_lists(p, a)
   return a
 
@@ -187,8 +212,9 @@ def main(argv=None):
     jax.config.update("jax_platforms", "cpu")
     # Triton GEMM tiles are chosen by autotuning, which needs the device
     # ("Couldn't find output tile sizes" without it): cuBLAS GEMMs instead.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
-                               + GPU_FLAGS).strip()
+    if a.target in GPU_TARGETS:
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
+                                 + GPU_FLAGS).strip()
   mesh = target_mesh(a.target, a.devices)
   n = mesh.devices.size
   for b in (a.batch, a.eval_batch):

@@ -38,7 +38,7 @@ def get_config():
   m.remat = False                # rematerialise transformer / backbone blocks
   m.remat_policy = "full"        # full: recompute all | dots: keep weight GEMMs' outputs
   m.scan_layers = False          # nn.scan over repeated identical layers
-  m.msda_impl = "taps"           # deformable-attention core: taps | rows | fused | gather4
+  m.msda_impl = "auto"           # MSDA core: auto (taps; gather4 on TPU) | taps | rows | fused | gather4
 
   # ----------------------------------------------------------------- data --
   d = c.data = ml_collections.ConfigDict()

@@ -3,6 +3,7 @@ and writes every field the table promises, with sane values."""
 import json
 
 import numpy as np
+import pytest
 
 from benchmarks import common
 from benchmarks import model as bench_model
@@ -140,6 +141,19 @@ def test_plan_gpu_target_needs_the_cuda_plugin_or_compiles_for_it():
     return
   (device,) = mesh.devices.flat
   assert "H100" in device.device_kind
+
+
+def test_plan_tpu_target_needs_libtpu_or_compiles_for_it():
+  from benchmarks import plan as bench_plan
+  try:
+    mesh = bench_plan.target_mesh("v5e", 2)
+  except SystemExit as e:                     # CI: no libtpu installed
+    assert "jax[tpu]" in str(e) and "v5e" in str(e)
+    return
+  assert mesh.devices.size == 2
+  assert all("v5" in d.device_kind for d in mesh.devices.flat)
+  with pytest.raises(SystemExit, match="at most 4 chips"):
+    bench_plan.target_mesh("v5e", 8)
 
 
 _COMPILER = """

@@ -135,3 +135,27 @@ def test_taps_branches_per_platform_agree():
     return text.count("stablehlo.gather")
   assert gathers("cpu") == 2 * 12           # forward and d_wgt: one per tap
   assert gathers("cuda") == 2
+
+
+def test_auto_lowers_to_the_platforms_core():
+  """"auto" (the default) is "gather4" when lowered for TPU and "taps" for
+  CPU and GPU: the lowered program is the chosen core's, op for op, so the
+  other branch costs nothing (XLA:TPU pads the taps table's [M, 48, 32]
+  gather to 128 lanes: 28x the memory, minutes to compile)."""
+  shapes = ((6, 5), (3, 3), (2, 1))
+  s = sum(h * w for h, w in shapes)
+  value = jnp.zeros((2, s, 3, 4), jnp.bfloat16)
+  loc = jnp.zeros((2, 7, 3, 3, 2, 2), jnp.float32)
+  aw = jnp.zeros((2, 7, 3, 3, 2), jnp.float32)
+
+  def ops(impl, platform):
+    f = jax.jit(jax.grad(lambda v, l, a: jnp.sum(da.ms_deform_attn_core(
+        v, shapes, l, a, impl).astype(jnp.float32)), (0, 1, 2)))
+    text = f.trace(value, loc, aw).lower(
+        lowering_platforms=(platform,)).as_text()
+    return [text.count(f"stablehlo.{op}") for op in ("gather", "scatter")]
+  for platform, core in (("tpu", "gather4"), ("cuda", "taps"),
+                         ("cpu", "taps")):
+    assert ops("auto", platform) == ops(core, platform), platform
+  assert ops("gather4", "tpu") != ops("taps", "tpu")
+  assert da.DEFAULT_IMPL == "auto"
