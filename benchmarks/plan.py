@@ -53,37 +53,35 @@ _TARGET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            "targets")
 
 
+def _topology(target: str, needs: str, extra: str, **kwargs):
+  """JAX's compile-only topology, or an exit naming what to install."""
+  from jax.experimental import topologies
+  try:
+    return topologies.get_topology_desc(**kwargs)
+  except Exception as e:          # noqa: BLE001  (plugin missing: many kinds)
+    raise SystemExit(
+        f"benchmarks.plan: cannot compile for {target} without {needs} "
+        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Install it "
+        f'for jax {jax.__version__}: pip install "jax[{extra}]=='
+        f'{jax.__version__}" (no {target} needed)')
+
+
 def target_mesh(target: str, devices: int):
-  """A `data` mesh of the local devices or of compile-only GPU devices."""
+  """A `data` mesh of the local devices or of compile-only GPU/TPU devices."""
   from avsegformer_jax import train
   if target == "local":
     return train.make_mesh()
-  from jax.experimental import topologies
   if target in TPU_TARGETS:
-    try:
-      topo = topologies.get_topology_desc(TPU_TARGETS[target], "tpu")
-    except Exception as e:        # noqa: BLE001  (libtpu missing: many kinds)
-      raise SystemExit(
-          f"benchmarks.plan: cannot compile for {target} without libtpu "
-          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Install "
-          f'it for jax {jax.__version__}: pip install "jax[tpu]=='
-          f'{jax.__version__}" (no TPU needed)')
+    topo = _topology(target, "libtpu", "tpu", platform="tpu",
+                     topology_name=TPU_TARGETS[target])
     if devices > len(topo.devices):
       raise SystemExit(f"benchmarks.plan: {target} compiles for at most "
                        f"{len(topo.devices)} chips")
     return train.make_mesh(list(topo.devices)[:devices])
   with open(os.path.join(_TARGET_DIR, f"{target}.txtpb")) as f:
     target_config = f.read()
-  try:
-    topo = topologies.get_topology_desc(
-        platform="cuda", target_config=target_config,
-        topology=f"1x1x{devices}")
-  except Exception as e:          # noqa: BLE001  (plugin missing: many kinds)
-    raise SystemExit(
-        f"benchmarks.plan: cannot compile for {target} without JAX's CUDA "
-        f"plugin ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-        f"Install it for jax {jax.__version__}: "
-        f'pip install "jax[cuda12]=={jax.__version__}" (no GPU needed)')
+  topo = _topology(target, "JAX's CUDA plugin", "cuda12", platform="cuda",
+                   target_config=target_config, topology=f"1x1x{devices}")
   return train.make_mesh(list(topo.devices))
 
 
