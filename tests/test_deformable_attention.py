@@ -139,8 +139,8 @@ def test_taps_branches_per_platform_agree():
 
 def test_auto_lowers_to_the_platforms_core():
   """"auto" (the default) is "gather4" when lowered for TPU and "taps" for
-  CPU and GPU: the lowered program is the chosen core's, op for op, so the
-  other branch costs nothing (XLA:TPU pads the taps table's [M, 48, 32]
+  CPU and GPU: the lowered program has the chosen core's gathers and
+  scatters and no others, so the other branch costs nothing (XLA:TPU pads the taps table's [M, 48, 32]
   gather to 128 lanes: 28x the memory, minutes to compile)."""
   shapes = ((6, 5), (3, 3), (2, 1))
   s = sum(h * w for h, w in shapes)
