@@ -25,7 +25,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from avsegformer_jax import avsegformer, losses, metrics
+from avsegformer_jax import avsegformer, losses, metrics, visualize
 
 AXIS = "data"
 # Parameter groups: VGGish is always frozen (never differentiated, no state);
@@ -86,12 +86,45 @@ def _flat(batch, key, tail):
       (-1,) + tail)
 
 
+def normalize_frames(frames, valid):
+  """uint8 RGB [N,H,W,3] -> ImageNet-normalised float32, on the device.
+
+  The input pipeline ships uint8 frames (a quarter of the bytes through its
+  worker pipes and to the device, and no float pass on the host); this is
+  the original's ToTensor + Normalize. Frames with `valid` [N] = 0 become
+  exact zeros, as the original pads AVSS clips after normalising.
+  """
+  x = (frames.astype(jnp.float32) / 255.0 - visualize.MEAN) / visualize.STD
+  return jnp.where(valid[:, None, None, None] > 0, x, 0.0)
+
+
+def _model_inputs(batch):
+  """(frames [N,H,W,3] float32, audio, labels [N,H,W] int32, vid [N]) of a
+  batch whose frames are uint8 (the pipeline's) or already normalised."""
+  frames, vid = _flat(batch, "frames", None), _flat(batch, "vid_flag", ())
+  if frames.dtype == jnp.uint8:
+    frames = normalize_frames(frames, vid)
+  return (frames, _flat(batch, "audio", None),
+          _flat(batch, "masks", None).astype(jnp.int32), vid)
+
+
 def supervised_every(config, num_frames: int) -> int:
   """T when training supervises frame 0 of each clip only (S4:
   `train.first_frame_only`), else 1: the model then runs the head (and
   VGGish, and a backbone without batch norm) on those frames alone — the
   same loss and gradients at a fraction of the cost (tests/test_train_step.py)."""
   return num_frames if config.train.get("first_frame_only", False) else 1
+
+
+def clip_frames(config, model) -> int:
+  """Frames per training clip the step needs from the pipeline: 1 under
+  `train.first_frame_only` when the backbone keeps no batch statistics
+  (PVTv2: frames 1..T-1 reach neither the loss nor any statistic, so they
+  need not be decoded, resized or copied to the device), else all T."""
+  if (config.train.get("first_frame_only", False)
+      and not getattr(model.backbone, "batch_statistics", False)):
+    return 1
+  return config.data.num_frames
 
 
 def check_supervision(batch, config):
@@ -135,10 +168,8 @@ def train_step(state: TrainState, batch, *, model, config):
   """One optimisation step on this device's shard (call through `p_train_step`)."""
   frozen = state.opt_state["backbone"] is None
   groups = MAIN_GROUP if frozen else MAIN_GROUP + ("backbone",)
-  frames, audio = _flat(batch, "frames", None), _flat(batch, "audio", None)
-  labels = _flat(batch, "masks", None)
+  frames, audio, labels, vid = _model_inputs(batch)
   weights = _flat(batch, "gt_flag", ())
-  vid = _flat(batch, "vid_flag", ())
   every = supervised_every(config, batch["frames"].shape[1])
   if every > 1:          # S4: only frame 0 of each clip reaches the loss
     labels, weights = labels[::every], weights[::every]
@@ -187,9 +218,7 @@ def train_step(state: TrainState, batch, *, model, config):
 
 def eval_step(variables, batch, *, model, config):
   """Metric sums of one global batch (call through `p_eval_step`)."""
-  frames, audio = _flat(batch, "frames", None), _flat(batch, "audio", None)
-  labels = _flat(batch, "masks", None)
-  vid = _flat(batch, "vid_flag", ())
+  frames, audio, labels, vid = _model_inputs(batch)
   # [B] -> [B*T]: host padding clips count nowhere.
   valid = jnp.repeat(batch["clip_valid"], batch["frames"].shape[1])
   logits, _ = model.apply(variables, frames, audio, vid)

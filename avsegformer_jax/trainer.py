@@ -144,7 +144,8 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
   t = config.train
   ds, info = input_pipeline.create_dataset(
       config, config.data.train_split, train=True, num_epochs=t.num_epochs,
-      source=src(config.data.train_split))
+      source=src(config.data.train_split),
+      train_frames=train.clip_frames(config, model))
   data_iter = iter(ds)
   bpe = info["batches_per_epoch"]
   total = bpe * t.num_epochs

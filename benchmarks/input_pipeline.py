@@ -2,7 +2,7 @@
 
     python -m benchmarks.input_pipeline [--task s4] [--sizes 224,512]
         [--workers 1,2] [--clips N] [--frame_size PX] [--batches K]
-        [--eval] [--data_dir DIR] [--json OUT]
+        [--eval] [--train_frames K] [--data_dir DIR] [--json OUT]
 
 Synthesizes `--clips` clips of the task at `--frame_size` px (AVSS frames
 are 4:3, so its train resize crops) into a temporary directory (or
@@ -51,13 +51,15 @@ def make_config(task: str, data_dir, size: int):
   return c
 
 
-def measure(config, *, workers: int, batch: int, batches: int, train: bool) -> dict:
+def measure(config, *, workers: int, batch: int, batches: int, train: bool,
+            train_frames: int | None = None) -> dict:
   """Steady-state rate over `batches` batches, after a warm-up that starts the
   workers and drains what they decoded ahead meanwhile (it would inflate the rate)."""
   from datasets import input_pipeline   # pylint: disable=g-import-not-at-top
   split = "train" if train else "validation"
   ds, info = input_pipeline.create_dataset(config, split, train=train, batch_size=batch,
-                                           num_epochs=10**4, num_workers=workers)
+                                           num_epochs=10**4, num_workers=workers,
+                                           train_frames=train_frames)
   ahead = config.data.get("prefetch_batches", input_pipeline.PREFETCH_BATCHES)
   warmup = 1 + (ahead + 1) * max(workers, 1)
   it = iter(ds)
@@ -77,7 +79,8 @@ def measure(config, *, workers: int, batch: int, batches: int, train: bool) -> d
   return {"split": split, "split_clips": info["num_clips"], "workers": workers,
           "image_size": config.data.image_size, "batch": batch, "batches": batches,
           "warmup_batches": warmup, "clips": clips, "seconds": dt,
-          "clips_per_s": clips / dt, "frames_per_s": frames / dt, "first_batch_s": first}
+          "clips_per_s": clips / dt, "frames_per_s": frames / dt, "first_batch_s": first,
+          "frames_per_clip": int(b["frames"].shape[1])}
 
 
 def _ints(s: str):
@@ -94,6 +97,9 @@ def main(argv=None) -> dict:
   p.add_argument("--batch", type=int, default=2, help="clips per batch")
   p.add_argument("--batches", type=int, default=30, help="timed batches per setting")
   p.add_argument("--eval", action="store_true", help="validation split, in order, no crop")
+  p.add_argument("--train_frames", type=int, default=0,
+                 help="load the first k frames of each train clip (S4 with PVTv2 "
+                      "trains on 1: train.clip_frames); 0 = all")
   p.add_argument("--data_dir", default="", help="prepare here (reused) instead of a tmp dir")
   p.add_argument("--json", default="", help="write the results here")
   a = p.parse_args(argv)
@@ -108,14 +114,16 @@ def main(argv=None) -> dict:
     for size in _ints(a.sizes):
       for w in _ints(a.workers):
         row = measure(make_config(a.task, data_dir, size), workers=w, batch=a.batch,
-                      batches=a.batches, train=not a.eval)
+                      batches=a.batches, train=not a.eval,
+                      train_frames=a.train_frames or None)
         rows.append(dict(row, task=a.task))
         print(f"  size {size} workers {w}: {row['clips_per_s']:.1f} clips/s", flush=True)
     load_after = os.getloadavg()
 
   print(common.fmt_table(rows, [
       ("task", "task", None), ("split", "split", None), ("size", "image_size", None),
-      ("workers", "workers", None), ("clips/s", "clips_per_s", "{:.1f}"),
+      ("workers", "workers", None), ("T", "frames_per_clip", None),
+      ("clips/s", "clips_per_s", "{:.1f}"),
       ("frames/s", "frames_per_s", "{:.1f}"), ("1st batch s", "first_batch_s", "{:.1f}")]))
   print(f"load average (1 min) before/after: {load_before[0]:.1f} / {load_after[0]:.1f} "
         f"on {os.cpu_count()} CPUs")

@@ -85,7 +85,8 @@ def make_config(name, dtype="float32", remat=False, scan=False,
 
 
 def random_batch(config, clips: int, seed: int = 0):
-  """A host batch as the input pipeline gives it (task-shaped labels/flags)."""
+  """A host batch as the input pipeline gives it (uint8 frames and masks,
+  task-shaped labels and flags)."""
   t, s = config.data.num_frames, config.data.image_size
   r = np.random.RandomState(seed)
   if config.task == "avss":
@@ -96,9 +97,9 @@ def random_batch(config, clips: int, seed: int = 0):
     gt_flag = np.zeros((clips, t), np.float32)
     gt_flag[:, 0] = 1.0                                  # S4 train: frame 0
   return dict(
-      frames=r.standard_normal((clips, t, s, s, 3)).astype(np.float32),
+      frames=r.randint(0, 256, (clips, t, s, s, 3)).astype(np.uint8),
       audio=r.standard_normal((clips, t, 96, 64)).astype(np.float32),
-      masks=masks.astype(np.int32), gt_flag=gt_flag,
+      masks=masks.astype(np.uint8), gt_flag=gt_flag,
       vid_flag=np.ones((clips, t), np.float32),
       clip_valid=np.ones((clips,), np.float32))
 

@@ -7,24 +7,27 @@ processes, and an iterator whose state orbax saves with the train state, so
 a resumed run continues at the exact next batch.
 
 Batches (this process's clips, Bl = global batch / process count):
-  frames [Bl,T,S,S,3] float32 (ImageNet-normalised), audio [Bl,T,96,64],
-  masks [Bl,T,S,S] int32, gt_flag / vid_flag [Bl,T] float32,
+  frames [Bl,T,S,S,3] uint8 (resized RGB; padded frames 0), audio
+  [Bl,T,96,64] float32, masks [Bl,T,S,S] uint8 (0/1, or AVSS class index),
+  gt_flag / vid_flag [Bl,T] float32,
   clip_valid [Bl] float32 (0 = padding that fills the last batch),
   meta_clip_id / meta_category [Bl] str (host only).
 The last batch of an epoch is padded instead of dropped (the original's
 DataLoader keeps it): padded clips carry zero weights everywhere.
+Frames stay uint8 up to the step (`train.normalize_frames` applies the
+ImageNet normalisation on the device): a float32 batch is 4x the bytes to
+pickle through the worker pipes and to copy to the device.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 
 import grain
 import numpy as np
 from PIL import Image
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
 SPLITS = ("train", "validation", "test")
 # Batches decoded ahead per process (main or worker), each in its own thread.
 # grain's default (500 ahead, 16 threads) holds up to 500 decoded batches
@@ -36,15 +39,33 @@ class PipelineError(ValueError):
   pass
 
 
+def _encoded_images():
+  """A TFDS decoder that hands over a Sequence(Image)'s PNG/JPEG bytes.
+
+  Why: TFDS decodes every image of an example (S4 training may need one of
+  five), and with OpenCV installed it decodes JPEGs with OpenCV, whose
+  pixels can differ from PIL's; the original reads frames with PIL.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  class EncodedImages(tfds.decode.SkipDecoding):
+    def decode_batch_example_np(self, serialized):   # the NumPy path
+      return serialized
+  return EncodedImages()
+
+
 def open_source(config, split):
-  """tfds.data_source over the prepared `avsbench/<task>` split."""
+  """tfds.data_source over the prepared `avsbench/<task>` split; frames and
+  masks stay encoded until `ClipLoader` decodes the ones it uses."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if split not in SPLITS:
     raise PipelineError(f"split must be one of {SPLITS}, got {split!r}")
   data_dir = config.data.data_dir or None
   name = f"{config.data.name}/{config.task}"
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir)
+    return tfds.data_source(
+        name, split=split, data_dir=data_dir,
+        decoders={"frames": _encoded_images(), "masks": _encoded_images()})
   except Exception as e:  # tfds raises several types for a missing dataset
     raise PipelineError(
         f"cannot open {name} split {split!r} in data_dir "
@@ -53,10 +74,19 @@ def open_source(config, split):
         f"--manual_dir=RAW_AVSBENCH --data_dir=DATA_DIR") from e
 
 
-def _resize(img: np.ndarray, size: int, crop: bool, nearest: bool):
+def _image(x) -> Image.Image:
+  """PNG/JPEG bytes (our source) or a decoded array (a source that decodes)."""
+  if isinstance(x, (bytes, np.bytes_)):
+    img = Image.open(io.BytesIO(x))
+    img.load()
+    return img
+  x = np.asarray(x, np.uint8)
+  return Image.fromarray(x[..., 0] if x.ndim == 3 and x.shape[-1] == 1 else x)
+
+
+def _resize(pil: Image.Image, size: int, crop: bool, nearest: bool):
   """PIL resizes as the original's loaders (bilinear with PIL's antialias
   for frames, nearest for masks); `crop`: short side to `size`, centre crop."""
-  pil = Image.fromarray(img)
   method = Image.NEAREST if nearest else Image.BILINEAR
   if not crop:
     return np.asarray(pil.resize((size, size), method))
@@ -100,17 +130,34 @@ class ClipLoader:
     idx = int(self._order(epoch)[pos % self.num_clips])
     return self.load(idx, valid)
 
+  @staticmethod
+  def _decode(ex, idx, key, j, x) -> Image.Image:
+    try:
+      return _image(x)
+    except (OSError, ValueError) as e:      # PIL: truncated / not an image
+      raise PipelineError(
+          f"clip {_text(ex['clip_id'])!r} (example {idx}): {key}[{j}] cannot "
+          f"be decoded ({e}); prepare the dataset again") from e
+
   def load(self, idx: int, valid: bool = True):
     ex = self.source[idx]
     t, s = self.num_frames, self.image_size
-    frames = np.zeros((t, s, s, 3), np.float32)   # padding: 0 after normalising
-    masks = np.zeros((t, s, s), np.int32)
-    for j, img in enumerate(list(ex["frames"])[:t]):
-      x = _resize(np.asarray(img, np.uint8), s, self.crop, nearest=False)
-      frames[j] = (x.astype(np.float32) / 255.0 - MEAN) / STD
+    frames = np.zeros((t, s, s, 3), np.uint8)
+    masks = np.zeros((t, s, s), np.uint8)
+    stored = list(ex["frames"])[:t]
+    for j, img in enumerate(stored):
+      img = self._decode(ex, idx, "frames", j, img)
+      img = img if img.mode == "RGB" else img.convert("RGB")  # as the original
+      frames[j] = _resize(img, s, self.crop, nearest=False)
     for j, m in enumerate(list(ex["masks"])[:t]):
-      m = np.asarray(m, np.uint8)
-      masks[j] = _resize(m.reshape(m.shape[:2]), s, self.crop, nearest=True)
+      m = self._decode(ex, idx, "masks", j, m)
+      masks[j] = _resize(m, s, self.crop, nearest=True)
+    vid_flag = np.asarray(ex["vid_flag"], np.float32)[:t]
+    if int(vid_flag.sum()) != len(stored):   # the step zeroes frames by vid_flag
+      raise PipelineError(
+          f"clip {_text(ex['clip_id'])!r} (example {idx}) has {len(stored)} of "
+          f"its first {t} frames but vid_flag {vid_flag.tolist()}: the prepared "
+          "dataset is inconsistent; prepare it again")
     audio = np.asarray(ex["log_mel"], np.float32)
     if self.audio_perm is not None:
       audio = np.asarray(self.source[int(self.audio_perm[idx])]["log_mel"],
@@ -119,7 +166,7 @@ class ClipLoader:
     return {
         "frames": frames, "audio": audio[:t], "masks": masks,
         "gt_flag": np.asarray(ex["gt_flag"], np.float32)[:t] * w,
-        "vid_flag": np.asarray(ex["vid_flag"], np.float32)[:t],
+        "vid_flag": vid_flag,
         "clip_valid": w,
         "meta_clip_id": np.asarray(_text(ex["clip_id"])),
         "meta_category": np.asarray(_text(ex["category"])),
@@ -130,12 +177,14 @@ def _text(x):
   return x.decode() if isinstance(x, bytes) else str(x)
 
 
-def _frames(config, train: bool) -> int:
+def _frames(config, train: bool, train_frames: int | None) -> int:
   """Frames per clip; training may keep only the first `train_num_frames`
   (S4 supervises frame 0 only, and with PVTv2, which has no batch norm, the
-  other frames add nothing to the gradient: a T-fold cheaper step)."""
+  other frames add nothing to the gradient: a T-fold cheaper step), or, when
+  that is not set, the `train_frames` the trainer asks for."""
   n = config.data.num_frames
   k = config.data.get("train_num_frames", -1)
+  k = k if k > 0 else (train_frames or -1)
   if train and k > 0:
     if k > n:
       raise PipelineError(f"data.train_num_frames={k} > data.num_frames={n}")
@@ -158,8 +207,11 @@ def create_dataset(config, split: str, *, train: bool, num_epochs: int = 1,
                    seed: int | None = None, batch_size: int | None = None,
                    process_index: int | None = None,
                    process_count: int | None = None, source=None,
-                   shuffle_audio: bool = False, num_workers: int | None = None):
-  """Returns (grain IterDataset of this process's batches, info dict)."""
+                   shuffle_audio: bool = False, num_workers: int | None = None,
+                   train_frames: int | None = None):
+  """Returns (grain IterDataset of this process's batches, info dict);
+  `train_frames`: the first frames of each training clip to load
+  (`train.clip_frames`) unless `data.train_num_frames` says otherwise."""
   import jax  # pylint: disable=g-import-not-at-top
   source = open_source(config, split) if source is None else source
   n = len(source)
@@ -176,7 +228,7 @@ def create_dataset(config, split: str, *, train: bool, num_epochs: int = 1,
   bpe = math.ceil(n / gb)
   seed = config.data.shuffle_seed if seed is None else seed
   loader = ClipLoader(
-      source=source, num_frames=_frames(config, train),
+      source=source, num_frames=_frames(config, train, train_frames),
       image_size=config.data.image_size,
       crop=train and config.task == "avss", num_clips=n, global_batch=gb,
       local_batch=lb, process_index=pi, batches_per_epoch=bpe, shuffle=train,

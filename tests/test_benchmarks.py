@@ -122,10 +122,11 @@ def test_plan_compiles_without_running_and_scales_with_batch():
   assert one["eval_flops"] > 1e9
   assert two["eval_flops"] == 2 * one["eval_flops"]
   # Same parameters; one more clip of frames, audio, labels, flags in the
-  # arguments: T x (64x64x3 + 96x64 + 64x64) x 4 bytes + 3 flags.
+  # arguments: T x (64x64x3 uint8 frame + 64x64 uint8 mask + 96x64 float32
+  # audio) + 2T + 1 float32 flags.
   t = one["frames_per_clip"]
   assert two["eval_plan_argument_bytes"] - one["eval_plan_argument_bytes"] \
-      == t * (64 * 64 * 3 + 96 * 64 + 64 * 64) * 4 + (2 * t + 1) * 4
+      == t * (64 * 64 * 3 + 64 * 64 + 96 * 64 * 4) + (2 * t + 1) * 4
   assert two["eval_plan_temp_bytes"] > one["eval_plan_temp_bytes"]
   assert "eval_plan_total_bytes" in one and "train_frozen_flops" not in one
   assert "eval" in bench_plan.table(rows) and "plan GiB" in \
@@ -220,3 +221,20 @@ def test_model_flops_leave_out_the_recomputation():
   config.model.remat = False
   assert model == traced_flops(config) < hardware
   assert bench_model.model_flops(config, mesh, state, batch, 7.0) == 7.0
+
+
+def test_input_pipeline_benchmark_counts_what_it_delivers(tmp_path, capsys):
+  """`benchmarks.input_pipeline` on a tiny synthetic S4: all five frames,
+  then the first only (the S4 + PVTv2 training load)."""
+  from benchmarks import input_pipeline as bench_pipe
+  args = ["--clips", "6", "--frame_size", "32", "--sizes", "16", "--workers", "0",
+          "--batches", "3", "--data_dir", str(tmp_path / "data")]
+  rows = bench_pipe.main(args + ["--json", str(tmp_path / "all.json")])["rows"]
+  rows += bench_pipe.main(args + ["--train_frames", "1"])["rows"]
+  assert "clips/s" in capsys.readouterr().out
+  assert [r["frames_per_clip"] for r in rows] == [5, 1]
+  for r in rows:
+    assert r["clips"] == 3 * 2 and r["clips_per_s"] > 0
+    np.testing.assert_allclose(r["frames_per_s"],
+                               r["clips_per_s"] * r["frames_per_clip"])
+  assert json.loads((tmp_path / "all.json").read_text())["rows"][0]["split"] == "train"

@@ -2,7 +2,8 @@
 
 Every pixel check compares against a PIL reference computed here from the
 prepared source example (not through the pipeline's own resize helper), so a
-wrong resize method, crop, normalisation or frame order shows.
+wrong resize method, crop or frame order shows. Frames stay uint8 here
+(the step normalises them on the device: tests/test_train_step.py).
 """
 import importlib.util
 import json
@@ -22,8 +23,6 @@ from configs import tiny  # noqa: E402
 from datasets import input_pipeline as ip  # noqa: E402
 from datasets.avsbench import prepare, synthesize  # noqa: E402
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)   # ImageNet, as the original
-STD = np.array([0.229, 0.224, 0.225], np.float32)
 SIZE = 24                      # output side; the synthetic frames are 32x32 (s4), 36x48 (avss)
 T = {"s4": 5, "avss": 10}
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +75,7 @@ def ref_frame(img, crop):
     pil = pil.resize((ow, SIZE), Image.BILINEAR).crop((x1, 0, x1 + SIZE, SIZE))
   else:
     pil = pil.resize((SIZE, SIZE), Image.BILINEAR)
-  return (np.asarray(pil, np.float32) / 255.0 - MEAN) / STD
+  return np.asarray(pil, np.uint8)
 
 
 def ref_mask(m, crop):
@@ -94,9 +93,9 @@ def ref_mask(m, crop):
 def check_contract(b, task, n_local, t):
   assert set(b) == {"frames", "audio", "masks", "gt_flag", "vid_flag", "clip_valid",
                     "meta_clip_id", "meta_category"}
-  expect = {"frames": ((n_local, t, SIZE, SIZE, 3), np.float32),
+  expect = {"frames": ((n_local, t, SIZE, SIZE, 3), np.uint8),
             "audio": ((n_local, t, 96, 64), np.float32),
-            "masks": ((n_local, t, SIZE, SIZE), np.int32),
+            "masks": ((n_local, t, SIZE, SIZE), np.uint8),
             "gt_flag": ((n_local, t), np.float32), "vid_flag": ((n_local, t), np.float32),
             "clip_valid": ((n_local,), np.float32)}
   for k, (shape, dtype) in expect.items():
@@ -127,8 +126,7 @@ def test_s4_train_batches_flags_padding_and_pixels(data_dir):
       np.testing.assert_array_equal(b["audio"][i], ex["log_mel"])
       assert b["meta_category"][i] == text(ex["category"])
       for j in range(5):
-        np.testing.assert_allclose(b["frames"][i, j], ref_frame(ex["frames"][j], False),
-                                   atol=1e-5)
+        np.testing.assert_array_equal(b["frames"][i, j], ref_frame(ex["frames"][j], False))
       np.testing.assert_array_equal(b["masks"][i, 0], ref_mask(ex["masks"][0], False))
       assert set(np.unique(b["masks"][i])) <= {0, 1}
       assert not b["masks"][i, 1:].any()                 # no ground truth there
@@ -165,17 +163,17 @@ def test_avss_padding_flags_crop_and_resize(data_dir, train):
       n_gt = {"v1s": 1, "v1m": 5, "v2": 10}[sub] if train else (1 if sub == "v1s" else n)
       np.testing.assert_array_equal(b["vid_flag"][i], [1] * n + [0] * (10 - n))
       np.testing.assert_array_equal(b["gt_flag"][i], [1] * n_gt + [0] * (10 - n_gt))
-      # v1s/v1m: 5 real frames, then zeros *after* normalisation (not -mean/std).
+      # v1s/v1m: 5 real frames, then black ones (zeroed after normalising by
+      # vid_flag in the step, as the original pads: tests/test_train_step.py).
       assert not b["frames"][i, n:].any() and not b["masks"][i, n:].any()
       for j in (0, n - 1):
-        np.testing.assert_allclose(b["frames"][i, j], ref_frame(ex["frames"][j], crop=train),
-                                   atol=1e-5)
+        np.testing.assert_array_equal(b["frames"][i, j], ref_frame(ex["frames"][j], crop=train))
         m = ref_mask(ex["masks"][j], crop=train)
         np.testing.assert_array_equal(b["masks"][i, j], m)
         assert set(np.unique(b["masks"][i, j])) <= set(np.unique(ex["masks"][j]))
       # The reference discriminates: the other geometry gives another picture.
-      other = ref_frame(ex["frames"][0], crop=not train)
-      assert np.abs(b["frames"][i, 0] - other).max() > 0.1
+      other = ref_frame(ex["frames"][0], crop=not train).astype(int)
+      assert np.abs(b["frames"][i, 0].astype(int) - other).max() > 5
   assert ({"v1s", "v2"} <= subsets) if train else ({"v1m", "v2"} <= subsets)
 
 
@@ -304,6 +302,36 @@ def test_train_num_frames_keeps_the_first_frames_in_training_only(data_dir):
   c.data.train_num_frames = 6
   with pytest.raises(ip.PipelineError, match="train_num_frames"):
     ip.create_dataset(c, "train", train=True)
+
+
+class EditedSource(CountingSource):
+  """The prepared source with one example's features replaced."""
+
+  def __init__(self, src, **features):
+    super().__init__(src)
+    self.features = features
+
+  def __getitem__(self, i):
+    return dict(self.src[i], **self.features)
+
+
+def test_bad_examples_are_named(data_dir):
+  """The step zeroes frames by vid_flag, so a clip whose stored frames and
+  flag disagree would silently lose (or keep black) frames: it stops
+  instead, as it does on bytes that do not decode."""
+  c = make_config("avss", data_dir)
+  src = tfds.data_source("avsbench/avss", split="test", data_dir=str(data_dir))
+  ex = src[0]
+  n = len(ex["frames"])
+  bad = EditedSource(src, vid_flag=np.ones(10, np.float32) if n == 5 else
+                     np.asarray([1] * 5 + [0] * 5, np.float32))
+  ds, _ = ip.create_dataset(c, "test", train=False, batch_size=1, source=bad)
+  with pytest.raises(ip.PipelineError, match=f"{text(ex['clip_id'])}.*{n} of"):
+    next(iter(ds))
+  bad = EditedSource(src, frames=np.asarray([b"\x89PNG truncated"] * n, object))
+  ds, _ = ip.create_dataset(c, "test", train=False, batch_size=1, source=bad)
+  with pytest.raises(ip.PipelineError, match=r"frames\[0\] cannot be decoded"):
+    next(iter(ds))
 
 
 def test_missing_dataset_names_the_data_dir(tmp_path):

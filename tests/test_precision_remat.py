@@ -34,9 +34,10 @@ def test_bfloat16_train_and_eval_steps():
   assert logits16.dtype == jnp.float32 and _dtypes(stats) == {"float32"}
 
   config32 = tiny.get_config("pvt2")
+  frames = batch["frames"].reshape((-1,) + batch["frames"].shape[2:])
+  frames = train.normalize_frames(frames, jnp.ones(frames.shape[:1]))
   logits32, _ = jax.jit(build_model(config32).apply)(
-      variables, batch["frames"].reshape((-1,) + batch["frames"].shape[2:]),
-      batch["audio"].reshape((-1, 96, 64)))
+      variables, frames, batch["audio"].reshape((-1, 96, 64)))
   logits16 = np.asarray(logits16).reshape(logits32.shape)
   logits32 = np.asarray(logits32)
   # bf16 keeps ~3 significant digits; 6+ layers of it drift further. The
@@ -60,6 +61,7 @@ def _grads(config, train_mode, seed=0, prng_impl="threefry2x32"):
   v = avsegformer.init_variables(model, jax.random.PRNGKey(0))
   b = random_batch(config, clips=2, seed=seed)
   frames = b["frames"].reshape((-1,) + b["frames"].shape[2:])
+  frames = train.normalize_frames(frames, np.ones(frames.shape[:1]))
   audio = b["audio"].reshape((-1, 96, 64))
   mutable = ["batch_stats"] if "batch_stats" in v else []
 

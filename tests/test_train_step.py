@@ -2,12 +2,13 @@
 the head only on the supervised frame gives the loss, gradients, parameters
 and batch statistics of the full T-frame step, for a backbone without batch
 norm (PVTv2: frames sliced before it) and with it (ResNet-50: the backbone
-sees every frame, as its batch statistics must)."""
+sees every frame, as its batch statistics must). Frames come as the
+pipeline gives them (uint8, normalised in the step) or already normalised."""
 import jax
 import numpy as np
 import pytest
 
-from avsegformer_jax import avsegformer, build_model, train
+from avsegformer_jax import avsegformer, build_model, train, visualize
 from benchmarks.model import random_batch
 from configs import tiny
 
@@ -35,6 +36,26 @@ def _step(config, batch):
   return jax.device_get((new.params, new.batch_stats, stats))
 
 
+def _normalised(frames):
+  """The original's ToTensor + Normalize of uint8 frames [..., 3], in numpy."""
+  return (frames.astype(np.float32) / 255.0 - visualize.MEAN) / visualize.STD
+
+
+def test_uint8_frames_are_normalised_on_the_device_as_the_original():
+  frames = np.random.RandomState(0).randint(0, 256, (3, 4, 5, 3)).astype(np.uint8)
+  frames[0, 0, 0] = (0, 255, 128)
+  got = np.asarray(jax.jit(train.normalize_frames)(
+      frames, np.array([1, 0, 1], np.float32)))
+  assert got.dtype == np.float32
+  # XLA's float32 division is not correctly rounded (a reciprocal and a
+  # Newton step), so not bit-exact: <= 5e-7 here, on values up to 2.64.
+  np.testing.assert_allclose(got[[0, 2]], _normalised(frames[[0, 2]]),
+                             rtol=0, atol=1e-6)
+  # A padded frame (vid_flag 0) is exactly zero after normalising, as the
+  # original pads AVSS clips, not the normalised black (-mean / std).
+  assert not got[1].any()
+
+
 @pytest.mark.parametrize("backbone", ["pvt2", "res50"])
 def test_first_frame_path_equals_the_full_step(backbone):
   batch = random_batch(_config(backbone, False), clips=2)
@@ -43,7 +64,8 @@ def test_first_frame_path_equals_the_full_step(backbone):
   # VGGish and head are skipped) and, without batch norm, their pixels.
   poisoned = {k: v.copy() for k, v in batch.items()}
   poisoned["audio"][:, 1:] = np.nan
-  if backbone == "pvt2":
+  if backbone == "pvt2":   # frames normalised on the host: the float path
+    poisoned["frames"] = _normalised(batch["frames"])
     poisoned["frames"][:, 1:] = np.nan
   p1, bs1, s1 = _step(_config(backbone, True), poisoned)
   pf, bsf, sf = _step(_config(backbone, False), batch)
@@ -56,6 +78,28 @@ def test_first_frame_path_equals_the_full_step(backbone):
                                  err_msg=jax.tree_util.keystr(path))
   if backbone == "res50":   # batch statistics came from every frame
     assert jax.tree_util.tree_leaves(bs1)
+    return
+  # Without batch statistics the pipeline loads frame 0 alone
+  # (`train.clip_frames`): a T=1 batch takes the same step.
+  config = _config(backbone, True)
+  assert train.clip_frames(config, build_model(config)) == 1
+  first = {k: v[:, :1] if v.ndim > 1 else v for k, v in batch.items()}
+  p0, _, s0 = _step(config, first)
+  for k in ("loss", "iou_loss", "mix_loss", "grad_norm"):
+    np.testing.assert_allclose(s0[k], s1[k], rtol=1e-5, err_msg=k)
+  flat = dict(jax.tree_util.tree_leaves_with_path(p1))
+  for path, a in jax.tree_util.tree_leaves_with_path(p0):
+    np.testing.assert_allclose(a, flat[path], atol=1e-6, rtol=1e-5,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_clip_frames_keeps_every_frame_a_statistic_or_loss_sees():
+  for backbone, first_only, one in (("pvt2", True, True), ("res50", True, False),
+                                    ("pvt2", False, False)):
+    config = _config(backbone, first_only)
+    assert config.data.num_frames > 1
+    assert train.clip_frames(config, build_model(config)) == (
+        1 if one else config.data.num_frames)
 
 
 def test_first_frame_only_refuses_data_supervising_later_frames():
