@@ -166,6 +166,7 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
   steps = train.Steps(model, config, mesh)
   writer = _writer(workdir)
   last_eval, pending, t0, clips = {}, [], time.time(), 0
+  waited = 0.0     # seconds in next(data_iter) since the last log line
   pbar = tqdm(total=total, initial=start, desc="train", disable=not _is_main(),
               dynamic_ncols=True)
 
@@ -182,7 +183,11 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
     if epoch >= t.freeze_backbone_epochs and state.opt_state["backbone"] is None:
       state = train.replicate(train.unfreeze_backbone(state, config), mesh)
       logging.info("epoch %d: visual backbone unfrozen", epoch)
+    # Steps are dispatched asynchronously, so time blocked here is time the
+    # device had nothing queued: the input pipeline's stall.
+    t_in = time.time()
     batch = next(data_iter)
+    waited += time.time() - t_in
     train.check_supervision(batch, config)
     state, stats = steps.train(state, train.shard_batch(batch, mesh))
     pending.append((step, stats))
@@ -191,12 +196,15 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
     done = step + 1
     if done % t.log_every_steps == 0 or done == total:
       s = jax.tree_util.tree_map(float, jax.device_get(stats))
-      rate = clips / max(time.time() - t0, 1e-9)
-      t0, clips = time.time(), 0
-      s.update(learning_rate=t.learning_rate, clips_per_s=rate)
+      elapsed = max(time.time() - t0, 1e-9)
+      rate, wait = clips / elapsed, min(waited / elapsed, 1.0)
+      t0, clips, waited = time.time(), 0, 0.0
+      s.update(learning_rate=t.learning_rate, clips_per_s=rate,
+               input_wait_fraction=wait)
       _scalars(writer, done, s, "train")
       _log_line(workdir, dict(step=done, **s))
-      pbar.set_postfix(loss=f"{s['loss']:.4f}", clips_s=f"{rate:.2f}")
+      pbar.set_postfix(loss=f"{s['loss']:.4f}", clips_s=f"{rate:.2f}",
+                       input_wait=f"{wait:.0%}")
     epoch_end = done % bpe == 0 or done == total
     if epoch_end:
       _check_finite(pending, done)

@@ -66,6 +66,9 @@ def test_one_vs_four_devices(reference_run, tmp_path):
   # ~1e-4; a shard counted twice or missed moves it by far more.
   for k in ("miou", "fscore", "miou_dataset"):
     np.testing.assert_allclose(four[k], one[k], atol=2e-4, err_msg=k)
+  # The share of each log interval spent waiting for the input pipeline.
+  wait = _losses(d1 / "wd", "input_wait_fraction")
+  assert sorted(wait) == sorted(l1) and all(0 <= w <= 1 for w in wait.values())
   # Summation order differs across devices: float32 round-off only.
   _assert_same_params(one, four, atol=2e-5)
 
