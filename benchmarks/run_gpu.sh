@@ -19,6 +19,7 @@
 #   then:   the MSDA cores alone at the train step's shapes (16 frames;
 #           "taps" takes its one-gather branch off CPU), nothing beside it
 #   wave 3: inference at 32 clips; bf16 model table (B=1)
+#   last:   the input pipeline on the host's CPUs (if time is left)
 # Each section has a time limit and writes <name>.{json,txt,err} to $WORK as
 # it ends; a section that would start after TOTAL_S is skipped. Everything
 # ends up in $OUT/bench.tgz (the device tool returns at most 8 files).
@@ -62,9 +63,10 @@ trap pack EXIT
 M="-m benchmarks.model --scan true --dtypes bfloat16"
 S4P=s4_pvt2_224 S4R=s4_res50_224 AVSS=avss_pvt2_224 B=16 BA=4 BE=32 BM=16
 ALL=s4_res50_224,s4_pvt2_224,s4_pvt2_512,avss_pvt2_224
+PSIZES=224,512 PWORKERS=0,4,8 PIPE_S=90
 if [ "${SMOKE:-0}" = 1 ]; then
   S4P=tiny_pvt2 S4R=tiny_res50 AVSS=tiny_pvt2 B=2 BA=2 BE=2 BM=1
-  ALL=tiny_pvt2,tiny_res50
+  ALL=tiny_pvt2,tiny_res50 PSIZES=32 PWORKERS=0
 fi
 CUBLAS=--xla_gpu_enable_triton_gemm=false
 XLA_FLAGS=$CUBLAS section train_s4_pvt2_remat 300 $M --configs $S4P \
@@ -84,4 +86,14 @@ section eval_b32 150 $M --configs $S4P,$S4R --phases eval \
 XLA_FLAGS=$CUBLAS section model_bf16 150 $M --configs $ALL --phases unfrozen --steps 5 \
   --jobs 2 &
 wait
+# The host side: can this machine's CPUs feed the steps above? (S4 at 224
+# and 512, all 5 frames and frame 0 only, as S4 + PVTv2 trains; clips/s
+# against the train rows' clips/s.)
+section pipeline_s4 $PIPE_S -m benchmarks.input_pipeline --task s4 --sizes $PSIZES \
+  --workers $PWORKERS --clips 40 --frame_size 288 --batch 8 --batches 15 \
+  --data_dir "$WORK/pipeline_data"
+section pipeline_s4_frame0 $PIPE_S -m benchmarks.input_pipeline --task s4 \
+  --sizes $PSIZES --workers $PWORKERS --clips 40 --frame_size 288 --batch 8 \
+  --batches 15 --train_frames 1 --data_dir "$WORK/pipeline_data"
+rm -rf "$WORK/pipeline_data"
 echo "total $(( $(date +%s) - START ))s; results in $OUT/bench.tgz"
