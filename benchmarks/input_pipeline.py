@@ -83,6 +83,35 @@ def measure(config, *, workers: int, batch: int, batches: int, train: bool,
           "frames_per_clip": int(b["frames"].shape[1])}
 
 
+def beside_steps(rows, names, *, frame_size: int = 288, batches: int = 10) -> None:
+  """Adds to each `benchmarks.model` row what the pipeline feeds its config
+  (task, size, the frames per training clip the trainer loads, the config's
+  `data.num_workers`): train clips/s and eval frames/s, to read against the
+  step's; below them the step would wait for data. Synthetic data, on this
+  machine's CPUs."""
+  from avsegformer_jax import avsegformer, train   # pylint: disable=g-import-not-at-top
+  from benchmarks import model as bench_model      # pylint: disable=g-import-not-at-top
+  found = {}
+  with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
+    data = {}
+    for name in dict.fromkeys(names):
+      config = bench_model.make_config(name)
+      if config.task not in data:
+        data[config.task] = prepare_synthetic(config.task, Path(tmp) / config.task,
+                                              24, frame_size)[0]
+      config.data.data_dir = str(data[config.task])
+      frames = train.clip_frames(config, avsegformer.build_model(config))
+      kw = dict(workers=config.data.num_workers, batch=2, batches=batches)
+      tr = measure(config, train=True, train_frames=frames, **kw)
+      ev = measure(config, train=False, **kw)
+      found[name] = {"pipeline_train_clips_per_s": tr["clips_per_s"],
+                     "pipeline_train_frames": frames,
+                     "pipeline_eval_frames_per_s": ev["frames_per_s"],
+                     "pipeline_workers": kw["workers"]}
+  for r in rows:
+    r.update(found.get(r["config"], {}))
+
+
 def _ints(s: str):
   return [int(x) for x in s.split(",") if x.strip()]
 

@@ -3,7 +3,7 @@
     python -m benchmarks.model [--configs s4_res50_224,s4_pvt2_224,...]
         [--dtypes float32,bfloat16] [--steps N] [--json OUT] [--quick]
         [--remat false[,true,dots]] [--scan false[,true]] [--batch B]
-        [--eval_batch B] [--phases eval,frozen,unfrozen]
+        [--eval_batch B] [--phases eval,frozen,unfrozen] [--pipeline]
 
 Uses the real training code (`train.Steps`: shard_mapped, jitted, donated
 state) on random data: B clips of T frames (T=5, AVSS T=10). For every
@@ -13,7 +13,9 @@ step (frames/s, compile seconds), the peak memory (the device allocator's
 peak on accelerators, the process's peak RSS on CPU), XLA's memory plan of
 each step (`common.memory_plan`) and the steps' matmul FLOPs. Each
 combination runs in its own subprocess so the peak memory is its own
-(`--inprocess` turns that off; `--quick` implies it). Runs unchanged on CPU
+(`--inprocess` turns that off; `--quick` implies it). `--pipeline` adds the
+input pipeline's clips/s and eval frames/s for each config beside the
+steps' (synthetic data, this host's CPUs). Runs unchanged on CPU
 and GPU/TPU; `benchmarks.plan` compiles without running, also for a GPU
 that is not here.
 """
@@ -290,6 +292,9 @@ def parse_args(argv):
   p.add_argument("--quick", action="store_true",
                  help="tiny configs, in-process (for tests and smoke runs)")
   p.add_argument("--inprocess", action="store_true")
+  p.add_argument("--pipeline", action="store_true",
+                 help="also time the input pipeline for each config "
+                      "(benchmarks.input_pipeline.beside_steps)")
   p.add_argument("--jobs", type=int, default=1,
                  help="combinations at once (subprocesses): compiles overlap;"
                       " each times its steps alone on the device")
@@ -342,7 +347,9 @@ COLS = [("config", "config", None), ("dtype", "dtype", None),
         ("clips/s", "train_frozen_clips_per_s", "{:.2f}"),
         ("unfrozen s", "train_unfrozen_step_s", "{:.3f}"),
         ("clips/s", "train_unfrozen_clips_per_s", "{:.2f}"),
+        ("pipe clips/s", "pipeline_train_clips_per_s", "{:.1f}"),
         ("eval fr/s", "eval_frames_per_s", "{:.1f}"),
+        ("pipe fr/s", "pipeline_eval_frames_per_s", "{:.1f}"),
         ("compile frz/unf/eval s", "_compile", None),
         ("peak GiB", "_peak_gib", "{:.2f}"),
         ("plan GiB", "_plan_gib", "{:.2f}"),
@@ -362,7 +369,9 @@ def table(rows) -> str:
     if r.get("plan_bytes"):
       r["_plan_gib"] = r["plan_bytes"] / 2**30
     shown.append(r)
-  return common.fmt_table(shown, COLS)
+  piped = any("pipeline_workers" in r for r in rows)
+  return common.fmt_table(shown, [c for c in COLS
+                                  if piped or not c[1].startswith("pipeline")])
 
 
 def main(argv=None):
@@ -399,6 +408,10 @@ def main(argv=None):
     order = {c: i for i, c in enumerate(combos)}
     rows.sort(key=lambda r: order.get(
         (r["config"], r["dtype"], r["remat"], r["scan"]), len(order)))
+    common.write_json(a.json, {"device": info, "args": args, "rows": rows})
+  if a.pipeline:              # after the steps: it loads this host's CPUs
+    from benchmarks import input_pipeline  # pylint: disable=g-import-not-at-top
+    input_pipeline.beside_steps(rows, a.configs)
     common.write_json(a.json, {"device": info, "args": args, "rows": rows})
   print(f"{info['device_kind']} ({info['platform']}, "
         f"{info['num_devices']} device(s), jax {info['jax']}); memory: "

@@ -23,10 +23,11 @@ def test_quick_benchmark_writes_json(tmp_path, capsys):
   # eval + frozen only: each train-step compile of even the tiny model costs
   # tens of seconds on 2 cores (the unfrozen step is the same code path).
   bench_model.main(["--quick", "--steps", "1", "--warmup", "0",
-                    "--phases", "eval,frozen",
+                    "--phases", "eval,frozen", "--pipeline",
                     "--dtypes", "float32", "--json", str(out)])
   printed = capsys.readouterr().out
   assert "tiny_pvt2" in printed and "clips/s" in printed
+  assert "pipe clips/s" in printed and "pipe fr/s" in printed
   result = json.loads(out.read_text())
   assert result["device"]["platform"] in ("cpu", "gpu", "tpu")
   assert result["device"]["device_kind"]
@@ -49,6 +50,11 @@ def test_quick_benchmark_writes_json(tmp_path, capsys):
   # XLA's plan holds at least the parameters it is given (tiny: ~4 MB f32).
   assert row["plan_bytes"] >= row["eval_plan_bytes"] > 2**20
   assert 0 < row["train_frozen_plan_temp_bytes"] < row["train_frozen_plan_bytes"]
+  # The input pipeline beside the steps, for the config's frames and workers
+  # (tiny: PVTv2 trained on frame 0 alone).
+  assert row["pipeline_train_frames"] == 1 and row["pipeline_workers"] >= 0
+  assert row["pipeline_train_clips_per_s"] > 0
+  assert row["pipeline_eval_frames_per_s"] > 0
 
 
 def test_unknown_config_is_named(capsys):
