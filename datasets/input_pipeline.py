@@ -76,7 +76,7 @@ def open_source(config, split):
 
 def _image(x) -> Image.Image:
   """PNG/JPEG bytes (our source) or a decoded array (a source that decodes)."""
-  if isinstance(x, (bytes, np.bytes_)):
+  if isinstance(x, bytes):                  # np.bytes_ is a bytes too
     img = Image.open(io.BytesIO(x))
     img.load()
     return img
@@ -183,13 +183,12 @@ def _frames(config, train: bool, train_frames: int | None) -> int:
   other frames add nothing to the gradient: a T-fold cheaper step), or, when
   that is not set, the `train_frames` the trainer asks for."""
   n = config.data.num_frames
+  if not train:
+    return n
   k = config.data.get("train_num_frames", -1)
-  k = k if k > 0 else (train_frames or -1)
-  if train and k > 0:
-    if k > n:
-      raise PipelineError(f"data.train_num_frames={k} > data.num_frames={n}")
-    return k
-  return n
+  if k > n:
+    raise PipelineError(f"data.train_num_frames={k} > data.num_frames={n}")
+  return k if k > 0 else min(train_frames or n, n)
 
 
 def _derangement(n: int, seed: int) -> np.ndarray:
