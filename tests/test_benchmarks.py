@@ -244,3 +244,36 @@ def test_input_pipeline_benchmark_counts_what_it_delivers(tmp_path, capsys):
     np.testing.assert_allclose(r["frames_per_s"],
                                r["clips_per_s"] * r["frames_per_clip"])
   assert json.loads((tmp_path / "all.json").read_text())["rows"][0]["split"] == "train"
+
+
+# What the lent GPU image already holds of setup.cfg's install_requires
+# (device KINDS.md, 2026-11), and what gpu_wheels.sh leaves out on purpose.
+GPU_IMAGE_HAS = {"jax", "flax", "optax", "orbax-checkpoint", "absl-py", "numpy",
+                 "pillow", "tqdm"}
+GPU_WHEELS_LEAVE_OUT = {"av"}
+
+
+def test_gpu_wheels_pin_every_missing_requirement_within_setup_cfg():
+  """benchmarks/gpu_wheels.sh pins a version, inside setup.cfg's range, of
+  each runtime requirement the GPU image lacks: a range bumped in setup.cfg
+  without the pins (or a new requirement) fails here, not on the device."""
+  import configparser
+  import pathlib
+  import re
+  from packaging.requirements import Requirement
+  root = pathlib.Path(__file__).resolve().parents[1]
+  cfg = configparser.ConfigParser()
+  cfg.read(root / "setup.cfg")
+  reqs = [Requirement(line) for line in
+          cfg["options"]["install_requires"].split("\n") if line.strip()]
+  norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+  script = (root / "benchmarks" / "gpu_wheels.sh").read_text()
+  pins = {norm(n): v for n, v in
+          re.findall(r"([A-Za-z0-9_.\-]+)==([0-9][0-9A-Za-z.]*)", script)}
+  for req in reqs:
+    name = norm(req.name)
+    if name in GPU_IMAGE_HAS | GPU_WHEELS_LEAVE_OUT:
+      continue
+    assert name in pins, f"gpu_wheels.sh does not fetch {req}"
+    assert req.specifier.contains(pins[name]), (
+        f"gpu_wheels.sh pins {name}=={pins[name]} outside setup.cfg's {req}")
