@@ -29,12 +29,9 @@
 #   SMOKE=1 OUT=/tmp/smoke bash benchmarks/run_gpu.sh   # tiny configs, any
 #                              # machine: checks the script before a device
 #
-# On the lent GPU machine, whose image lacks the data stack (grain, TFDS,
-# ml_collections, librosa): build the wheels here first
-# (`bash benchmarks/gpu_wheels.sh`, into .whl), carry [".whl"], and begin the
-# command with `python3 -m pip install -q --no-index --no-deps --no-compile
-# --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
-# export PYTHONPATH=/tmp/site || exit;`
+# The lent GPU machine's image lacks the data stack (grain, TFDS,
+# ml_collections, librosa): benchmarks/gpu_wheels.sh fetches its wheels here
+# and its header gives the install line that begins the device command.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
