@@ -86,6 +86,29 @@ def _remat(mc):
   return policy if mc.remat else False
 
 
+def _attention_impl(mc) -> str:
+  """`model.attention_impl`, checked against the compute dtype."""
+  impl = mc.get("attention_impl", "xla")
+  if impl not in layers.ATTENTION_IMPLS:
+    raise ValueError(f"model.attention_impl must be one of "
+                     f"{layers.ATTENTION_IMPLS}, got {impl!r}")
+  if impl == "cudnn" and mc.dtype == "float32":
+    raise ValueError("model.attention_impl='cudnn' needs 16-bit compute "
+                     "(model.dtype='bfloat16'): cuDNN's flash attention has "
+                     "no float32 kernel")
+  return impl
+
+
+def check_platform(config, platform: str) -> None:
+  """Fails early, naming the option, where a config asks for kernels that
+  `platform` ("cpu", "gpu", "tpu") does not have (not at trace time, from
+  inside jax)."""
+  if _attention_impl(_model_config(config)) == "cudnn" and platform != "gpu":
+    raise ValueError("model.attention_impl='cudnn' (cuDNN flash attention) "
+                     f"runs on NVIDIA GPUs only, and this run's devices are "
+                     f"{platform!r}: use model.attention_impl='xla'")
+
+
 def build_backbone(mc, dtype, axis_name=None):
   if mc.backbone == "res50":
     from avsegformer_jax import resnet
@@ -100,7 +123,8 @@ def build_backbone(mc, dtype, axis_name=None):
                        f"{sorted(pvt_v2.VARIANTS)}, got {variant!r}")
     module = pvt_v2.PyramidVisionTransformerV2(
         variant=variant, drop_path_rate=mc.drop_path, dtype=dtype,
-        remat=_remat(mc), scan_layers=mc.scan_layers, parent=None)
+        remat=_remat(mc), scan_layers=mc.scan_layers,
+        attention_impl=_attention_impl(mc), parent=None)
     return module, tuple(pvt_v2.VARIANTS[variant]["embed_dims"])
   raise ValueError(f"model.backbone must be 'res50' or 'pvt2', got "
                    f"{mc.backbone!r}")
@@ -135,10 +159,12 @@ def build_model(config, axis_name: str | None = None) -> AVSegFormer:
       encoder_ffn_dim=mc.encoder_ffn_dim, decoder_ffn_dim=mc.decoder_ffn_dim,
       query_ffn_dim=mc.query_ffn_dim, num_queries=mc.num_queries,
       learnable_queries=mc.learnable_queries, mixer=mc.mixer,
-      head_mlp_dim=mc.head_mlp_dim, dropout=mc.dropout, remat=_remat(mc),
+      head_mlp_dim=mc.head_mlp_dim, dropout=mc.dropout,
+      attention_dropout=mc.get("attention_dropout", mc.dropout),
+      remat=_remat(mc),
       scan_layers=mc.scan_layers,
       msda_impl=mc.get("msda_impl", deformable_attention.DEFAULT_IMPL),
-      dtype=dtype, parent=None)
+      attention_impl=_attention_impl(mc), dtype=dtype, parent=None)
   return AVSegFormer(backbone=backbone,
                      vggish=vggish.VGGish(dtype=dtype, parent=None),
                      head=head, embed_dim=mc.embed_dim, dtype=dtype)

@@ -20,14 +20,17 @@ class DecoderLayer(nn.Module):
   train: bool = False
   scan: bool = False             # return (x, None) for nn.scan
   dtype: jnp.dtype = jnp.float32
+  attention_impl: str = "xla"    # layers.ATTENTION_IMPLS
+  attention_dropout: float = 0.1  # on the attention maps (torch MHA's)
 
   @nn.compact
   def __call__(self, query, memory):
     train = self.train
     drop = lambda x: layers.Dropout(self.dropout, deterministic=not train)(x)
     mha = lambda n: layers.MultiheadAttention(
-        self.dim, self.num_heads, use_bias=True, dropout=self.dropout,
-        dtype=self.dtype, name=n)
+        self.dim, self.num_heads, use_bias=True,
+        dropout=self.attention_dropout,
+        dtype=self.dtype, impl=self.attention_impl, name=n)
     query = query + drop(mha("self_attn")(query, query, query, train=train))
     query = layers.layer_norm(dtype=self.dtype, name="norm1")(query)
     query = query + drop(mha("cross_attn")(query, memory, memory, train=train))
@@ -49,11 +52,14 @@ class Decoder(nn.Module):
   remat: bool | str = False         # layers.remat_module
   scan_layers: bool = False
   dtype: jnp.dtype = jnp.float32
+  attention_impl: str = "xla"
+  attention_dropout: float = 0.1
 
   @nn.compact
   def __call__(self, query, memory, train: bool = False):
     kwargs = dict(dim=self.dim, num_heads=self.num_heads,
                   ffn_dim=self.ffn_dim, dropout=self.dropout, train=train,
-                  dtype=self.dtype)
+                  dtype=self.dtype, attention_impl=self.attention_impl,
+                  attention_dropout=self.attention_dropout)
     return layers.repeat(DecoderLayer, self.num_layers, kwargs, query, memory,
                          remat=self.remat, scan=self.scan_layers)

@@ -90,9 +90,11 @@ class AVSegHead(nn.Module):
   mixer: str = "cha"
   head_mlp_dim: int = 2048
   dropout: float = 0.1
+  attention_dropout: float = 0.1    # the decoder's, on its attention maps
   remat: bool | str = False         # layers.remat_module
   scan_layers: bool = False
   msda_impl: str = DEFAULT_IMPL
+  attention_impl: str = "xla"       # layers.ATTENTION_IMPLS (not the MSDA)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -121,7 +123,8 @@ class AVSegHead(nn.Module):
     query = QueryGenerator(self.num_query_layers, self.num_queries, c,
                            self.num_heads, self.query_ffn_dim,
                            remat=self.remat, scan_layers=self.scan_layers,
-                           dtype=dt, name="query_generator")(audio)
+                           dtype=dt, attention_impl=self.attention_impl,
+                           name="query_generator")(audio)
     self.sow("intermediates", "query_mean", query.mean(1))
     if self.learnable_queries:
       learn = nn.Embed(self.num_queries, c, name="learnable_query",
@@ -135,7 +138,9 @@ class AVSegHead(nn.Module):
                 dtype=dt, parent=None),
         Decoder(self.num_decoder_layers, c, self.num_heads,
                 self.decoder_ffn_dim, self.dropout, remat=self.remat,
-                scan_layers=self.scan_layers, dtype=dt, parent=None),
+                scan_layers=self.scan_layers, dtype=dt,
+                attention_impl=self.attention_impl,
+                attention_dropout=self.attention_dropout, parent=None),
         name="transformer")
     memory, dec = transformer(src, pos[None], query, train)
 

@@ -151,6 +151,36 @@ def _upsample_axis(x: jax.Array, axis: int, s: int) -> jax.Array:
   return y.reshape(x.shape[:axis] + (n * s,) + x.shape[axis + 1:])
 
 
+# `model.attention_impl`: "xla" computes the attention maps with XLA's
+# GEMMs and softmax; "cudnn" calls cuDNN's flash attention through
+# `jax.nn.dot_product_attention`, which never writes the [B, h, Lq, Lk] maps
+# to memory (the decoder's cross-attention maps are larger than its GEMMs:
+# benchmarks/README.md). cuDNN runs 16-bit compute on NVIDIA GPUs only.
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def fused_attention(q, k, v, implementation: str = "cudnn"):
+  """softmax(q k^T / sqrt(d)) v through `jax.nn.dot_product_attention`.
+
+  q [B,Lq,h,d], k/v [B,Lk,h,d] -> [B,Lq,h,d]. Lengths are padded to
+  multiples of 8 (cuDNN's tensor-core tiles; jax's cuDNN training path also
+  rejects odd lengths) and the real key length is passed, so padded keys
+  are masked; padded queries are dropped. `implementation="xla"` runs the
+  same wrapper anywhere (the tests' check of this padding).
+  """
+  lq, lk = q.shape[1], k.shape[1]
+  pq, pk = -lq % 8, -lk % 8
+  lengths = {}
+  if pq or pk:
+    widths = lambda p: ((0, 0), (0, p), (0, 0), (0, 0))  # noqa: E731
+    q = jnp.pad(q, widths(pq))
+    k, v = jnp.pad(k, widths(pk)), jnp.pad(v, widths(pk))
+    lengths["key_value_seq_lengths"] = jnp.full((q.shape[0],), lk, jnp.int32)
+  out = jax.nn.dot_product_attention(q, k, v, implementation=implementation,
+                                     **lengths)
+  return out[:, :lq]
+
+
 class MultiheadAttention(nn.Module):
   """torch.nn.MultiheadAttention (batch_first) with split q/k/v projections.
 
@@ -168,6 +198,9 @@ class MultiheadAttention(nn.Module):
   # is a copy of every attention map before each GEMM that reads one. Padded
   # keys are masked out of the softmax, padded queries dropped: same result.
   pad_to: int | None = None
+  # ATTENTION_IMPLS. "cudnn" falls back to "xla" where attention dropout is
+  # drawn (training with dropout > 0): jax's public API has none.
+  impl: str = "xla"
 
   @nn.compact
   def __call__(self, q, k, v, *, train: bool = False):
@@ -177,6 +210,11 @@ class MultiheadAttention(nn.Module):
     q = mk("q_proj")(q).reshape(q.shape[:-1] + (h, d))
     k = mk("k_proj")(k).reshape(k.shape[:-1] + (h, d))
     v = mk("v_proj")(v).reshape(v.shape[:-1] + (h, d))
+    out_proj = dense(self.dim, use_bias=self.use_bias, dtype=self.dtype,
+                     name="out_proj")
+    if self.impl != "xla" and not (train and self.dropout > 0):
+      out = fused_attention(q, k, v, self.impl)
+      return out_proj(out.reshape(out.shape[:2] + (-1,)))
     # Heads-first operands ([B,h,L,d]): XLA:CPU's batched dot runs these
     # layouts ~20% faster than the same einsums on [B,L,h,d].
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q * (d ** -0.5), k, v))
@@ -194,10 +232,7 @@ class MultiheadAttention(nn.Module):
     if train and self.dropout > 0:
       attn = Dropout(self.dropout)(attn)
     out = (attn @ v)[:, :, :lq].transpose(0, 2, 1, 3)
-    out = out.reshape(out.shape[:2] + (-1,))
-    out_proj = dense(self.dim, use_bias=self.use_bias, dtype=self.dtype,
-                     name="out_proj")
-    return out_proj(out)
+    return out_proj(out.reshape(out.shape[:2] + (-1,)))
 
 
 DROPOUT_MASK = "dropout_mask"        # the name remat policies save

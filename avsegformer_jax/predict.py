@@ -162,7 +162,11 @@ def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
   if info.duration is not None and info.duration < audio_lib.MIN_SAMPLES / 16000:
     raise PredictError(f"{video}: video is {info.duration:.3f} s long, shorter "
                        "than one 0.975 s audio example")
-  model = avsegformer.build_model(config)
+  try:
+    model = avsegformer.build_model(config)
+    avsegformer.check_platform(config, jax.default_backend())
+  except ValueError as e:
+    raise PredictError(str(e)) from None
   if variables is None:
     try:
       variables = checkpoint.load_variables(checkpoint_dir)

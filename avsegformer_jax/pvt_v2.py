@@ -44,6 +44,7 @@ class Attention(nn.Module):
   sr_ratio: int
   hw: tuple
   dtype: jnp.dtype = jnp.float32
+  attention_impl: str = "xla"     # layers.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x):
@@ -59,10 +60,13 @@ class Attention(nn.Module):
       kv_in = layers.layer_norm(1e-5, self.dtype, name="norm")(kv_in)
     kv = _dense(2 * self.dim, "kv", self.dtype)(kv_in).reshape(n, -1, 2, nh, hd)
     k, v = kv[:, :, 0], kv[:, :, 1]
-    logits = jnp.einsum("nqhd,nkhd->nhqk", q * (hd ** -0.5), k)
-    attn = layers.softmax_in(logits, v.dtype)
-    out = jnp.einsum("nhqk,nkhd->nqhd", attn, v).reshape(n, l, c)
-    return _dense(self.dim, "proj", self.dtype)(out)
+    if self.attention_impl != "xla":
+      out = layers.fused_attention(q, k, v, self.attention_impl)
+    else:
+      logits = jnp.einsum("nqhd,nkhd->nhqk", q * (hd ** -0.5), k)
+      attn = layers.softmax_in(logits, v.dtype)
+      out = jnp.einsum("nhqk,nkhd->nqhd", attn, v)
+    return _dense(self.dim, "proj", self.dtype)(out.reshape(n, l, c))
 
 
 class DWConv(nn.Module):
@@ -109,12 +113,14 @@ class Block(nn.Module):
   train: bool = False
   scan: bool = False             # return (x, None) for nn.scan
   dtype: jnp.dtype = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, rate):
     ln = lambda n: layers.layer_norm(1e-6, self.dtype, name=n)
     y = Attention(self.dim, self.num_heads, self.sr_ratio, self.hw,
-                  self.dtype, name="attn")(ln("norm1")(x))
+                  self.dtype, self.attention_impl,
+                  name="attn")(ln("norm1")(x))
     x = x + drop_path(self, y, rate, self.train)
     y = Mlp(self.dim * self.mlp_ratio, self.hw, self.dtype,
             name="mlp")(ln("norm2")(x))
@@ -145,6 +151,7 @@ class PyramidVisionTransformerV2(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: bool | str = False         # layers.remat_module
   scan_layers: bool = False
+  attention_impl: str = "xla"       # layers.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -163,7 +170,8 @@ class PyramidVisionTransformerV2(nn.Module):
       t = x.reshape(n, h * w, dim)
       kwargs = dict(dim=dim, num_heads=NUM_HEADS[s],
                     mlp_ratio=spec["mlp_ratios"][s], sr_ratio=SR_RATIOS[s],
-                    hw=(h, w), train=train, dtype=self.dtype)
+                    hw=(h, w), train=train, dtype=self.dtype,
+                    attention_impl=self.attention_impl)
       stage_rates = jnp.asarray(rates[cur:cur + depths[s]])
       if self.scan_layers:
         scanned = nn.scan(block_cls, variable_axes={"params": 0},

@@ -18,12 +18,13 @@ class QueryGeneratorLayer(nn.Module):
   ffn_dim: int = 1024
   scan: bool = False             # return (x, None) for nn.scan
   dtype: jnp.dtype = jnp.float32
+  attention_impl: str = "xla"    # layers.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, query, audio):
-    mha = lambda n: layers.MultiheadAttention(self.dim, self.num_heads,
-                                              use_bias=False, dtype=self.dtype,
-                                              name=n)
+    mha = lambda n: layers.MultiheadAttention(
+        self.dim, self.num_heads, use_bias=False, dtype=self.dtype,
+        impl=self.attention_impl, name=n)
     query = layers.layer_norm(dtype=self.dtype, name="norm1")(
         query + mha("self_attn")(query, query, query))
     query = layers.layer_norm(dtype=self.dtype, name="norm2")(
@@ -44,6 +45,7 @@ class QueryGenerator(nn.Module):
   remat: bool | str = False         # layers.remat_module
   scan_layers: bool = False
   dtype: jnp.dtype = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, audio):
@@ -52,6 +54,7 @@ class QueryGenerator(nn.Module):
     query = jnp.broadcast_to(emb.embedding[None].astype(self.dtype),
                              (audio.shape[0], self.num_queries, self.dim))
     kwargs = dict(dim=self.dim, num_heads=self.num_heads,
-                  ffn_dim=self.ffn_dim, dtype=self.dtype)
+                  ffn_dim=self.ffn_dim, dtype=self.dtype,
+                  attention_impl=self.attention_impl)
     return layers.repeat(QueryGeneratorLayer, self.num_layers, kwargs, query,
                          audio, remat=self.remat, scan=self.scan_layers)

@@ -238,6 +238,7 @@ class Steps:
 
   def __init__(self, model, config, mesh):
     prng_impl(config)                      # a bad name fails here, not traced
+    avsegformer.check_platform(config, mesh.devices.flat[0].platform)
     self.mesh = mesh
     spec = dict(mesh=mesh, in_specs=(P(), P(AXIS)), check_vma=False)
     self._train = jax.jit(jax.shard_map(

@@ -6,6 +6,7 @@ so it never mixes with run time.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import json
@@ -228,3 +229,24 @@ def fmt_table(rows, cols) -> str:
   out = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
   out.insert(1, "  ".join("-" * w for w in widths))
   return "\n".join(out)
+
+
+def bool_list(s):
+  """--scan false,true -> [False, True] (argparse type)."""
+  out = []
+  for v in s.split(","):
+    v = v.strip().lower()
+    if v not in ("true", "false", "1", "0"):
+      raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+    out.append(v in ("true", "1"))
+  return out
+
+
+def remat_list(s):
+  """--remat false,true,dots: off, full, or a `layers.REMAT_POLICIES` name."""
+  out = []
+  for v in s.split(","):
+    v = v.strip().lower()
+    out += ["dots"] if v == "dots" else [True] if v == "full" else \
+        bool_list(v)
+  return out

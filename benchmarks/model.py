@@ -57,7 +57,8 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12,
 
 # Config fields a run may override from the command line (--msda_impl ...),
 # by the config section that holds them.
-OVERRIDES = {"msda_impl": "model", "prng_impl": "train"}
+OVERRIDES = {"msda_impl": "model", "attention_impl": "model",
+             "attention_dropout": "model", "prng_impl": "train"}
 
 
 def add_override_flags(p):
@@ -81,8 +82,9 @@ def make_config(name, dtype="float32", remat=False, scan=False,
   if isinstance(remat, str):
     config.model.remat_policy = remat
   config.model.scan_layers = scan
-  for key, value in (overrides or {}).items():
-    config[OVERRIDES[key]][key] = value
+  for key, value in (overrides or {}).items():       # as the field's type
+    section = config[OVERRIDES[key]]
+    section[key] = type(section[key])(value)
   return config
 
 
@@ -240,26 +242,6 @@ def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
   return row
 
 
-def _bool_list(s):
-  out = []
-  for v in s.split(","):
-    v = v.strip().lower()
-    if v not in ("true", "false", "1", "0"):
-      raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
-    out.append(v in ("true", "1"))
-  return out
-
-
-def _remat_list(s):
-  """--remat false,true,dots: off, full, or a `layers.REMAT_POLICIES` name."""
-  out = []
-  for v in s.split(","):
-    v = v.strip().lower()
-    out += ["dots"] if v == "dots" else [True] if v == "full" else \
-        _bool_list(v)
-  return out
-
-
 def split_lists(p, a):
   """--configs, --dtypes, --phases: comma lists -> checked lists."""
   a.configs = a.configs.split(",")
@@ -278,9 +260,9 @@ def parse_args(argv):
   p.add_argument("--configs", default=None,
                  help=f"comma list of {sorted(SPECS)}")
   p.add_argument("--dtypes", default="float32,bfloat16")
-  p.add_argument("--remat", type=_remat_list, default=[False],
+  p.add_argument("--remat", type=common.remat_list, default=[False],
                  help="false,true (full),dots")
-  p.add_argument("--scan", type=_bool_list, default=[False])
+  p.add_argument("--scan", type=common.bool_list, default=[False])
   p.add_argument("--steps", type=int, default=3, help="timed steps")
   p.add_argument("--warmup", type=int, default=1,
                  help="untimed runs after compiling")

@@ -184,8 +184,8 @@ def parse_args(argv):
   p.add_argument("--configs", default="avss_pvt2_224",
                  help=f"comma list of {sorted(bench_model.SPECS)}")
   p.add_argument("--dtypes", default="bfloat16")
-  p.add_argument("--remat", type=bench_model._remat_list, default=[False])
-  p.add_argument("--scan", type=bench_model._bool_list, default=[True])
+  p.add_argument("--remat", type=common.remat_list, default=[False])
+  p.add_argument("--scan", type=common.bool_list, default=[True])
   p.add_argument("--batch", type=int, default=1, help="train clips (global)")
   p.add_argument("--eval_batch", type=int, default=1, help="eval clips")
   p.add_argument("--phases", default="unfrozen")

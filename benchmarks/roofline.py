@@ -11,7 +11,8 @@ peak, launches cost microseconds, and autotuned GEMMs differ.
 Per kernel (every instruction of a non-fused computation that launches work:
 fusions, cuBLAS/cuDNN custom calls, copies, ...), times the trip counts of the
 while loops around it (`known_trip_count`):
-  FLOPs: GEMMs 2*M*N*K (batch included), convolutions 2*|out|*|filter|/O;
+  FLOPs: GEMMs 2*M*N*K (batch included), convolutions 2*|out|*|filter|/O,
+    cuDNN flash attention 2 (backward 5) GEMMs over its attention map;
   bytes: operands read + results written, where a fusion that only slices a
     parameter (a scan reading layer i of stacked weights) reads the slice and
     one that updates a slice in place (a scan stacking residuals) writes it;
@@ -225,7 +226,27 @@ def _dot_flops(ins, shapes_of, out):
   return 2 * math.prod(out) * math.prod(lhs[d] for d in dims)
 
 
+_FMHA_MAP = re.compile(
+    r'"intermediate_tensor_shape":\s*\{"element_type":\s*"\w+",\s*'
+    r'"dimensions":\s*\[([^\]]*)\]')
+
+
+def _fmha_flops(ins, shapes_of, target):
+  """cuDNN flash attention: its two GEMMs per [B,h,Lq,Lk] map element and
+  head channel forward (q k^T, p v); five backward (q k^T again, dO v^T,
+  p^T dO, dS k, dS^T q). The map itself never reaches memory."""
+  m = _FMHA_MAP.search(ins.attrs)
+  q = shapes_of.get(ins.operands[0], [("bf16", [])])[0][1]
+  if not m or not q:
+    return 0.0
+  gemms = 5 if "Backward" in target else 2
+  return gemms * 2 * math.prod(int(d) for d in re.findall(r"\d+", m.group(1))) \
+      * q[-1]
+
+
 def _flops(ins, shapes_of, out, target=""):
+  if "$fmha" in target:
+    return _fmha_flops(ins, shapes_of, target)
   if ins.opcode == "dot" or "matmul" in target or "gemm" in target:
     return _dot_flops(ins, shapes_of, out)
   if ins.opcode == "convolution" or "$conv" in target:

@@ -14,11 +14,16 @@
 #   wave 1: S4 PVTv2-B5 224 train (16 clips, unfrozen, full remat: the
 #           build benchmarks/roofline.py bounds best; MFU), AVSS PVTv2-B5
 #           batch 4 with remat (the 16 GB target)
-#   wave 2: the same S4 step without remat, and with remat and rbg dropout
-#           bits (train.prng_impl: the A/Bs); ResNet-50 trains in wave 3
+#   wave 2: the same S4 step with remat and rbg dropout bits
+#           (train.prng_impl), and with cuDNN flash attention on top
+#           (model.attention_impl=cudnn, model.attention_dropout=0: the
+#           fastest build by benchmarks/roofline.py; remat is bounded faster
+#           than none, so no row without it);
+#           ResNet-50 trains in wave 3
 #   then:   the MSDA cores alone at the train step's shapes (16 frames;
 #           "taps" takes its one-gather branch off CPU), nothing beside it
-#   wave 3: inference at 32 clips; bf16 model table (B=1)
+#   wave 3: inference at 32 clips, XLA and cuDNN attention; bf16 model
+#           table (B=1)
 #   last:   the input pipeline on the host's CPUs (if time is left)
 # Each section has a time limit and writes <name>.{json,txt,err} to $WORK as
 # it ends; a section that would start after TOTAL_S is skipped. Everything
@@ -67,9 +72,9 @@ trap pack EXIT
 M="-m benchmarks.model --scan true --dtypes bfloat16"
 S4P=s4_pvt2_224 S4R=s4_res50_224 AVSS=avss_pvt2_224 B=16 BA=4 BE=32 BM=16
 ALL=s4_res50_224,s4_pvt2_224,s4_pvt2_512,avss_pvt2_224
-PSIZES=224,512 PWORKERS=0,4,8 PIPE_S=90
-if [ "${SMOKE:-0}" = 1 ]; then
-  S4P=tiny_pvt2 S4R=tiny_res50 AVSS=tiny_pvt2 B=2 BA=2 BE=2 BM=1
+PSIZES=224,512 PWORKERS=0,4,8 PIPE_S=90 ATTN=cudnn
+if [ "${SMOKE:-0}" = 1 ]; then     # (cuDNN attention: GPUs only)
+  S4P=tiny_pvt2 S4R=tiny_res50 AVSS=tiny_pvt2 B=2 BA=2 BE=2 BM=1 ATTN=xla
   ALL=tiny_pvt2,tiny_res50 PSIZES=32 PWORKERS=0
 fi
 CUBLAS=--xla_gpu_enable_triton_gemm=false
@@ -78,15 +83,18 @@ XLA_FLAGS=$CUBLAS section train_s4_pvt2_remat 300 $M --configs $S4P \
 XLA_FLAGS=$CUBLAS section avss_b4_remat 300 $M --configs $AVSS \
   --remat true --phases unfrozen --batch $BA --steps 3 &
 wait
-XLA_FLAGS=$CUBLAS section train_s4_pvt2_noremat 200 $M --configs $S4P \
-  --phases unfrozen --batch $B --steps 5 &
 XLA_FLAGS=$CUBLAS section train_s4_pvt2_remat_rbg 200 $M --configs $S4P \
   --remat true --prng_impl rbg --phases unfrozen --batch $B --steps 5 &
+XLA_FLAGS=$CUBLAS section train_s4_pvt2_remat_rbg_cudnn 200 $M --configs $S4P \
+  --remat true --prng_impl rbg --attention_impl $ATTN --attention_dropout 0 \
+  --phases unfrozen --batch $B --steps 5 &
 wait
 section msda_b16 90 -m benchmarks.msda --sizes 224 --frames $BM \
   --dtypes bfloat16 --impls taps,rows,gather4 --steps 10
 section eval_b32 150 $M --configs $S4P,$S4R --phases eval \
   --eval_batch $BE --steps 10 --jobs 2 &
+section eval_b32_cudnn 150 $M --configs $S4P --attention_impl $ATTN \
+  --phases eval --eval_batch $BE --steps 10 &
 XLA_FLAGS=$CUBLAS section model_bf16 150 $M --configs $ALL --phases unfrozen --steps 5 \
   --jobs 2 &
 wait

@@ -33,12 +33,15 @@ def get_config():
   m.mixer = "cha"                # cha | cra | none (Table 2 / Fig. 4)
   m.head_mlp_dim = 2048          # the 300->2048->2048->256 MLP over the query axis
   m.dropout = 0.1                # encoder / decoder dropout (train only)
+  m.attention_dropout = 0.1      # on the decoder's attention maps (the original's); 0 lets
+                                 # attention_impl=cudnn fuse the decoder's training attention too
   m.drop_path = 0.1              # PVTv2 stochastic depth (train only)
   m.dtype = "float32"            # compute dtype: float32 | bfloat16 (params stay float32)
   m.remat = False                # rematerialise transformer / backbone blocks
   m.remat_policy = "full"        # full: recompute all | dots: keep weight GEMMs' outputs
   m.scan_layers = False          # nn.scan over repeated identical layers
   m.msda_impl = "auto"           # MSDA core: auto (taps; gather4 on TPU) | taps | rows | fused | gather4
+  m.attention_impl = "xla"       # dense attention: xla | cudnn (flash attention; bf16 on NVIDIA GPUs)
 
   # ----------------------------------------------------------------- data --
   d = c.data = ml_collections.ConfigDict()

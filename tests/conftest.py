@@ -21,3 +21,22 @@ os.environ.setdefault(
 from avsegformer_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 xla_cpu.configure()
+
+import jax  # noqa: E402  pylint: disable=wrong-import-position
+import pytest  # noqa: E402  pylint: disable=wrong-import-position
+
+
+@pytest.fixture
+def cudnn_as_xla(monkeypatch):
+  """`jax.nn.dot_product_attention` with "cudnn" run by its XLA
+  implementation: the cuDNN path's padding, lengths, layout and fallbacks
+  checked on a CPU (the kernel itself needs an NVIDIA GPU)."""
+  real = jax.nn.dot_product_attention
+  calls = []
+
+  def fake(*args, implementation=None, **kwargs):
+    calls.append((implementation, kwargs.get("key_value_seq_lengths")))
+    return real(*args, implementation="xla", **kwargs)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+  return calls
+

@@ -148,6 +148,24 @@ def test_plan_gpu_target_needs_the_cuda_plugin_or_compiles_for_it():
     return
   (device,) = mesh.devices.flat
   assert "H100" in device.device_kind
+  # model.attention_impl="cudnn" lowers to cuDNN's flash attention for it,
+  # forward and backward, with 1029 keys (padded), and the roofline counts
+  # its seven GEMMs.
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from avsegformer_jax import layers
+  from benchmarks import roofline
+  sharding = NamedSharding(mesh, P())
+  q = jax.ShapeDtypeStruct((2, 300, 8, 32), jnp.bfloat16, sharding=sharding)
+  k = jax.ShapeDtypeStruct((2, 1029, 8, 32), jnp.bfloat16, sharding=sharding)
+  grad = jax.grad(lambda q, k: layers.fused_attention(q, k, k).astype(
+      jnp.float32).sum(), argnums=(0, 1))
+  text = jax.jit(grad).lower(q, k).compile().as_text()
+  assert "__cudnn$fmhaSoftmax\"" in text
+  assert "__cudnn$fmhaSoftmaxBackward" in text
+  assert roofline.estimate(text)["total"]["flops"] >= \
+      7 * 2 * (2 * 8 * 304 * 1032) * 32
 
 
 def test_plan_tpu_target_needs_libtpu_or_compiles_for_it():
@@ -277,3 +295,17 @@ def test_gpu_wheels_pin_every_missing_requirement_within_setup_cfg():
     assert name in pins, f"gpu_wheels.sh does not fetch {req}"
     assert req.specifier.contains(pins[name]), (
         f"gpu_wheels.sh pins {name}=={pins[name]} outside setup.cfg's {req}")
+
+
+def test_override_flags_take_the_config_fields_type():
+  """`--attention_dropout 0` must set the float 0.0 (a string would fail
+  deep in the model), and name-valued overrides stay strings."""
+  a = bench_model.parse_args(["--attention_impl", "cudnn",
+                              "--attention_dropout", "0", "--prng_impl", "rbg"])
+  config = bench_model.make_config("tiny_pvt2", "bfloat16",
+                                   overrides=bench_model.given_overrides(a))
+  assert config.model.attention_dropout == 0.0
+  assert isinstance(config.model.attention_dropout, float)
+  assert (config.model.attention_impl, config.train.prng_impl) == \
+      ("cudnn", "rbg")
+  assert config.model.msda_impl == "auto"              # not given: unchanged

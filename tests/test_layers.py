@@ -196,3 +196,38 @@ def test_dropout_is_flax_dropout_and_remat_keeps_its_mask():
   for mode in ("full", "dots"):
     assert draws(layers.remat_module(Block, mode)(layers.Dropout)) == once
   assert draws(nn.remat(Block)(layers.Dropout)) == 2 * once
+
+
+@pytest.mark.parametrize("lq,lk", [(5, 7), (8, 16), (3, 1)])
+def test_cudnn_attention_path_matches_xla_path(cudnn_as_xla, lq, lk):
+  r = np.random.RandomState(3)
+  q = jnp.asarray(r.standard_normal((2, lq, 16)), jnp.float32)
+  kv = jnp.asarray(r.standard_normal((2, lk, 16)), jnp.float32)
+  xla = layers.MultiheadAttention(16, 4, dropout=0.5)
+  fused = layers.MultiheadAttention(16, 4, dropout=0.5, impl="cudnn")
+  params = xla.init(jax.random.PRNGKey(0), q, kv, kv)["params"]
+  loss = lambda m: lambda p, q, kv: jnp.sum(                 # noqa: E731
+      jnp.tanh(m.apply({"params": p}, q, kv, kv)))
+  with jax.default_matmul_precision("highest"):
+    np.testing.assert_allclose(fused.apply({"params": params}, q, kv, kv),
+                               xla.apply({"params": params}, q, kv, kv),
+                               atol=1e-5)
+    g_x = jax.grad(loss(xla), argnums=(0, 1, 2))(params, q, kv)
+    g_f = jax.grad(loss(fused), argnums=(0, 1, 2))(params, q, kv)
+  for a, b in zip(jax.tree.leaves(g_x), jax.tree.leaves(g_f)):
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+  assert {c[0] for c in cudnn_as_xla} == {"cudnn"}
+  # Unpadded lengths pass no mask; padded keys pass the real key length.
+  lengths = cudnn_as_xla[0][1]
+  if lk % 8 == 0 and lq % 8 == 0:
+    assert lengths is None
+  else:
+    np.testing.assert_array_equal(lengths, [lk, lk])
+  # Attention dropout in training: jax's fused attention has none, so the
+  # XLA path (the same masks, from the same rng) runs.
+  n = len(cudnn_as_xla)
+  rngs = {"dropout": jax.random.PRNGKey(1)}
+  np.testing.assert_array_equal(
+      fused.apply({"params": params}, q, kv, kv, train=True, rngs=rngs),
+      xla.apply({"params": params}, q, kv, kv, train=True, rngs=rngs))
+  assert len(cudnn_as_xla) == n

@@ -1,5 +1,7 @@
 """The model's behaviour on tiny configs: shapes, single frames, masks,
 train-mode randomness, ablation switches, remat equivalence."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,4 +101,49 @@ def test_bad_config_values_are_named():
   config = tiny.get_config("pvt2")
   config.model.backbone = "vit"
   with pytest.raises(ValueError, match="model.backbone"):
+    build_model(config)
+
+
+def test_cudnn_attention_option(cudnn_as_xla):
+  """model.attention_impl='cudnn' reaches every dense attention (PVTv2
+  blocks, query generator, decoder) and gives the XLA path's logits;
+  combinations that cannot run are named before anything traces."""
+  from avsegformer_jax import pvt_v2, train
+  config = tiny.get_config("pvt2")
+  config.model.attention_impl = "cudnn"
+  with pytest.raises(ValueError, match="model.attention_impl.*bfloat16"):
+    build_model(config)                                   # float32
+  config.model.dtype = "bfloat16"
+  with pytest.raises(ValueError, match="NVIDIA GPUs only.*'cpu'"):
+    train.Steps(build_model(config), config, train.make_mesh())
+  frames, audio = _inputs(2)
+  xla_config = tiny.get_config("pvt2")
+  xla_config.model.dtype = "bfloat16"
+  variables = avsegformer.init_variables(build_model(xla_config),
+                                         jax.random.PRNGKey(0))
+  with jax.default_matmul_precision("highest"):
+    want, _ = jax.jit(build_model(xla_config).apply)(variables, frames, audio)
+    got, _ = jax.jit(build_model(config).apply)(variables, frames, audio)
+  m = config.model
+  assert len(cudnn_as_xla) == (sum(pvt_v2.VARIANTS["b0"]["depths"])
+                               + 2 * m.num_query_layers
+                               + 2 * m.num_decoder_layers)
+  # bfloat16 either way, in another order: ~1% apart on average (float32 is
+  # ~1.4% from either); a wrong softmax scale is ~20% off.
+  got, want = np.asarray(got), np.asarray(want)
+  np.testing.assert_allclose(got, want, atol=0.1 * np.abs(want).max())
+  assert np.abs(got - want).mean() < 0.03 * np.abs(want).mean()
+  # Training: the decoder's attention dropout keeps its XLA path, unless
+  # model.attention_dropout is 0.
+  rngs = {"dropout": jax.random.PRNGKey(1)}
+  for rate, decoder_calls in ((0.1, 0), (0.0, 2 * m.num_decoder_layers)):
+    config.model.attention_dropout = rate
+    del cudnn_as_xla[:]
+    jax.jit(functools.partial(build_model(config).apply, train=True,
+                              mutable=["batch_stats"]))(
+        variables, frames, audio, rngs=rngs)
+    assert len(cudnn_as_xla) == (sum(pvt_v2.VARIANTS["b0"]["depths"])
+                                 + 2 * m.num_query_layers + decoder_calls)
+  config.model.attention_impl = "flash"
+  with pytest.raises(ValueError, match="model.attention_impl must be one of"):
     build_model(config)

@@ -177,3 +177,40 @@ def test_elementwise_arithmetic_is_a_third_roof():
                                 alu=None)
   assert two_roofs["total"]["s"] < want / 1000
 
+
+
+# cuDNN flash attention (`model.attention_impl="cudnn"`) as XLA:GPU emits it
+# (shortened from a deviceless H100 compile of its gradient).
+_CFG = ('backend_config={"cudnn_fmha_backend_config": {"fmha_scale": 0.35, '
+        '"intermediate_tensor_shape": {"element_type": "BF16", '
+        '"dimensions": ["2", "4", "16", "24"], "tuple_shapes": []}, '
+        '"is_flash_attention": true, "mask_type": "PADDING"}}')
+_FMHA_HLO = f"""\
+HloModule jit_attention
+
+ENTRY %main (q: bf16[2,16,4,8], k: bf16[2,24,4,8], v: bf16[2,24,4,8], n: s32[2], do: bf16[2,16,4,8]) -> bf16[2,4,16,8] {{
+  %q = bf16[2,16,4,8]{{3,2,1,0}} parameter(0)
+  %k = bf16[2,24,4,8]{{3,2,1,0}} parameter(1)
+  %v = bf16[2,24,4,8]{{3,2,1,0}} parameter(2)
+  %n = s32[2]{{0}} parameter(3)
+  %do = bf16[2,16,4,8]{{3,2,1,0}} parameter(4)
+  %fwd = (bf16[2,4,16,8]{{3,1,2,0}}, f32[2,4,16]{{2,1,0}}, u8[0]{{0}}) custom-call(%q, %k, %v, %n, %n), custom_call_target="__cudnn$fmhaSoftmax", {_CFG}
+  %o = bf16[2,4,16,8]{{3,1,2,0}} get-tuple-element(%fwd), index=0
+  %s = f32[2,4,16]{{2,1,0}} get-tuple-element(%fwd), index=1
+  %bwd = (bf16[2,4,16,8]{{3,1,2,0}}, bf16[2,4,24,8]{{3,1,2,0}}, bf16[2,4,24,8]{{3,1,2,0}}, u8[0]{{0}}) custom-call(%q, %k, %v, %s, %do, %o, %n, %n), custom_call_target="__cudnn$fmhaSoftmaxBackward", {_CFG}
+  ROOT %dq = bf16[2,4,16,8]{{3,1,2,0}} get-tuple-element(%bwd), index=0
+}}
+"""
+
+
+def test_flash_attention_flops_and_bytes():
+  est = roofline.estimate(_FMHA_HLO, peak_flops=1e15, bandwidth=1e12)
+  per_gemm = 2 * (2 * 4 * 16 * 24) * 8
+  assert est["total"]["flops"] == 2 * per_gemm + 5 * per_gemm
+  assert est["total"]["kernels"] == 2
+  # Only q, k, v, lengths, outputs and softmax statistics move: the
+  # [2, 4, 16, 24] map stays on chip.
+  q, kv, stats, n = 2 * 16 * 4 * 8 * 2, 2 * 24 * 4 * 8 * 2, 2 * 4 * 16 * 4, 8
+  fwd = q + 2 * kv + 2 * n + q + stats
+  bwd = q + 2 * kv + stats + q + q + 2 * n + q + 2 * kv
+  assert est["total"]["bytes"] == fwd + bwd
