@@ -99,6 +99,13 @@ def _attention_impl(mc) -> str:
   return impl
 
 
+def _attention_dropout(mc) -> float:
+  """`model.attention_dropout`, unset (None): `model.dropout`, as the
+  original's decoder, whose torch MHA shares the layer's dropout."""
+  rate = mc.get("attention_dropout", None)
+  return mc.dropout if rate is None else rate
+
+
 def check_platform(config, platform: str) -> None:
   """Fails early, naming the option, where a config asks for kernels that
   `platform` ("cpu", "gpu", "tpu") does not have (not at trace time, from
@@ -160,7 +167,7 @@ def build_model(config, axis_name: str | None = None) -> AVSegFormer:
       query_ffn_dim=mc.query_ffn_dim, num_queries=mc.num_queries,
       learnable_queries=mc.learnable_queries, mixer=mc.mixer,
       head_mlp_dim=mc.head_mlp_dim, dropout=mc.dropout,
-      attention_dropout=mc.get("attention_dropout", mc.dropout),
+      attention_dropout=_attention_dropout(mc),
       remat=_remat(mc),
       scan_layers=mc.scan_layers,
       msda_impl=mc.get("msda_impl", deformable_attention.DEFAULT_IMPL),

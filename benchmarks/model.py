@@ -55,20 +55,22 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12,
              "TPU v5p": 459e12, "TPU v6": 918e12}
 
 
-# Config fields a run may override from the command line (--msda_impl ...),
-# by the config section that holds them.
-OVERRIDES = {"msda_impl": "model", "attention_impl": "model",
-             "attention_dropout": "model", "prng_impl": "train"}
+# Config fields a run may override from the command line (--msda_impl ...):
+# the config section that holds each, and its type.
+OVERRIDES = {"msda_impl": ("model", str), "attention_impl": ("model", str),
+             "attention_dropout": ("model", float), "prng_impl": ("train", str)}
 
 
 def add_override_flags(p):
-  for key, section in OVERRIDES.items():
-    p.add_argument(f"--{key}", default=None, help=f"override {section}.{key}")
+  for key, (section, kind) in OVERRIDES.items():
+    p.add_argument(f"--{key}", type=kind, default=None,
+                   help=f"override {section}.{key}")
 
 
 def given_overrides(a) -> dict:
   """{field: value} of the override flags given."""
-  return {k: getattr(a, k) for k in OVERRIDES if getattr(a, k, None)}
+  return {k: getattr(a, k) for k in OVERRIDES
+          if getattr(a, k, None) is not None}
 
 
 def make_config(name, dtype="float32", remat=False, scan=False,
@@ -82,9 +84,9 @@ def make_config(name, dtype="float32", remat=False, scan=False,
   if isinstance(remat, str):
     config.model.remat_policy = remat
   config.model.scan_layers = scan
-  for key, value in (overrides or {}).items():       # as the field's type
-    section = config[OVERRIDES[key]]
-    section[key] = type(section[key])(value)
+  for key, value in (overrides or {}).items():
+    section, kind = OVERRIDES[key]
+    config[section][key] = kind(value)
   return config
 
 
@@ -125,7 +127,7 @@ def combination(name, dtype, remat, scan, batch, eval_batch,
              batch_clips=batch, eval_batch_clips=eval_batch,
              frames_per_clip=config.data.num_frames,
              image_size=config.data.image_size,
-             **{k: config[sec].get(k) for k, sec in OVERRIDES.items()})
+             **{k: config[sec].get(k) for k, (sec, _) in OVERRIDES.items()})
   return config, row
 
 

@@ -33,8 +33,9 @@ def get_config():
   m.mixer = "cha"                # cha | cra | none (Table 2 / Fig. 4)
   m.head_mlp_dim = 2048          # the 300->2048->2048->256 MLP over the query axis
   m.dropout = 0.1                # encoder / decoder dropout (train only)
-  m.attention_dropout = 0.1      # on the decoder's attention maps (the original's); 0 lets
-                                 # attention_impl=cudnn fuse the decoder's training attention too
+  # On the decoder's attention maps; unset: model.dropout (as the original). 0 lets
+  # attention_impl=cudnn fuse the decoder's attention in training too.
+  m.attention_dropout = ml_collections.config_dict.placeholder(float)
   m.drop_path = 0.1              # PVTv2 stochastic depth (train only)
   m.dtype = "float32"            # compute dtype: float32 | bfloat16 (params stay float32)
   m.remat = False                # rematerialise transformer / backbone blocks

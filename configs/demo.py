@@ -32,7 +32,7 @@ def get_config(arg=None):
   m.encoder_ffn_dim = m.decoder_ffn_dim = m.query_ffn_dim = 128
   m.num_queries = 16
   m.head_mlp_dim = 64
-  m.dropout = m.attention_dropout = 0.0
+  m.dropout = 0.0
   m.drop_path = 0.0
 
   d = c.data

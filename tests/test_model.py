@@ -134,10 +134,12 @@ def test_cudnn_attention_option(cudnn_as_xla):
   np.testing.assert_allclose(got, want, atol=0.1 * np.abs(want).max())
   assert np.abs(got - want).mean() < 0.03 * np.abs(want).mean()
   # Training: the decoder's attention dropout keeps its XLA path, unless
-  # model.attention_dropout is 0.
+  # it is 0: model.attention_dropout, unset = model.dropout (the original's).
   rngs = {"dropout": jax.random.PRNGKey(1)}
-  for rate, decoder_calls in ((0.1, 0), (0.0, 2 * m.num_decoder_layers)):
-    config.model.attention_dropout = rate
+  fused = 2 * m.num_decoder_layers
+  for dropout, rate, decoder_calls in ((0.1, None, 0), (0.0, None, fused),
+                                       (0.1, 0.0, fused), (0.0, 0.1, 0)):
+    config.model.dropout, config.model.attention_dropout = dropout, rate
     del cudnn_as_xla[:]
     jax.jit(functools.partial(build_model(config).apply, train=True,
                               mutable=["batch_stats"]))(
