@@ -82,7 +82,22 @@ def dense(features: int, *, use_bias: bool = True, dtype: Dtype = jnp.float32,
                   kernel_init=kernel_init, name=name)
 
 
-gelu = functools.partial(jax.nn.gelu, approximate=False)   # torch nn.GELU()
+_SQRT_HALF = 0.7071067811865476
+
+
+def gelu(x):
+  """torch's nn.GELU(): x * (1 + erf(x / sqrt(2))) / 2, computed in float32.
+
+  torch's formula rather than jax.nn.gelu's erfc form: XLA expands erfc into
+  ~70 float ops, an exp and two divisions per element, which left the
+  GELUs of the FFNs and PVTv2's MLPs ALU-bound on a GPU (by the roofline,
+  ~18 ms of the 58 ms S4 PVTv2-B5 eval step at 32 clips); erf is one short
+  rational approximation, and the fusion becomes memory-bound. (erfc is
+  more accurate where |gelu(x)| < 1e-3, x < -3; torch has this one's
+  rounding there too.)
+  """
+  y = x.astype(jnp.float32)
+  return (y * 0.5 * (1.0 + jax.lax.erf(y * _SQRT_HALF))).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

@@ -231,3 +231,28 @@ def test_cudnn_attention_path_matches_xla_path(cudnn_as_xla, lq, lk):
       fused.apply({"params": params}, q, kv, kv, train=True, rngs=rngs),
       xla.apply({"params": params}, q, kv, kv, train=True, rngs=rngs))
   assert len(cudnn_as_xla) == n
+
+
+def test_gelu_is_torchs_erf_formula():
+  """x * (1 + erf(x / sqrt(2))) / 2 as torch's nn.GELU(), in float32 for
+  16-bit inputs, with its analytic gradient; lowered through erf, not the
+  erfc expansion (jax.nn.gelu's), which is ALU-bound on a GPU."""
+  import math
+  from scipy.special import erf
+  x = np.concatenate([np.linspace(-8, 8, 4001),
+                      np.random.RandomState(0).standard_normal(2000) * 3])
+  x = x.astype(np.float32)
+  x64 = x.astype(np.float64)
+  want = x64 * 0.5 * (1 + erf(x64 / math.sqrt(2)))
+  np.testing.assert_allclose(layers.gelu(jnp.asarray(x)), want, atol=2e-6,
+                             rtol=1e-5)
+  dwant = 0.5 * (1 + erf(x64 / math.sqrt(2))) + \
+      x64 * np.exp(-x64 ** 2 / 2) / math.sqrt(2 * math.pi)
+  np.testing.assert_allclose(jax.vmap(jax.grad(layers.gelu))(jnp.asarray(x)),
+                             dwant, atol=2e-6, rtol=1e-5)
+  half = layers.gelu(jnp.asarray(x, jnp.bfloat16))
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(half, np.float32), want, atol=0.03,
+                             rtol=0.01)
+  text = jax.jit(layers.gelu).lower(jnp.asarray(x)).as_text()
+  assert "erf" in text and "erfc" not in text
