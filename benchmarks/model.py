@@ -84,9 +84,8 @@ def make_config(name, dtype="float32", remat=False, scan=False,
   if isinstance(remat, str):
     config.model.remat_policy = remat
   config.model.scan_layers = scan
-  for key, value in (overrides or {}).items():
-    section, kind = OVERRIDES[key]
-    config[section][key] = kind(value)
+  for key, value in (overrides or {}).items():   # typed by their flags
+    config[OVERRIDES[key][0]][key] = value
   return config
 
 
