@@ -110,10 +110,15 @@ def check_platform(config, platform: str) -> None:
   """Fails early, naming the option, where a config asks for kernels that
   `platform` ("cpu", "gpu", "tpu") does not have (not at trace time, from
   inside jax)."""
-  if _attention_impl(_model_config(config)) == "cudnn" and platform != "gpu":
+  mc = _model_config(config)
+  if _attention_impl(mc) == "cudnn" and platform != "gpu":
     raise ValueError("model.attention_impl='cudnn' (cuDNN flash attention) "
                      f"runs on NVIDIA GPUs only, and this run's devices are "
                      f"{platform!r}: use model.attention_impl='xla'")
+  if mc.get("msda_impl", "auto") == "pallas" and platform != "gpu":
+    raise ValueError("model.msda_impl='pallas' (a Triton kernel) runs on "
+                     f"GPUs only, and this run's devices are {platform!r}: "
+                     "use model.msda_impl='auto'")
 
 
 def build_backbone(mc, dtype, axis_name=None):

@@ -80,7 +80,9 @@ SAMPLERS = {"gather4": _sample_level, "fused": _sample_level_fused}
 # the worst: XLA:TPU materialises [M, 48, 32] padded to 128 lanes and takes
 # minutes to compile them (benchmarks/README.md), so "auto", the default,
 # is "gather4" there and "taps" elsewhere, chosen when the step is lowered.
-IMPLS = ("auto", "gather4", "fused", "rows", "taps")
+# "pallas" (deformable_attention_pallas.py): one Triton kernel per pass that
+# never writes the taps to HBM; GPUs only, opt-in until measured on one.
+IMPLS = ("auto", "gather4", "fused", "rows", "taps", "pallas")
 DEFAULT_IMPL = "auto"
 AUTO = {"tpu": "gather4", "default": "taps"}
 
@@ -189,6 +191,10 @@ def ms_deform_attn_core(value, spatial_shapes: Sequence[tuple[int, int]],
     return jax.lax.platform_dependent(
         value, sampling_locations, attention_weights,
         **{k: core(v) for k, v in AUTO.items()})
+  if impl == "pallas":
+    from avsegformer_jax import deformable_attention_pallas as pallas
+    return pallas.ms_deform_attn_pallas(value, spatial_shapes,
+                                        sampling_locations, attention_weights)
   b, _, nh, d = value.shape
   _, lq, _, nl, npts, _ = sampling_locations.shape
   if impl in ("rows", "taps"):

@@ -3,6 +3,8 @@
     python -m benchmarks.msda [--sizes 224,512] [--frames 5] [--steps 5]
         [--dtypes float32] [--impls gather4,fused,rows,taps] [--json OUT]
 
+("pallas", the Triton kernels, is in the default list on GPUs only.)
+
 Shapes are the encoder's: every pixel of the stride 8/16/32 levels queries
 (Lq = S = 1029 at 224, 5376 at 512), 8 heads of 32 channels, 3 levels,
 4 points, N = frames (B*T). Times the forward and forward+backward (gradient
@@ -102,13 +104,20 @@ def main(argv=None):
   p.add_argument("--frames", type=int, default=5, help="N = B*T")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--dtypes", default="float32")
-  p.add_argument("--impls", default=",".join(i for i in da.IMPLS
-                                              if i != "auto"))
+  p.add_argument("--impls", default="",
+                 help="comma list of cores (default: all but auto; pallas "
+                      "on GPUs only)")
   p.add_argument("--json", default="")
   a = p.parse_args(argv)
   xla_cpu.configure()        # as the CLIs do (avsegformer_jax/xla_cpu.py)
+  gpu = jax.default_backend() == "gpu"
+  impls = a.impls.split(",") if a.impls else [
+      i for i in da.IMPLS if i != "auto" and (gpu or i != "pallas")]
+  if "pallas" in impls and not gpu:
+    p.error("--impls pallas: Triton kernels need a GPU, this backend is "
+            f"{jax.default_backend()!r}")
   rows = run([int(s) for s in a.sizes.split(",")], a.frames, a.steps,
-             a.dtypes.split(","), a.impls.split(","))
+             a.dtypes.split(","), impls)
   info = common.device_info()
   print(f"MSDA core, {info['device_kind']} ({info['platform']}), "
         f"N={a.frames}, {HEADS} heads x {HEAD_DIM}, {POINTS} points, 3 levels")

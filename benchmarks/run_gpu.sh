@@ -21,9 +21,11 @@
 #           than none, so no row without it);
 #           ResNet-50 trains in wave 3
 #   then:   the MSDA cores alone at the train step's shapes (16 frames;
-#           "taps" takes its one-gather branch off CPU), nothing beside it
-#   wave 3: inference at 32 clips, XLA and cuDNN attention; bf16 model
-#           table (B=1)
+#           "taps" takes its one-gather branch off CPU; "pallas", the
+#           Triton kernels, checked against it), nothing beside it
+#   wave 3: inference at 32 clips, XLA and cuDNN attention, and cuDNN with
+#           the Triton MSDA (model.msda_impl=pallas); bf16 model table (B=1)
+#   then:   the wave-2 cuDNN train step with the Triton MSDA
 #   last:   the input pipeline on the host's CPUs (if time is left)
 # Each section has a time limit and writes <name>.{json,txt,err} to $WORK as
 # it ends; a section that would start after TOTAL_S is skipped. Everything
@@ -72,9 +74,10 @@ trap pack EXIT
 M="-m benchmarks.model --scan true --dtypes bfloat16"
 S4P=s4_pvt2_224 S4R=s4_res50_224 AVSS=avss_pvt2_224 B=16 BA=4 BE=32 BM=16
 ALL=s4_res50_224,s4_pvt2_224,s4_pvt2_512,avss_pvt2_224
-PSIZES=224,512 PWORKERS=0,4,8 PIPE_S=90 ATTN=cudnn
+PSIZES=224,512 PWORKERS=0,4,8 PIPE_S=90 ATTN=cudnn MSDA=pallas
 if [ "${SMOKE:-0}" = 1 ]; then     # (cuDNN attention: GPUs only)
   S4P=tiny_pvt2 S4R=tiny_res50 AVSS=tiny_pvt2 B=2 BA=2 BE=2 BM=1 ATTN=xla
+  MSDA=auto                        # (and the Triton MSDA)
   ALL=tiny_pvt2,tiny_res50 PSIZES=32 PWORKERS=0
 fi
 CUBLAS=--xla_gpu_enable_triton_gemm=false
@@ -90,14 +93,19 @@ XLA_FLAGS=$CUBLAS section train_s4_pvt2_remat_rbg_cudnn 200 $M --configs $S4P \
   --phases unfrozen --batch $B --steps 5 &
 wait
 section msda_b16 90 -m benchmarks.msda --sizes 224 --frames $BM \
-  --dtypes bfloat16 --impls taps,rows,gather4 --steps 10
+  --dtypes bfloat16 --impls taps,$MSDA,rows --steps 10
 section eval_b32 150 $M --configs $S4P,$S4R --phases eval \
   --eval_batch $BE --steps 10 --jobs 2 &
 section eval_b32_cudnn 150 $M --configs $S4P --attention_impl $ATTN \
   --phases eval --eval_batch $BE --steps 10 &
+section eval_b32_cudnn_pallas 150 $M --configs $S4P --attention_impl $ATTN \
+  --msda_impl $MSDA --phases eval --eval_batch $BE --steps 10 &
 XLA_FLAGS=$CUBLAS section model_bf16 150 $M --configs $ALL --phases unfrozen --steps 5 \
   --jobs 2 &
 wait
+XLA_FLAGS=$CUBLAS section train_s4_pvt2_remat_rbg_cudnn_pallas 200 $M \
+  --configs $S4P --remat true --prng_impl rbg --attention_impl $ATTN \
+  --attention_dropout 0 --msda_impl $MSDA --phases unfrozen --batch $B --steps 5
 # The host side: can this machine's CPUs feed the steps above? (S4 at 224
 # and 512, all 5 frames and frame 0 only, as S4 + PVTv2 trains; clips/s
 # against the train rows' clips/s.)

@@ -1,4 +1,7 @@
-"""MSDeformAttn against the original's outputs (goldens/msda.npz)."""
+"""MSDeformAttn against the original's outputs (goldens/msda.npz).
+
+Every core, "pallas" included: its Triton kernels run in Pallas' interpreter
+here (tests/test_deformable_attention_pallas.py has the rest of its tests)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,8 +9,14 @@ import pytest
 
 from avsegformer_jax import convert
 from avsegformer_jax import deformable_attention as da
+from avsegformer_jax import deformable_attention_pallas
 
 GOLDEN = "tests/goldens/msda.npz"
+
+
+@pytest.fixture(autouse=True)
+def _pallas_interpreted(monkeypatch):
+  monkeypatch.setattr(deformable_attention_pallas, "INTERPRET", True)
 
 
 @pytest.fixture(scope="module")

@@ -149,3 +149,28 @@ def test_cudnn_attention_option(cudnn_as_xla):
   config.model.attention_impl = "flash"
   with pytest.raises(ValueError, match="model.attention_impl must be one of"):
     build_model(config)
+
+
+def test_pallas_msda_option(monkeypatch):
+  """model.msda_impl='pallas' reaches the encoder and, its kernels run by
+  Pallas' interpreter, gives the default core's logits (its gradients are
+  tested on the core); steps on a platform without Triton are refused by
+  name."""
+  from avsegformer_jax import deformable_attention_pallas, train
+  monkeypatch.setattr(deformable_attention_pallas, "INTERPRET", True)
+  calls = []
+  real = deformable_attention_pallas.ms_deform_attn_pallas
+  monkeypatch.setattr(deformable_attention_pallas, "ms_deform_attn_pallas",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  config = tiny.get_config("pvt2")
+  frames, audio = _inputs(2)
+  model = build_model(config)
+  variables = avsegformer.init_variables(model, jax.random.PRNGKey(0))
+  config.model.msda_impl = "pallas"
+  with jax.default_matmul_precision("highest"):
+    want, _ = jax.jit(model.apply)(variables, frames, audio)
+    got, _ = jax.jit(build_model(config).apply)(variables, frames, audio)
+  assert len(calls) == config.model.num_encoder_layers
+  np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+  with pytest.raises(ValueError, match="msda_impl='pallas'.*GPUs only"):
+    train.Steps(build_model(config), config, train.make_mesh())
