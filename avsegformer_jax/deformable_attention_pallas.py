@@ -14,7 +14,9 @@ does) and writes the location and weight gradients. Semantics are
 `_corners`' exactly (grid_sample zeros, align_corners=False).
 
 Triton GPUs only (NVIDIA; the Triton backend also targets ROCm). Tests run
-the same kernels in Pallas' interpreter on CPU.
+the same kernels in Pallas' interpreter on CPU. jax 0.11 and 0.12 still
+ship Pallas' Triton backend but warn that it is deprecated (Mosaic GPU is
+its successor); "taps" stays the default.
 """
 from __future__ import annotations
 

@@ -14,7 +14,8 @@
 #     --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
 #
 # The list is the dependency closure of setup.cfg's install_requires for
-# Python 3.12 with jax 0.11.2, less what the image holds. Left out: PyAV (35
+# Python 3.12 with jax 0.11.2, less what the image holds, plus pytest for
+# the GPU path of the parity tests. Left out: PyAV (35
 # MB; only video I/O, which no benchmark reads) so that the repository (36 MB)
 # plus the wheels (~15 MB) stay under the 64 MiB a device call carries.
 # Checked (2026-11-27) by installing these into a Python 3.12 environment with
@@ -30,6 +31,7 @@ PKGS=(
   simple-parsing==0.1.9 docstring-parser==0.18.0 termcolor==3.3.0
   toml==0.10.2 portpicker==1.6.0 soxr==1.1.0 cffi==2.1.1 pycparser==3.12
   pooch==1.9.0 platformdirs==4.14.8 decorator==5.3.1
+  pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0   # run_gpu.sh's tests
 )
 SDISTS=(promise==2.3)           # pure Python, published as a source archive only
 PLATFORMS=()

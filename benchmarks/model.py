@@ -304,17 +304,24 @@ def _jobs_env(jobs):
   return env
 
 
+def subprocess_cmd(a, name, dtype, remat, scan, out):
+  """One combination as a command line (strings: the override flags carry
+  typed values, e.g. the float --attention_dropout)."""
+  cmd = [sys.executable, "-m", "benchmarks.model", "--inprocess",
+         "--configs", name, "--dtypes", dtype, "--remat", str(remat),
+         "--scan", str(scan), "--steps", str(a.steps),
+         "--warmup", str(a.warmup), "--batch", str(a.batch),
+         "--eval_batch", str(a.eval_batch), "--phases", ",".join(a.phases),
+         "--json", out]
+  for key, value in given_overrides(a).items():
+    cmd += [f"--{key}", str(value)]
+  return cmd
+
+
 def _subprocess_row(a, name, dtype, remat, scan, env=None):
   with tempfile.TemporaryDirectory() as d:
     out = os.path.join(d, "row.json")
-    cmd = [sys.executable, "-m", "benchmarks.model", "--inprocess",
-           "--configs", name, "--dtypes", dtype, "--remat", str(remat),
-           "--scan", str(scan), "--steps", str(a.steps),
-           "--warmup", str(a.warmup), "--batch", str(a.batch),
-           "--eval_batch", str(a.eval_batch), "--phases", ",".join(a.phases),
-           "--json", out]
-    for key, value in given_overrides(a).items():
-      cmd += [f"--{key}", value]
+    cmd = subprocess_cmd(a, name, dtype, remat, scan, out)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode == 0 and os.path.exists(out):
       with open(out) as f:

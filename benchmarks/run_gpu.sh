@@ -13,7 +13,8 @@
 # deviceless compile that takes 132 s on 2 cores).
 #   wave 1: S4 PVTv2-B5 224 train (16 clips, unfrozen, full remat: the
 #           build benchmarks/roofline.py bounds best; MFU), AVSS PVTv2-B5
-#           batch 4 with remat (the 16 GB target)
+#           batch 4 with remat (the 16 GB target); beside them the GPU path
+#           of the parity tests (pytest, tests_gpu.txt)
 #   wave 2: the same S4 step with remat and rbg dropout bits
 #           (train.prng_impl), and with cuDNN flash attention on top
 #           (model.attention_impl=cudnn, model.attention_dropout=0: the
@@ -74,13 +75,33 @@ trap pack EXIT
 M="-m benchmarks.model --scan true --dtypes bfloat16"
 S4P=s4_pvt2_224 S4R=s4_res50_224 AVSS=avss_pvt2_224 B=16 BA=4 BE=32 BM=16
 ALL=s4_res50_224,s4_pvt2_224,s4_pvt2_512,avss_pvt2_224
-PSIZES=224,512 PWORKERS=0,4,8 PIPE_S=90 ATTN=cudnn MSDA=pallas
+PSIZES=224,512 PWORKERS=0,4,8 PIPE_S=90 ATTN=cudnn MSDA=pallas TESTS_S=240
+TESTS=(tests/test_avsegformer.py tests/test_deformable_attention.py
+       tests/test_deformable_attention_pallas.py tests/test_losses.py
+       tests/test_audio.py)
 if [ "${SMOKE:-0}" = 1 ]; then     # (cuDNN attention: GPUs only)
   S4P=tiny_pvt2 S4R=tiny_res50 AVSS=tiny_pvt2 B=2 BA=2 BE=2 BM=1 ATTN=xla
   MSDA=auto                        # (and the Triton MSDA)
+  TESTS=(tests/test_deformable_attention_pallas.py)
   ALL=tiny_pvt2,tiny_res50 PSIZES=32 PWORKERS=0
 fi
 CUBLAS=--xla_gpu_enable_triton_gemm=false
+# The GPU path of the tests: the full-size golden parity tests in float32
+# ("highest" precision), the MSDA cores' goldens, and the compiled Pallas
+# kernels against "taps" (real atomics), beside wave 1's compiles. Marked as
+# compiling for its whole run, so no section times its steps meanwhile.
+gpu_tests() {
+  local el=$(( $(date +%s) - START ))
+  echo "== tests_gpu (limit ${TESTS_S}s, ${el}s elapsed)"
+  $PY -c "import subprocess, sys
+from benchmarks import common
+with common.compiling():
+  sys.exit(subprocess.call(sys.argv[1:]))" timeout "$TESTS_S" $PY -m pytest \
+    -q -p no:cacheprovider "${TESTS[@]}" >"$WORK/tests_gpu.txt" 2>&1
+  echo "== tests_gpu done, exit $?, $(( $(date +%s) - START ))s elapsed"
+  tail -25 "$WORK/tests_gpu.txt"
+}
+gpu_tests &
 XLA_FLAGS=$CUBLAS section train_s4_pvt2_remat 300 $M --configs $S4P \
   --remat true --phases unfrozen --batch $B --steps 5 &
 XLA_FLAGS=$CUBLAS section avss_b4_remat 300 $M --configs $AVSS \

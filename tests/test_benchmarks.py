@@ -309,3 +309,10 @@ def test_override_flags_take_the_config_fields_type():
   assert (config.model.attention_impl, config.train.prng_impl) == \
       ("cudnn", "rbg")
   assert config.model.msda_impl == "auto"              # not given: unchanged
+  # A combination's subprocess gets them as strings and parses them back
+  # (a float in the command line failed in subprocess, SMOKE run_gpu.sh).
+  cmd = bench_model.subprocess_cmd(a, "tiny_pvt2", "bfloat16", True, True,
+                                   "row.json")
+  assert all(isinstance(x, str) for x in cmd), cmd
+  back = bench_model.parse_args(cmd[3:])
+  assert bench_model.given_overrides(back) == bench_model.given_overrides(a)
