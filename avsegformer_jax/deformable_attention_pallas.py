@@ -90,8 +90,11 @@ def _taps(geo: _Geometry, m, frame, head, loc_ref, aw_ref):
         valid = (cx >= 0) & (cx <= w - 1) & (cy >= 0) & (cy <= h - 1)
         wx = fx if dx else 1.0 - fx
         wy = fy if dy else 1.0 - fy
-        pix = (jnp.clip(cy, 0, h - 1) * w + jnp.clip(cx, 0, w - 1)
-               ).astype(jnp.int32)
+        # Clamped again as integers: a NaN location (a diverging run) has
+        # no defined int conversion and must not address outside the table.
+        ix = jnp.clip(jnp.clip(cx, 0, w - 1).astype(jnp.int32), 0, w - 1)
+        iy = jnp.clip(jnp.clip(cy, 0, h - 1).astype(jnp.int32), 0, h - 1)
+        pix = iy * w + ix
         vf = valid.astype(jnp.float32)
         corners.append((base + pix * geo.nh, wx * wy * vf,
                         (2 * dx - 1) * wy * vf, (2 * dy - 1) * wx * vf))
