@@ -133,6 +133,37 @@ def test_depthwise_conv_backward_keeps_only_its_input():
   assert saved <= x.size, f"{saved / x.size:.1f} activations kept"
 
 
+def test_depthwise_conv_backward_per_platform():
+  """The GPU backward (flipped-kernel sum, one stacked float32 reduction for
+  the kernel gradient) equals autodiff's, which CPU and TPU keep; each
+  platform's lowering holds its own."""
+  r = np.random.RandomState(4)
+  x = jnp.asarray(r.standard_normal((2, 6, 5, 8)), jnp.float32)
+  kernel = jnp.asarray(r.standard_normal((3, 3, 1, 8)), jnp.float32)
+  bias = jnp.asarray(r.standard_normal(8), jnp.float32)
+  g = jnp.asarray(r.standard_normal((2, 6, 5, 8)), jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    for dt, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 6e-2)):
+      args = [a.astype(dt) for a in (x, kernel, bias, g)]
+      want = layers._depthwise_bwd_autodiff(*args)
+      got = layers._depthwise_bwd_direct(*args)
+      for a, b in zip(got, want):
+        assert a.dtype == b.dtype == dt and a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a, np.float32),
+                                   np.asarray(b, np.float32), rtol=tol,
+                                   atol=tol * float(np.abs(
+                                       np.asarray(b, np.float32)).max()))
+
+  def reduces(platform):
+    f = jax.jit(jax.grad(lambda x, k, b: jnp.sum(
+        layers._shifted_depthwise(x, k, b) * g), (0, 1, 2)))
+    text = f.trace(x, kernel, bias).lower(
+        lowering_platforms=(platform,)).as_text()
+    return text.count("stablehlo.reduce")
+  assert reduces("cpu") == reduces("tpu") >= 9 + 1     # per tap, and bias
+  assert reduces("cuda") == 1 + 1                      # stacked, and bias
+
+
 def test_softmax_in_gradients_and_residuals():
   x = jax.random.normal(jax.random.PRNGKey(5), (3, 4, 7)) * 3
   g = jax.random.normal(jax.random.PRNGKey(6), (3, 4, 7))
