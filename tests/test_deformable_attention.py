@@ -1,7 +1,8 @@
 """MSDeformAttn against the original's outputs (goldens/msda.npz).
 
-Every core, "pallas" included: its Triton kernels run in Pallas' interpreter
-here (tests/test_deformable_attention_pallas.py has the rest of its tests)."""
+Every core, "pallas" included: its Triton kernels run compiled on a GPU and
+in Pallas' interpreter elsewhere (tests/test_deformable_attention_pallas.py
+has the rest of its tests)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +16,9 @@ GOLDEN = "tests/goldens/msda.npz"
 
 
 @pytest.fixture(autouse=True)
-def _pallas_interpreted(monkeypatch):
-  monkeypatch.setattr(deformable_attention_pallas, "INTERPRET", True)
+def _pallas_interpreted_off_gpu(monkeypatch):
+  monkeypatch.setattr(deformable_attention_pallas, "INTERPRET",
+                      jax.default_backend() != "gpu")
 
 
 @pytest.fixture(scope="module")
