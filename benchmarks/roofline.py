@@ -13,7 +13,8 @@ fusions, cuBLAS/cuDNN custom calls, copies, ...), times the trip counts of the
 while loops around it (`known_trip_count`):
   FLOPs: GEMMs 2*M*N*K (batch included), convolutions 2*|out|*|filter|/O,
     cuDNN flash attention 2 (backward 5) GEMMs over its attention map;
-  bytes: operands read + results written, where a fusion that only slices a
+  bytes: operands read + results written (a Pallas/Triton kernel's too: its
+    gathers inside, from L2, are not counted), where a fusion that only slices a
     parameter (a scan reading layer i of stacked weights) reads the slice and
     one that updates a slice in place (a scan stacking residuals) writes it;
   ALU: a fusion's elementwise work, per element of each instruction in it:
