@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from avsegformer_jax import deformable_attention, layers
+from avsegformer_jax import deformable_attention, dropout, layers
 from avsegformer_jax.head import AVSegHead
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -176,7 +176,9 @@ def build_model(config, axis_name: str | None = None) -> AVSegFormer:
       remat=_remat(mc),
       scan_layers=mc.scan_layers,
       msda_impl=mc.get("msda_impl", deformable_attention.DEFAULT_IMPL),
-      attention_impl=_attention_impl(mc), dtype=dtype, parent=None)
+      attention_impl=_attention_impl(mc), dtype=dtype,
+      dropout_impl=dropout.check_impl(mc.get("dropout_impl", "bernoulli")),
+      parent=None)
   return AVSegFormer(backbone=backbone,
                      vggish=vggish.VGGish(dtype=dtype, parent=None),
                      head=head, embed_dim=mc.embed_dim, dtype=dtype)

@@ -22,14 +22,16 @@ class DecoderLayer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   attention_impl: str = "xla"    # layers.ATTENTION_IMPLS
   attention_dropout: float = 0.1  # on the attention maps (torch MHA's)
+  dropout_impl: str = "bernoulli"  # dropout.DROPOUT_IMPLS
 
   @nn.compact
   def __call__(self, query, memory):
     train = self.train
-    drop = lambda x: layers.Dropout(self.dropout, deterministic=not train)(x)
+    drop = lambda x: layers.Dropout(self.dropout, deterministic=not train,
+                                    impl=self.dropout_impl)(x)
     mha = lambda n: layers.MultiheadAttention(
         self.dim, self.num_heads, use_bias=True,
-        dropout=self.attention_dropout,
+        dropout=self.attention_dropout, dropout_impl=self.dropout_impl,
         dtype=self.dtype, impl=self.attention_impl, name=n)
     query = query + drop(mha("self_attn")(query, query, query, train=train))
     query = layers.layer_norm(dtype=self.dtype, name="norm1")(query)
@@ -54,12 +56,14 @@ class Decoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   attention_impl: str = "xla"
   attention_dropout: float = 0.1
+  dropout_impl: str = "bernoulli"
 
   @nn.compact
   def __call__(self, query, memory, train: bool = False):
     kwargs = dict(dim=self.dim, num_heads=self.num_heads,
                   ffn_dim=self.ffn_dim, dropout=self.dropout, train=train,
                   dtype=self.dtype, attention_impl=self.attention_impl,
-                  attention_dropout=self.attention_dropout)
+                  attention_dropout=self.attention_dropout,
+                  dropout_impl=self.dropout_impl)
     return layers.repeat(DecoderLayer, self.num_layers, kwargs, query, memory,
                          remat=self.remat, scan=self.scan_layers)

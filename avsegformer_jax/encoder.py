@@ -57,11 +57,12 @@ class EncoderLayer(nn.Module):
   scan: bool = False             # return (x, None) for nn.scan
   msda_impl: str = DEFAULT_IMPL
   dtype: jnp.dtype = jnp.float32
+  dropout_impl: str = "bernoulli"   # dropout.DROPOUT_IMPLS
 
   @nn.compact
   def __call__(self, src, pos, ref):
-    drop = lambda x: layers.Dropout(self.dropout,
-                                     deterministic=not self.train)(x)
+    drop = lambda x: layers.Dropout(self.dropout, deterministic=not self.train,
+                                    impl=self.dropout_impl)(x)
     attn = MSDeformAttn(self.dim, self.num_levels, self.num_heads,
                         self.num_points, impl=self.msda_impl,
                         dtype=self.dtype, name="self_attn")
@@ -88,6 +89,7 @@ class Encoder(nn.Module):
   scan_layers: bool = False
   msda_impl: str = DEFAULT_IMPL
   dtype: jnp.dtype = jnp.float32
+  dropout_impl: str = "bernoulli"
 
   @nn.compact
   def __call__(self, src, pos, train: bool = False):
@@ -100,6 +102,7 @@ class Encoder(nn.Module):
                   num_levels=self.num_levels, num_heads=self.num_heads,
                   num_points=self.num_points,
                   spatial_shapes=self.spatial_shapes, train=train,
-                  msda_impl=self.msda_impl, dtype=self.dtype)
+                  msda_impl=self.msda_impl, dtype=self.dtype,
+                  dropout_impl=self.dropout_impl)
     return layers.repeat(EncoderLayer, self.num_layers, kwargs, src, pos, ref,
                          remat=self.remat, scan=self.scan_layers)

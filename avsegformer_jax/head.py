@@ -96,6 +96,7 @@ class AVSegHead(nn.Module):
   msda_impl: str = DEFAULT_IMPL
   attention_impl: str = "xla"       # layers.ATTENTION_IMPLS (not the MSDA)
   dtype: jnp.dtype = jnp.float32
+  dropout_impl: str = "bernoulli"   # dropout.DROPOUT_IMPLS
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array], audio: jax.Array,
@@ -135,12 +136,13 @@ class AVSegHead(nn.Module):
                 self.dropout, self.num_levels, self.num_heads,
                 self.num_points, shapes, remat=self.remat,
                 scan_layers=self.scan_layers, msda_impl=self.msda_impl,
-                dtype=dt, parent=None),
+                dtype=dt, dropout_impl=self.dropout_impl, parent=None),
         Decoder(self.num_decoder_layers, c, self.num_heads,
                 self.decoder_ffn_dim, self.dropout, remat=self.remat,
                 scan_layers=self.scan_layers, dtype=dt,
                 attention_impl=self.attention_impl,
-                attention_dropout=self.attention_dropout, parent=None),
+                attention_dropout=self.attention_dropout,
+                dropout_impl=self.dropout_impl, parent=None),
         name="transformer")
     memory, dec = transformer(src, pos[None], query, train)
 

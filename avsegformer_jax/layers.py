@@ -12,7 +12,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
+
+from avsegformer_jax.dropout import DROPOUT_MASK, Dropout  # noqa: F401
 
 Dtype = Any
 
@@ -263,6 +264,7 @@ class MultiheadAttention(nn.Module):
   # ATTENTION_IMPLS. "cudnn" falls back to "xla" where attention dropout is
   # drawn (training with dropout > 0): jax's public API has none.
   impl: str = "xla"
+  dropout_impl: str = "bernoulli"  # dropout.DROPOUT_IMPLS
 
   @nn.compact
   def __call__(self, q, k, v, *, train: bool = False):
@@ -292,30 +294,9 @@ class MultiheadAttention(nn.Module):
       logits = jnp.where(jnp.arange(lk + pk) < lk, logits, -jnp.inf)
     attn = softmax_in(logits, v.dtype)
     if train and self.dropout > 0:
-      attn = Dropout(self.dropout)(attn)
+      attn = Dropout(self.dropout, impl=self.dropout_impl)(attn)
     out = (attn @ v)[:, :, :lq].transpose(0, 2, 1, 3)
     return out_proj(out.reshape(out.shape[:2] + (-1,)))
-
-
-DROPOUT_MASK = "dropout_mask"        # the name remat policies save
-
-
-class Dropout(nn.Module):
-  """flax's `nn.Dropout` (same random bits, same outputs) whose keep mask is
-  named, so rematerialisation keeps it (1 byte per element) instead of
-  drawing it again: on a GPU the bits cost ~80 integer ops per element, more
-  than storing and reading the mask (benchmarks/README.md)."""
-  rate: float
-  deterministic: bool = False
-
-  @nn.compact
-  def __call__(self, x):
-    if self.deterministic or self.rate == 0.0:
-      return x
-    keep_prob = 1.0 - self.rate
-    keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, x.shape)
-    keep = checkpoint_name(keep, DROPOUT_MASK)
-    return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
 
 
 # Rematerialisation modes (`model.remat` on, `model.remat_policy`): "full"

@@ -58,7 +58,8 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12,
 # Config fields a run may override from the command line (--msda_impl ...):
 # the config section that holds each, and its type.
 OVERRIDES = {"msda_impl": ("model", str), "attention_impl": ("model", str),
-             "attention_dropout": ("model", float), "prng_impl": ("train", str)}
+             "attention_dropout": ("model", float), "dropout_impl": ("model", str),
+             "prng_impl": ("train", str)}
 
 
 def add_override_flags(p):

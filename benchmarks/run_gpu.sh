@@ -26,7 +26,8 @@
 #           Triton kernels, checked against it), nothing beside it
 #   wave 3: inference at 32 clips, XLA and cuDNN attention, and cuDNN with
 #           the Triton MSDA (model.msda_impl=pallas); bf16 model table (B=1)
-#   then:   the wave-2 cuDNN train step with the Triton MSDA
+#   then:   the wave-2 cuDNN train step with the Triton MSDA, and beside it
+#           the same with hash dropout masks (model.dropout_impl=hash)
 #   last:   the input pipeline on the host's CPUs (if time is left)
 # Each section has a time limit and writes <name>.{json,txt,err} to $WORK as
 # it ends; a section that would start after TOTAL_S is skipped. Everything
@@ -78,7 +79,7 @@ ALL=s4_res50_224,s4_pvt2_224,s4_pvt2_512,avss_pvt2_224
 PSIZES=224,512 PWORKERS=0,4,8 PIPE_S=90 ATTN=cudnn MSDA=pallas TESTS_S=240
 TESTS=(tests/test_avsegformer.py tests/test_deformable_attention.py
        tests/test_deformable_attention_pallas.py tests/test_losses.py
-       tests/test_audio.py)
+       tests/test_audio.py tests/test_dropout.py)
 if [ "${SMOKE:-0}" = 1 ]; then     # (cuDNN attention: GPUs only)
   S4P=tiny_pvt2 S4R=tiny_res50 AVSS=tiny_pvt2 B=2 BA=2 BE=2 BM=1 ATTN=xla
   MSDA=auto                        # (and the Triton MSDA)
@@ -88,7 +89,9 @@ fi
 CUBLAS=--xla_gpu_enable_triton_gemm=false
 # The GPU path of the tests: the full-size golden parity tests in float32
 # ("highest" precision), the MSDA cores' goldens, and the compiled Pallas
-# kernels against "taps" (real atomics), beside wave 1's compiles. Marked as
+# kernels against "taps" (real atomics), the hash dropout's bits against its
+# Python reference (the same masks on every backend), beside wave 1's
+# compiles. Marked as
 # compiling for its whole run, so no section times its steps meanwhile.
 gpu_tests() {
   local el=$(( $(date +%s) - START ))
@@ -126,7 +129,11 @@ XLA_FLAGS=$CUBLAS section model_bf16 150 $M --configs $ALL --phases unfrozen --s
 wait
 XLA_FLAGS=$CUBLAS section train_s4_pvt2_remat_rbg_cudnn_pallas 200 $M \
   --configs $S4P --remat true --prng_impl rbg --attention_impl $ATTN \
-  --attention_dropout 0 --msda_impl $MSDA --phases unfrozen --batch $B --steps 5
+  --attention_dropout 0 --msda_impl $MSDA --phases unfrozen --batch $B --steps 5 &
+XLA_FLAGS=$CUBLAS section train_s4_pvt2_remat_cudnn_pallas_hash 200 $M \
+  --configs $S4P --remat true --dropout_impl hash --attention_impl $ATTN \
+  --attention_dropout 0 --msda_impl $MSDA --phases unfrozen --batch $B --steps 5 &
+wait
 # The host side: can this machine's CPUs feed the steps above? (S4 at 224
 # and 512, all 5 frames and frame 0 only, as S4 + PVTv2 trains; clips/s
 # against the train rows' clips/s.)

@@ -36,6 +36,9 @@ def get_config():
   # On the decoder's attention maps; unset: model.dropout (as the original). 0 lets
   # attention_impl=cudnn fuse the decoder's attention in training too.
   m.attention_dropout = ml_collections.config_dict.placeholder(float)
+  # Dropout masks: bernoulli (flax's nn.Dropout bits) | hash (a counter hash
+  # computed where the mask is used: no bits or masks in memory; faster on GPU).
+  m.dropout_impl = "bernoulli"
   m.drop_path = 0.1              # PVTv2 stochastic depth (train only)
   m.dtype = "float32"            # compute dtype: float32 | bfloat16 (params stay float32)
   m.remat = False                # rematerialise transformer / backbone blocks
