@@ -106,12 +106,16 @@ def hash_keep(seed, shape, keep_prob: float):
   return hash_bits(seed, shape) < _threshold(keep_prob)
 
 
+def _apply(keep, x, keep_prob: float):
+  """x / keep_prob where `keep`, else 0 (flax's nn.Dropout)."""
+  return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def hash_dropout(x, seed, keep_prob: float):
-  """x scaled by 1/keep_prob where `hash_keep`, else 0; its gradient is the
-  same select on the cotangent, with only the seed kept for it."""
-  keep = hash_keep(seed, x.shape, keep_prob)
-  return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+  """`_apply` with `hash_keep`; its gradient is the same select on the
+  cotangent, with only the seed kept for it."""
+  return _apply(hash_keep(seed, x.shape, keep_prob), x, keep_prob)
 
 
 def _hash_dropout_fwd(x, seed, keep_prob):
@@ -151,5 +155,4 @@ class Dropout(nn.Module):
     if check_impl(self.impl) == "hash":
       return hash_dropout(x, jax.random.bits(key, (2,), jnp.uint32), keep_prob)
     keep = jax.random.bernoulli(key, keep_prob, x.shape)
-    keep = checkpoint_name(keep, DROPOUT_MASK)
-    return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+    return _apply(checkpoint_name(keep, DROPOUT_MASK), x, keep_prob)

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from avsegformer_jax.dropout import DROPOUT_MASK, Dropout  # noqa: F401
+from avsegformer_jax.dropout import DROPOUT_MASK, Dropout
 
 Dtype = Any
 
