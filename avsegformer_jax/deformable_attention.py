@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from avsegformer_jax import layers
+from avsegformer_jax import dots, layers
 
 
 def _corners(loc, h, w):
@@ -254,9 +254,11 @@ class MSDeformAttn(nn.Module):
     value = value.reshape(b, -1, nh, self.d_model // nh)
     offsets = nn.Dense(nh * nl * npts * 2, dtype=self.dtype, kernel_init=zeros,
                        bias_init=_offset_bias_init(nh, nl, npts),
+                       dot_general=dots.dot_general,
                        name="sampling_offsets")(query)
     offsets = offsets.reshape(b, lq, nh, nl, npts, 2).astype(jnp.float32)
     logits = nn.Dense(nh * nl * npts, dtype=self.dtype, kernel_init=zeros,
+                      dot_general=dots.dot_general,
                       name="attention_weights")(query)
     attn = jax.nn.softmax(logits.reshape(b, lq, nh, nl * npts)
                           .astype(jnp.float32), axis=-1)

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from avsegformer_jax import layers
+from avsegformer_jax import dots, layers
 from avsegformer_jax.decoder import Decoder
 from avsegformer_jax.deformable_attention import DEFAULT_IMPL
 from avsegformer_jax.encoder import Encoder, sine_position_encoding
@@ -54,8 +54,8 @@ class QueryProduct(nn.Module):
                       jnp.float32)
     queries, mask_feature, kernel, bias = nn.dtypes.promote_dtype(
         queries, mask_feature, kernel, bias, dtype=self.dtype)
-    folded = jnp.einsum("nqc,qf->ncf", queries, kernel)           # [N,C,F]
-    return jnp.einsum("nhwc,ncf->nhwf", mask_feature, folded) + bias
+    folded = dots.einsum("nqc,qf->ncf", queries, kernel)          # [N,C,F]
+    return dots.einsum("nhwc,ncf->nhwf", mask_feature, folded) + bias
 
 
 class QueryMLP(nn.Module):

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from avsegformer_jax.dots import WEIGHT_DOT, dot_general, matmul
 from avsegformer_jax.dropout import DROPOUT_MASK, Dropout
 
 Dtype = Any
@@ -118,7 +119,7 @@ _shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
 def dense(features: int, *, use_bias: bool = True, dtype: Dtype = jnp.float32,
           name=None, kernel_init=xavier_uniform):
   return nn.Dense(features, use_bias=use_bias, dtype=dtype,
-                  kernel_init=kernel_init, name=name)
+                  kernel_init=kernel_init, name=name, dot_general=dot_general)
 
 
 _SQRT_HALF = 0.7071067811865476
@@ -285,13 +286,13 @@ class MultiheadAttention(nn.Module):
       widths = lambda p: ((0, 0), (0, 0), (0, p), (0, 0))  # noqa: E731
       q = jnp.pad(q, widths(pq))
       k, v = jnp.pad(k, widths(pk)), jnp.pad(v, widths(pk))
-    logits = q @ k.transpose(0, 1, 3, 2)                         # [B,h,Lq,Lk]
+    logits = matmul(q, k.transpose(0, 1, 3, 2))                  # [B,h,Lq,Lk]
     if pk:
       logits = jnp.where(jnp.arange(lk + pk) < lk, logits, -jnp.inf)
     attn = softmax_in(logits, v.dtype)
     if train and self.dropout > 0:
       attn = Dropout(self.dropout, impl=self.dropout_impl)(attn)
-    out = (attn @ v)[:, :, :lq].transpose(0, 2, 1, 3)
+    out = matmul(attn, v)[:, :, :lq].transpose(0, 2, 1, 3)
     return out_proj(out.reshape(out.shape[:2] + (-1,)))
 
 
@@ -309,13 +310,14 @@ def remat_module(module_cls, mode, *, prevent_cse: bool = True):
   if not mode:
     return module_cls
   cp = jax.checkpoint_policies
-  masks = cp.save_only_these_names(DROPOUT_MASK)
   if mode is True or mode == "full":
-    return nn.remat(module_cls, prevent_cse=prevent_cse, policy=masks)
+    return nn.remat(module_cls, prevent_cse=prevent_cse,
+                    policy=cp.save_only_these_names(DROPOUT_MASK))
   if mode == "dots":
     return nn.remat(module_cls, prevent_cse=prevent_cse,
                     policy=cp.save_from_both_policies(
-                        cp.dots_with_no_batch_dims_saveable, masks))
+                        cp.dots_with_no_batch_dims_saveable,
+                        cp.save_only_these_names(DROPOUT_MASK, WEIGHT_DOT)))
   raise ValueError(f"remat mode must be one of {REMAT_POLICIES}, got {mode!r}")
 
 

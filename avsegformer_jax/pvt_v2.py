@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from avsegformer_jax import layers
+from avsegformer_jax import dots, layers
 
 _B1_B4 = dict(embed_dims=(64, 128, 320, 512), mlp_ratios=(8, 8, 4, 4))
 VARIANTS = {
@@ -35,7 +35,8 @@ trunc_normal = nn.initializers.truncated_normal(0.02)
 
 
 def _dense(f, name, dtype):
-  return nn.Dense(f, dtype=dtype, kernel_init=trunc_normal, name=name)
+  return nn.Dense(f, dtype=dtype, kernel_init=trunc_normal, name=name,
+                  dot_general=dots.dot_general)
 
 
 class Attention(nn.Module):
@@ -63,9 +64,9 @@ class Attention(nn.Module):
     if self.attention_impl != "xla":
       out = layers.fused_attention(q, k, v, self.attention_impl)
     else:
-      logits = jnp.einsum("nqhd,nkhd->nhqk", q * (hd ** -0.5), k)
+      logits = dots.einsum("nqhd,nkhd->nhqk", q * (hd ** -0.5), k)
       attn = layers.softmax_in(logits, v.dtype)
-      out = jnp.einsum("nhqk,nkhd->nqhd", attn, v)
+      out = dots.einsum("nhqk,nkhd->nqhd", attn, v)
     return _dense(self.dim, "proj", self.dtype)(out.reshape(n, l, c))
 
 

@@ -1,0 +1,102 @@
+"""Products of bfloat16 operands, produced in float32 and rounded once, on CPU.
+
+With the model in bfloat16 (`model.dtype`), a plain `a @ b` asks XLA for a
+bfloat16 result. XLA:CPU runs that at float32 speed or below (on an AVX-512
+Xeon with AMX, 2 cores: 120-170 GFLOP/s for the head's [15680,2048] x
+[2048,2048]), while the same product asked in float32 goes to YNNPACK's
+BF16 kernels, ~600 GFLOP/s. GPUs and TPUs accumulate in float32 either way,
+and on them the plain product is kept (`lax.platform_dependent`: only the
+compiling platform's form is lowered). XLA:GPU does not fuse the rounding
+into every GEMM: with every product widened, the deviceless H100 roofline
+of the S4 PVTv2-B5 train step went from 21.0 to 24.4 ms and its plan from
+3.77 to 4.20 GiB (benchmarks/README.md).
+
+Only the forward product changes. A custom JVP gives the tangents the plain
+low-precision products, so the backward GEMMs stay bfloat16 (differentiating
+`dot(preferred=float32).astype(bfloat16)` would feed them float32
+cotangents). The remat policies see the custom JVP's product as one opaque
+call, not a dot: the result of a batch-free `dot_general` (the Dense layers)
+is named WEIGHT_DOT so that `model.remat_policy="dots"` keeps it, as it
+keeps plain products (layers.remat_module). Float32 operands go straight to
+lax: the parity path is unchanged.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+from jax.custom_derivatives import SymbolicZero
+
+LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+WEIGHT_DOT = "weight_dot"            # the name remat policies save
+
+
+def _widened(lhs, rhs, preferred) -> bool:
+  return (preferred is None and lhs.dtype == rhs.dtype
+          and jnp.dtype(lhs.dtype) in LOW)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _rounded(product, batched, lhs, rhs):
+  return lax.platform_dependent(
+      lhs, rhs, cpu=lambda l, r: product(l, r, jnp.float32).astype(l.dtype),
+      default=lambda l, r: product(l, r, None))
+
+
+def _rounded_jvp(product, batched, primals, tangents):
+  lhs, rhs = primals
+  out = _rounded(product, batched, lhs, rhs)
+  if not batched:   # a weight GEMM: what remat_policy="dots" keeps
+    out = checkpoint_name(out, WEIGHT_DOT)
+  t_lhs, t_rhs = (None if isinstance(t, SymbolicZero) else t for t in tangents)
+  terms = ([] if t_lhs is None else [product(t_lhs, rhs, None)]) + (
+      [] if t_rhs is None else [product(lhs, t_rhs, None)])
+  return out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
+
+
+_rounded.defjvp(_rounded_jvp, symbolic_zeros=True)
+
+
+def _lax_dot(lhs, rhs, preferred, *, dimension_numbers, precision):
+  return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                         preferred_element_type=preferred)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None,
+                preferred_element_type=None, **kwargs):
+  """lax.dot_general, float32-accumulated for bfloat16/float16 operands
+  (flax's `nn.Dense(dot_general=...)`)."""
+  if kwargs or not _widened(lhs, rhs, preferred_element_type):
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type,
+                           **kwargs)
+  product = functools.partial(_lax_dot, dimension_numbers=dimension_numbers,
+                              precision=precision)
+  return _rounded(product, bool(dimension_numbers[1][0]), lhs, rhs)
+
+
+def _einsum(spec, lhs, rhs, preferred):
+  return jnp.einsum(spec, lhs, rhs, preferred_element_type=preferred)
+
+
+def einsum(spec: str, lhs, rhs):
+  """jnp.einsum of two operands, as `dot_general` (for batched products:
+  never named WEIGHT_DOT)."""
+  if not _widened(lhs, rhs, None):
+    return jnp.einsum(spec, lhs, rhs)
+  return _rounded(functools.partial(_einsum, spec), True, lhs, rhs)
+
+
+def _matmul(lhs, rhs, preferred):
+  return jnp.matmul(lhs, rhs, preferred_element_type=preferred)
+
+
+def matmul(lhs, rhs):
+  """`lhs @ rhs`, as `dot_general`."""
+  if not _widened(lhs, rhs, None):
+    return lhs @ rhs
+  return _rounded(_matmul, rhs.ndim > 2, lhs, rhs)
+
