@@ -35,8 +35,7 @@ trunc_normal = nn.initializers.truncated_normal(0.02)
 
 
 def _dense(f, name, dtype):
-  return nn.Dense(f, dtype=dtype, kernel_init=trunc_normal, name=name,
-                  dot_general=dots.dot_general)
+  return layers.dense(f, dtype=dtype, kernel_init=trunc_normal, name=name)
 
 
 class Attention(nn.Module):
