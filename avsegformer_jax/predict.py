@@ -173,8 +173,9 @@ def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
     except checkpoint.CheckpointError as e:
       raise PredictError(str(e)) from None
   _check_variables(model, variables, checkpoint_dir or "variables")
-  variables = jax.device_put({k: variables[k] for k in ("params", "batch_stats")
-                              if k in variables})
+  variables = avsegformer.cast_weights(
+      jax.device_put({k: variables[k] for k in ("params", "batch_stats")
+                      if k in variables}), config.model.dtype)
   t_win, size = config.data.num_frames, config.data.image_size
   num_classes = config.model.num_classes
   avsbench = video_io.avsbench_mode(fps, every_frame)

@@ -71,7 +71,8 @@ def evaluate(config, steps: train.Steps, variables, split: str, *,
   from datasets import input_pipeline  # pylint: disable=g-import-not-at-top
   ds, info = input_pipeline.create_dataset(
       config, split, train=False, source=source, shuffle_audio=shuffle_audio)
-  variables = train.replicate(variables, steps.mesh)
+  variables = avsegformer.cast_weights(
+      train.replicate(variables, steps.mesh), config.model.dtype)
   total, per_batch, shown = None, [], 0
   for batch in tqdm(ds, total=info["batches_per_epoch"], desc=desc,
                     disable=not _is_main(), leave=False):

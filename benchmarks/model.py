@@ -182,7 +182,10 @@ def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
 
   if "eval" in phases:
     gb = train.shard_batch(random_batch(config, eval_batch), mesh)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    # As trainer.evaluate and predict: the weights cast once, not per step.
+    variables = avsegformer.cast_weights(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        config.model.dtype)
     tm = {}
     with common.compiling():
       compiled, secs, flops = common.aot_compile(steps_fn._eval, variables,

@@ -56,6 +56,43 @@ def test_bfloat16_train_and_eval_steps():
   assert _dtypes(new_state.opt_state) <= {"float32", "int32"}
 
 
+@pytest.mark.parametrize("backbone,scan", [("pvt2", False), ("res50", True)])
+def test_cast_weights_is_exact_and_casts_only_weights(backbone, scan):
+  """Weights cast once for a bfloat16 eval give the logits of the float32
+  weights bit for bit (every casted leaf is converted before any use), and
+  norms, embeddings and batch statistics keep float32."""
+  config = tiny.get_config(backbone)
+  config.model.dtype = "bfloat16"
+  config.model.scan_layers = scan
+  model = build_model(config)
+  variables = avsegformer.init_variables(model, jax.random.PRNGKey(0))
+  # Non-zero biases and norm shifts: zeros would hide a wrong cast.
+  leaves, tree = jax.tree_util.tree_flatten(variables)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  variables = jax.tree_util.tree_unflatten(tree, [
+      x + 0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  cast = avsegformer.cast_weights(variables, "bfloat16")
+  r = np.random.RandomState(0)
+  frames = jnp.asarray(r.randn(2, 64, 64, 3), jnp.float32)
+  audio = jnp.asarray(r.randn(2, 96, 64), jnp.float32)
+  apply = jax.jit(model.apply)
+  want, cast_out = apply(variables, frames, audio), apply(cast, frames, audio)
+  for a, b in zip(want, cast_out):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  flat = jax.tree_util.tree_flatten_with_path(cast)[0]
+  dtypes = {jax.tree_util.keystr(p): str(x.dtype) for p, x in flat}
+  kernels = [k for k in dtypes if k.endswith("['kernel']")]
+  assert kernels and all(dtypes[k] == "bfloat16" for k in kernels)
+  others = [k for k, d in dtypes.items() if d == "float32"]
+  assert any("['scale']" in k for k in others)       # norms
+  assert any("learnable_query" in k for k in others)
+  assert all(d == "float32" for k, d in dtypes.items()
+             if "batch_stats" in k or "['scale']" in k
+             or "level_embed" in k or "['embedding']" in k)
+  assert avsegformer.cast_weights(variables, "float32") is variables
+
+
 def _grads(config, train_mode, seed=0, prng_impl="threefry2x32"):
   model = build_model(config)
   v = avsegformer.init_variables(model, jax.random.PRNGKey(0))
