@@ -148,6 +148,23 @@ def test_taps_branches_per_platform_agree():
   assert gathers("cuda") == 2
 
 
+def test_taps_backward_keeps_no_forward_taps():
+  """The backward re-gathers its taps rather than sharing the forward's (an
+  optimization barrier stops XLA merging the two): shared, the forward wrote
+  all 48 taps out and kept them for the backward, [M, 48, D] float32, and
+  its gathers no longer fused into one loop (CPU)."""
+  from benchmarks import msda
+  shapes, value, loc, aw = msda.inputs(64, 1, jnp.float32)
+  loss = lambda v, l, a: jnp.sum(jnp.tanh(         # noqa: E731 (nonlinear:
+      da.ms_deform_attn_core(v, shapes, l, a, "taps")))  # the forward is live)
+  compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(value, loc, aw).compile()
+  taps_bytes = value.shape[1] * 8 * 48 * 32 * 4             # [M, 48, D] f32
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  # 1.24x the taps with the barrier (the scatter-add's updates are as big);
+  # 2.15x without.
+  assert temp < 1.6 * taps_bytes, (temp, taps_bytes)
+
+
 def test_auto_lowers_to_the_platforms_core():
   """"auto" (the default) is "gather4" when lowered for TPU and "taps" for
   CPU and GPU: the lowered program has the chosen core's gathers and

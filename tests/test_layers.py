@@ -122,6 +122,21 @@ def test_depthwise_conv_matches_grouped_conv_and_gradients():
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_depthwise_conv_bfloat16_rounds_once():
+  """In bfloat16 the 9 taps and the bias are summed in float32 and rounded
+  once: the output is the float32 sum of the same bf16 values, rounded (a
+  bf16 sum rounds after each multiply-add and lands ulps away)."""
+  r = np.random.RandomState(5)
+  x, kernel, bias = (jnp.asarray(r.standard_normal(s), jnp.bfloat16)
+                     for s in ((2, 6, 7, 64), (3, 3, 1, 64), (64,)))
+  got = np.asarray(layers._depthwise_sum(x, kernel, bias), np.float32)
+  want = _grouped_conv(*(np.asarray(a, np.float32) for a in (x, kernel, bias)))
+  want_bf16 = np.asarray(jnp.asarray(want, jnp.bfloat16), np.float32)
+  # Summation order may move a value across a rounding boundary, rarely.
+  assert np.mean(got != want_bf16) < 0.01
+  np.testing.assert_allclose(got, want, rtol=2 ** -8, atol=1e-6)
+
+
 def test_depthwise_conv_backward_keeps_only_its_input():
   """The kernel gradient needs the 9 shifted windows of x; they are rebuilt
   in the backward, so the residuals are x-sized once, not nine times."""
