@@ -68,17 +68,30 @@ def _windows(x, k):
   return [xp[:, i:i + h, j:j + w, :] for i in range(k) for j in range(k)]
 
 
-def _depthwise_sum(x, kernel, bias):                     # kernel [k,k,1,C]
-  """Accumulated in float32 and rounded once to x's dtype: in bfloat16 each
-  of the 2k*k multiply-adds rounded on its own (and on CPU each was
-  converted to float32 and back: PVTv2-B5 stage 3's dwconv + GELU fusion
-  4.5 -> 2.7 ms per block). The same bytes in and out on every backend."""
+def _depthwise_sum(x, kernel, bias, acc=None):         # kernel [k,k,1,C]
+  """The k*k shifted multiply-adds and the bias, summed in `acc` (None: x's
+  dtype) and rounded to x's dtype once."""
+  acc = acc or x.dtype
   out = None
-  taps = kernel.astype(jnp.float32).reshape(-1, kernel.shape[-1])
+  taps = kernel.astype(acc).reshape(-1, kernel.shape[-1])
   for t, win in zip(taps, _windows(x, kernel.shape[0])):
-    term = win.astype(jnp.float32) * t
+    term = win.astype(acc) * t
     out = term if out is None else out + term
-  return (out + bias.astype(jnp.float32)).astype(x.dtype)
+  return (out + bias.astype(acc)).astype(x.dtype)
+
+
+# On CPU the sum is made in float32: a bfloat16 one there converts every
+# multiply-add to float32 and back (bf16 PVTv2-B5 stage 3's dwconv + GELU
+# fusion: 4.5 -> 2.7 ms per block; the autodiff backward ~35% faster). On a
+# GPU the float32 sum made XLA's plan of the S4 train step move ~1 GB more
+# (H100 roofline 21.0 -> 21.3 ms), so GPUs and TPUs keep x's dtype. The same
+# in float32 everywhere.
+_depthwise_sum_f32 = functools.partial(_depthwise_sum, acc=jnp.float32)
+
+
+def _depthwise_forward(x, kernel, bias):
+  return jax.lax.platform_dependent(x, kernel, bias, cpu=_depthwise_sum_f32,
+                                    default=_depthwise_sum)
 
 
 @jax.custom_vjp
@@ -86,15 +99,16 @@ def _shifted_depthwise(x, kernel, bias):
   """Residuals: x, not its k*k shifted windows (plain autodiff keeps all
   nine for the kernel gradient: 2.9 GB for PVTv2-B5's stage 3 at batch 16);
   the backward rebuilds them."""
-  return _depthwise_sum(x, kernel, bias)
+  return _depthwise_forward(x, kernel, bias)
 
 
 def _shifted_depthwise_fwd(x, kernel, bias):
-  return _depthwise_sum(x, kernel, bias), (x, kernel, bias)
+  return _depthwise_forward(x, kernel, bias), (x, kernel, bias)
 
 
-def _depthwise_bwd_autodiff(x, kernel, bias, g):
-  return jax.vjp(_depthwise_sum, x, kernel, bias)[1](g)
+def _depthwise_bwd_autodiff(x, kernel, bias, g, acc=None):
+  return jax.vjp(functools.partial(_depthwise_sum, acc=acc),
+                 x, kernel, bias)[1](g)
 
 
 def _depthwise_bwd_direct(x, kernel, bias, g):
@@ -113,9 +127,9 @@ def _depthwise_bwd_direct(x, kernel, bias, g):
 def _shifted_depthwise_bwd(res, g):
   # XLA:CPU runs the stacked reduction slower (56x56x512: 441 vs 304 ms);
   # CPU and TPU keep autodiff's backward, chosen when the step is lowered.
-  return jax.lax.platform_dependent(*res, g, cpu=_depthwise_bwd_autodiff,
-                                    tpu=_depthwise_bwd_autodiff,
-                                    default=_depthwise_bwd_direct)
+  return jax.lax.platform_dependent(
+      *res, g, cpu=functools.partial(_depthwise_bwd_autodiff, acc=jnp.float32),
+      tpu=_depthwise_bwd_autodiff, default=_depthwise_bwd_direct)
 
 
 _shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)

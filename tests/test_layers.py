@@ -122,19 +122,27 @@ def test_depthwise_conv_matches_grouped_conv_and_gradients():
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_depthwise_conv_bfloat16_rounds_once():
-  """In bfloat16 the 9 taps and the bias are summed in float32 and rounded
-  once: the output is the float32 sum of the same bf16 values, rounded (a
-  bf16 sum rounds after each multiply-add and lands ulps away)."""
+def test_depthwise_conv_bfloat16_rounds_once_on_cpu():
+  """On CPU, in bfloat16, the 9 taps and the bias are summed in float32 and
+  rounded once: the output is the float32 sum of the same bf16 values,
+  rounded (a bf16 sum rounds after each multiply-add and lands ulps away).
+  GPUs and TPUs keep the bf16 sum."""
   r = np.random.RandomState(5)
   x, kernel, bias = (jnp.asarray(r.standard_normal(s), jnp.bfloat16)
                      for s in ((2, 6, 7, 64), (3, 3, 1, 64), (64,)))
-  got = np.asarray(layers._depthwise_sum(x, kernel, bias), np.float32)
+  assert jax.default_backend() == "cpu"
+  got = np.asarray(layers._depthwise_forward(x, kernel, bias), np.float32)
   want = _grouped_conv(*(np.asarray(a, np.float32) for a in (x, kernel, bias)))
   want_bf16 = np.asarray(jnp.asarray(want, jnp.bfloat16), np.float32)
   # Summation order may move a value across a rounding boundary, rarely.
   assert np.mean(got != want_bf16) < 0.01
   np.testing.assert_allclose(got, want, rtol=2 ** -8, atol=1e-6)
+
+  def f32_ops(platform):
+    f = jax.jit(lambda x: layers._shifted_depthwise(x, kernel, bias))
+    return f.trace(x).lower(lowering_platforms=(platform,)).as_text() \
+        .count("-> tensor<2x6x7x64xf32>")
+  assert f32_ops("cpu") > 0 and f32_ops("cuda") == 0
 
 
 def test_depthwise_conv_backward_keeps_only_its_input():
