@@ -158,7 +158,9 @@ def test_taps_backward_keeps_no_forward_taps():
   loss = lambda v, l, a: jnp.sum(jnp.tanh(         # noqa: E731 (nonlinear:
       da.ms_deform_attn_core(v, shapes, l, a, "taps")))  # the forward is live)
   compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(value, loc, aw).compile()
-  taps_bytes = value.shape[1] * 8 * 48 * 32 * 4             # [M, 48, D] f32
+  n, s, heads, d = value.shape
+  taps = len(shapes) * msda.POINTS * 4                     # levels x points x corners
+  taps_bytes = n * s * heads * taps * d * 4                # [M, 48, D] f32
   temp = compiled.memory_analysis().temp_size_in_bytes
   # 1.24x the taps with the barrier (the scatter-add's updates are as big);
   # 2.15x without.
