@@ -8,27 +8,24 @@
 # preallocates). Compile times under that contention are longer than alone.
 # The first H100 session of this script (2026-11-26) ran seven compiles at
 # once: the inference rows finished, no train step compiled within 240 s.
-# So train sections run two at a time, with cuBLAS GEMMs
+# So train sections run three at a time at most, with cuBLAS GEMMs
 # (--xla_gpu_enable_triton_gemm=false: no Triton tile search, as the
 # deviceless compile that takes 132 s on 2 cores).
-#   wave 1: S4 PVTv2-B5 224 train (16 clips, unfrozen, full remat: the
-#           build benchmarks/roofline.py bounds best; MFU), AVSS PVTv2-B5
-#           batch 4 with remat (the 16 GB target); beside them the GPU path
-#           of the parity tests (pytest, tests_gpu.txt)
-#   wave 2: the same S4 step with remat and rbg dropout bits
-#           (train.prng_impl), and with cuDNN flash attention on top
-#           (model.attention_impl=cudnn, model.attention_dropout=0: the
-#           fastest build by benchmarks/roofline.py; remat is bounded faster
-#           than none, so no row without it);
-#           ResNet-50 trains in wave 3
+#   wave 1: S4 PVTv2-B5 224 train (16 clips, unfrozen, full remat), the
+#           default build and the fastest by benchmarks/roofline.py (rbg
+#           dropout bits, hash dropout masks, cuDNN flash attention without
+#           attention dropout, the Triton MSDA), MFU; AVSS PVTv2-B5 batch 4
+#           with remat (the 16 GB target); beside them the GPU path of the
+#           parity tests (pytest, tests_gpu.txt)
+#   wave 2: inference at 32 clips (XLA; cuDNN attention with the Triton
+#           MSDA), and the train step with rbg bits and cuDNN attention
+#           only (the middle of the A/B, and what is left if the Triton
+#           kernels fail)
 #   then:   the MSDA cores alone at the train step's shapes (16 frames;
 #           "taps" takes its one-gather branch off CPU; "pallas", the
-#           Triton kernels, checked against it), nothing beside it
-#   wave 3: inference at 32 clips, XLA and cuDNN attention, and cuDNN with
-#           the Triton MSDA (model.msda_impl=pallas); bf16 model table (B=1)
-#   then:   the wave-2 cuDNN train step with the Triton MSDA, and beside it
-#           the same with hash dropout masks (model.dropout_impl=hash)
-#   last:   the input pipeline on the host's CPUs (if time is left)
+#           Triton kernels, checked against it), nothing beside it;
+#           ResNet-50 training; the input pipeline on the host's CPUs
+#           (each only if time is left)
 # Each section has a time limit and writes <name>.{json,txt,err} to $WORK as
 # it ends; a section that would start after TOTAL_S is skipped. Everything
 # ends up in $OUT/bench.tgz (the device tool returns at most 8 files).
@@ -100,40 +97,41 @@ gpu_tests() {
 from benchmarks import common
 with common.compiling():
   sys.exit(subprocess.call(sys.argv[1:]))" timeout "$TESTS_S" $PY -m pytest \
-    -q -p no:cacheprovider "${TESTS[@]}" >"$WORK/tests_gpu.txt" 2>&1
+    -v -p no:cacheprovider "${TESTS[@]}" >"$WORK/tests_gpu.txt" 2>&1
   echo "== tests_gpu done, exit $?, $(( $(date +%s) - START ))s elapsed"
   tail -25 "$WORK/tests_gpu.txt"
 }
 gpu_tests &
+# Wave 1: the two ends of the train-step A/B (the default build with remat;
+# the fastest by benchmarks/roofline.py) and the AVSS batch-4 memory, one
+# compile per process, beside the tests.
+FAST="--remat true --prng_impl rbg --dropout_impl hash --attention_impl $ATTN
+      --attention_dropout 0 --msda_impl $MSDA"
 XLA_FLAGS=$CUBLAS section train_s4_pvt2_remat 300 $M --configs $S4P \
   --remat true --phases unfrozen --batch $B --steps 5 &
+XLA_FLAGS=$CUBLAS section train_s4_pvt2_fast 300 $M --configs $S4P $FAST \
+  --phases unfrozen --batch $B --steps 5 &
 XLA_FLAGS=$CUBLAS section avss_b4_remat 300 $M --configs $AVSS \
   --remat true --phases unfrozen --batch $BA --steps 3 &
 wait
-XLA_FLAGS=$CUBLAS section train_s4_pvt2_remat_rbg 200 $M --configs $S4P \
-  --remat true --prng_impl rbg --phases unfrozen --batch $B --steps 5 &
+# Wave 2: inference at 32 clips (XLA; cuDNN attention + Triton MSDA), and
+# the middle of the A/B (rbg bits and cuDNN attention, no Pallas, no hash:
+# what is left if the Triton kernels fail on this jax).
+section eval_b32 150 $M --configs $S4P,$S4R --phases eval \
+  --eval_batch $BE --steps 10 --jobs 2 &
+section eval_b32_cudnn_pallas 150 $M --configs $S4P --attention_impl $ATTN \
+  --msda_impl $MSDA --phases eval --eval_batch $BE --steps 10 &
 XLA_FLAGS=$CUBLAS section train_s4_pvt2_remat_rbg_cudnn 200 $M --configs $S4P \
   --remat true --prng_impl rbg --attention_impl $ATTN --attention_dropout 0 \
   --phases unfrozen --batch $B --steps 5 &
 wait
+# The MSDA cores alone at the train step's shapes (16 frames; "taps" takes
+# its one-gather branch off CPU; "pallas", the Triton kernels), nothing
+# beside it; then ResNet-50 training and the host side, if time is left.
 section msda_b16 90 -m benchmarks.msda --sizes 224 --frames $BM \
   --dtypes bfloat16 --impls taps,$MSDA,rows --steps 10
-section eval_b32 150 $M --configs $S4P,$S4R --phases eval \
-  --eval_batch $BE --steps 10 --jobs 2 &
-section eval_b32_cudnn 150 $M --configs $S4P --attention_impl $ATTN \
-  --phases eval --eval_batch $BE --steps 10 &
-section eval_b32_cudnn_pallas 150 $M --configs $S4P --attention_impl $ATTN \
-  --msda_impl $MSDA --phases eval --eval_batch $BE --steps 10 &
-XLA_FLAGS=$CUBLAS section model_bf16 150 $M --configs $ALL --phases unfrozen --steps 5 \
-  --jobs 2 &
-wait
-XLA_FLAGS=$CUBLAS section train_s4_pvt2_remat_rbg_cudnn_pallas 200 $M \
-  --configs $S4P --remat true --prng_impl rbg --attention_impl $ATTN \
-  --attention_dropout 0 --msda_impl $MSDA --phases unfrozen --batch $B --steps 5 &
-XLA_FLAGS=$CUBLAS section train_s4_pvt2_remat_cudnn_pallas_hash 200 $M \
-  --configs $S4P --remat true --dropout_impl hash --attention_impl $ATTN \
-  --attention_dropout 0 --msda_impl $MSDA --phases unfrozen --batch $B --steps 5 &
-wait
+XLA_FLAGS=$CUBLAS section train_s4_res50_remat 150 $M --configs $S4R \
+  --remat true --phases unfrozen --batch $B --steps 5
 # The host side: can this machine's CPUs feed the steps above? (S4 at 224
 # and 512, all 5 frames and frame 0 only, as S4 + PVTv2 trains; clips/s
 # against the train rows' clips/s.)
