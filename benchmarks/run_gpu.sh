@@ -74,9 +74,13 @@ M="-m benchmarks.model --scan true --dtypes bfloat16"
 S4P=s4_pvt2_224 S4R=s4_res50_224 AVSS=avss_pvt2_224 B=16 BA=4 BE=32 BM=16
 ALL=s4_res50_224,s4_pvt2_224,s4_pvt2_512,avss_pvt2_224
 PSIZES=224,512 PWORKERS=0,4,8 PIPE_S=90 ATTN=cudnn MSDA=pallas TESTS_S=240
+# (test_deformable_attention_pallas.py's other tests run Pallas' interpreter,
+# meant for CPU: on a GPU they crawl, and stopped the 2026-11-27 run.)
+PT=tests/test_deformable_attention_pallas.py
 TESTS=(tests/test_avsegformer.py tests/test_deformable_attention.py
-       tests/test_deformable_attention_pallas.py tests/test_losses.py
-       tests/test_audio.py tests/test_dropout.py)
+       $PT::test_triton_kernels_on_a_gpu_match_the_xla_core
+       $PT::test_compiles_to_triton_kernels_for_an_h100
+       tests/test_losses.py tests/test_audio.py tests/test_dropout.py)
 if [ "${SMOKE:-0}" = 1 ]; then     # (cuDNN attention: GPUs only)
   S4P=tiny_pvt2 S4R=tiny_res50 AVSS=tiny_pvt2 B=2 BA=2 BE=2 BM=1 ATTN=xla
   MSDA=auto                        # (and the Triton MSDA)
