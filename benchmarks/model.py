@@ -145,14 +145,12 @@ def model_flops(config, mesh, state, batch, flops):
   return common.matmul_flops(steps._train.trace(state, batch).jaxpr)
 
 
-def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
-          phases, overrides=None) -> dict:
-  """All phases of one combination, in this process."""
+def setup(name, dtype, remat, scan, batch, eval_batch, overrides=None):
+  """(config, row, mesh, train.Steps, replicated train state) of one
+  combination, ready to compile its steps; row["init_s"] is the init's."""
   from avsegformer_jax import avsegformer, train
   config, row = combination(name, dtype, remat, scan, batch, eval_batch,
                             overrides)
-  row["steps"] = steps
-  t_frames = config.data.num_frames
   mesh = train.make_mesh()
   model = avsegformer.build_model(config, axis_name=train.AXIS)
   steps_fn = train.Steps(model, config, mesh)
@@ -164,6 +162,28 @@ def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
                                      variables=variables)
     state = jax.block_until_ready(train.replicate(state, mesh))
   row["init_s"] = time.perf_counter() - t0
+  return config, row, mesh, steps_fn, state
+
+
+def eval_inputs(config, state, clips, mesh):
+  """(variables, sharded batch) of the eval step: as trainer.evaluate and
+  predict, the weights cast to the compute dtype once, not per step."""
+  from avsegformer_jax import avsegformer, train
+  gb = train.shard_batch(random_batch(config, clips), mesh)
+  variables = avsegformer.cast_weights(
+      {"params": state.params, "batch_stats": state.batch_stats},
+      config.model.dtype)
+  return variables, gb
+
+
+def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
+          phases, overrides=None) -> dict:
+  """All phases of one combination, in this process."""
+  from avsegformer_jax import train
+  config, row, mesh, steps_fn, state = setup(
+      name, dtype, remat, scan, batch, eval_batch, overrides)
+  row["steps"] = steps
+  t_frames = config.data.num_frames
   peak = _peak_flops(jax.devices()[0].device_kind)
   n_dev = jax.device_count()
 
@@ -181,11 +201,7 @@ def bench(name, dtype, remat, scan, steps, warmup, batch, eval_batch,
       row[f"{phase}_plan_temp_bytes"] = p["temp"]
 
   if "eval" in phases:
-    gb = train.shard_batch(random_batch(config, eval_batch), mesh)
-    # As trainer.evaluate and predict: the weights cast once, not per step.
-    variables = avsegformer.cast_weights(
-        {"params": state.params, "batch_stats": state.batch_stats},
-        config.model.dtype)
+    variables, gb = eval_inputs(config, state, eval_batch, mesh)
     tm = {}
     with common.compiling():
       compiled, secs, flops = common.aot_compile(steps_fn._eval, variables,

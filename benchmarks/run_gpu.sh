@@ -11,21 +11,17 @@
 # So train sections run three at a time at most, with cuBLAS GEMMs
 # (--xla_gpu_enable_triton_gemm=false: no Triton tile search, as the
 # deviceless compile that takes 132 s on 2 cores).
-#   wave 1: S4 PVTv2-B5 224 train (16 clips, unfrozen, full remat), the
-#           default build and the fastest by benchmarks/roofline.py (rbg
-#           dropout bits, hash dropout masks, cuDNN flash attention without
-#           attention dropout, the Triton MSDA), MFU; AVSS PVTv2-B5 batch 4
-#           with remat (the 16 GB target); beside them the GPU path of the
-#           parity tests (pytest, tests_gpu.txt)
-#   wave 2: inference at 32 clips (XLA; cuDNN attention with the Triton
-#           MSDA), and the train step with rbg bits and cuDNN attention
-#           only (the middle of the A/B, and what is left if the Triton
-#           kernels fail)
-#   then:   the MSDA cores alone at the train step's shapes (16 frames;
-#           "taps" takes its one-gather branch off CPU; "pallas", the
-#           Triton kernels, checked against it), nothing beside it;
-#           ResNet-50 training; the input pipeline on the host's CPUs
-#           (each only if time is left)
+#   wave 1: where the S4 train step's time goes (`benchmarks.profile`:
+#           XLA's trace, each kernel charged to its module; PVTv2-B5 and
+#           ResNet-50, 16 clips, remat), and PVTv2-B5 without remat; beside
+#           them the GPU path of the parity tests (pytest, tests_gpu.txt)
+#   wave 2: the eval step's profile (32 clips), cuDNN attention and the
+#           Triton MSDA apart at inference
+#   last:   the input pipeline, frame 0 only (if time is left)
+# What the first two GPU sessions measured (inference, the train-step A/B of
+# rbg / hash / cuDNN / Triton MSDA, AVSS batch 4, the MSDA cores, the
+# pipeline with all frames) is in benchmarks/README.md, "GPU table"; git
+# history has the script that measured it.
 # Each section has a time limit and writes <name>.{json,txt,err} to $WORK as
 # it ends; a section that would start after TOTAL_S is skipped. Everything
 # ends up in $OUT/bench.tgz (the device tool returns at most 8 files).
@@ -106,42 +102,30 @@ with common.compiling():
   tail -25 "$WORK/tests_gpu.txt"
 }
 gpu_tests &
-# Wave 1: the two ends of the train-step A/B (the default build with remat;
-# the fastest by benchmarks/roofline.py) and the AVSS batch-4 memory, one
-# compile per process, beside the tests.
-FAST="--remat true --prng_impl rbg --dropout_impl hash --attention_impl $ATTN
-      --attention_dropout 0 --msda_impl $MSDA"
-XLA_FLAGS=$CUBLAS section train_s4_pvt2_remat 300 $M --configs $S4P \
-  --remat true --phases unfrozen --batch $B --steps 5 &
-XLA_FLAGS=$CUBLAS section train_s4_pvt2_fast 300 $M --configs $S4P $FAST \
-  --phases unfrozen --batch $B --steps 5 &
-XLA_FLAGS=$CUBLAS section avss_b4_remat 300 $M --configs $AVSS \
-  --remat true --phases unfrozen --batch $BA --steps 3 &
+# Wave 1 (the questions the H200 run of 2026-11-27 left, benchmarks/README.md
+# "GPU table"): where the default S4 train step's time goes (80 ms there,
+# 2.4x its roofline bound: slow kernels, or a device idle between them?),
+# the same for ResNet-50, and the PVTv2-B5 step without remat (bounded slower
+# by the roofline, never measured). One compile per process.
+P="-m benchmarks.profile --dtype bfloat16 --scan true --steps 3 --top 40"
+XLA_FLAGS=$CUBLAS section profile_train_s4_pvt2 300 $P --config $S4P \
+  --remat true --phase unfrozen --batch $B &
+XLA_FLAGS=$CUBLAS section profile_train_s4_res50 300 $P --config $S4R \
+  --remat true --phase unfrozen --batch $B &
+XLA_FLAGS=$CUBLAS section train_s4_pvt2_noremat 300 $M --configs $S4P \
+  --remat false --phases unfrozen --batch $B --steps 5 &
 wait
-# Wave 2: inference at 32 clips (XLA; cuDNN attention + Triton MSDA), and
-# the middle of the A/B (rbg bits and cuDNN attention, no Pallas, no hash:
-# what is left if the Triton kernels fail on this jax).
-section eval_b32 150 $M --configs $S4P,$S4R --phases eval \
-  --eval_batch $BE --steps 10 --jobs 2 &
-section eval_b32_cudnn_pallas 150 $M --configs $S4P --attention_impl $ATTN \
-  --msda_impl $MSDA --phases eval --eval_batch $BE --steps 10 &
-XLA_FLAGS=$CUBLAS section train_s4_pvt2_remat_rbg_cudnn 200 $M --configs $S4P \
-  --remat true --prng_impl rbg --attention_impl $ATTN --attention_dropout 0 \
-  --phases unfrozen --batch $B --steps 5 &
+# Wave 2: inference: its profile, and cuDNN attention and the Triton MSDA
+# apart (together they gave +9% frames/s).
+section profile_eval_s4_pvt2 150 $P --config $S4P --remat false \
+  --phase eval --batch $BE &
+section eval_b32_cudnn 150 $M --configs $S4P --attention_impl $ATTN \
+  --phases eval --eval_batch $BE --steps 10 &
+section eval_b32_pallas 150 $M --configs $S4P --msda_impl $MSDA \
+  --phases eval --eval_batch $BE --steps 10 &
 wait
-# The MSDA cores alone at the train step's shapes (16 frames; "taps" takes
-# its one-gather branch off CPU; "pallas", the Triton kernels), nothing
-# beside it; then ResNet-50 training and the host side, if time is left.
-section msda_b16 90 -m benchmarks.msda --sizes 224 --frames $BM \
-  --dtypes bfloat16 --impls taps,$MSDA,rows --steps 10
-XLA_FLAGS=$CUBLAS section train_s4_res50_remat 150 $M --configs $S4R \
-  --remat true --phases unfrozen --batch $B --steps 5
 # The host side: can this machine's CPUs feed the steps above? (S4 at 224
-# and 512, all 5 frames and frame 0 only, as S4 + PVTv2 trains; clips/s
-# against the train rows' clips/s.)
-section pipeline_s4 $PIPE_S -m benchmarks.input_pipeline --task s4 --sizes $PSIZES \
-  --workers $PWORKERS --clips 40 --frame_size 288 --batch 8 --batches 15 \
-  --data_dir "$WORK/pipeline_data"
+# and 512, frame 0 only, as S4 + PVTv2 trains; all 5 frames: 2026-11-27.)
 section pipeline_s4_frame0 $PIPE_S -m benchmarks.input_pipeline --task s4 \
   --sizes $PSIZES --workers $PWORKERS --clips 40 --frame_size 288 --batch 8 \
   --batches 15 --train_frames 1 --data_dir "$WORK/pipeline_data"
