@@ -61,6 +61,33 @@ class DepthwiseConv(nn.Module):
                               bias.astype(self.dtype))
 
 
+class PatchConv(nn.Module):
+  """A conv whose kernel is its stride (r x r, 'VALID') as one GEMM over the
+  non-overlapping r x r patches: the parameters and init of `nn.Conv(
+  features, (r, r), strides=(r, r), padding="VALID")`. XLA:CPU runs such a
+  conv's backward at a few GFLOP/s (PVTv2-B5's stage-3 spatial reduction:
+  ~10 ms a block, 7% of the train step, benchmarks/profile.py); as a GEMM it
+  is a weight dot like the others (float32-accumulated bfloat16 on CPU, kept
+  by remat_policy="dots")."""
+  features: int
+  patch: int
+  dtype: Dtype = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()    # nn.Conv's default
+
+  @nn.compact
+  def __call__(self, x):                   # [N, H, W, C] -> [N, H/r, W/r, F]
+    r, (n, h, w, c) = self.patch, x.shape
+    kernel = self.param("kernel", self.kernel_init, (r, r, c, self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    hp, wp = h // r, w // r                # 'VALID' drops a remainder
+    p = x[:, :hp * r, :wp * r].astype(self.dtype)
+    p = p.reshape(n, hp, r, wp, r, c).transpose(0, 1, 3, 2, 4, 5)
+    p = p.reshape(n, hp, wp, r * r * c)    # (dy, dx, c): the kernel's order
+    y = dot_general(p, kernel.reshape(r * r * c, self.features).astype(
+        self.dtype), (((3,), (0,)), ((), ())))
+    return y + bias.astype(self.dtype)
+
+
 def _windows(x, k):
   """The k*k shifted windows of x ('same' zero padding), in kernel order."""
   p, h, w = k // 2, x.shape[1], x.shape[2]
@@ -235,6 +262,7 @@ def _upsample_axis(x: jax.Array, axis: int, s: int) -> jax.Array:
 # `jax.nn.dot_product_attention`, which never writes the [B, h, Lq, Lk] maps
 # to memory (the decoder's cross-attention maps are larger than its GEMMs:
 # benchmarks/README.md). cuDNN runs 16-bit compute on NVIDIA GPUs only.
+# Measured on an H200, it makes the S4 train step 33% slower: opt-in.
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 

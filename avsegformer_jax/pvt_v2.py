@@ -55,8 +55,8 @@ class Attention(nn.Module):
     if self.sr_ratio > 1:
       r = self.sr_ratio
       kv_in = x.reshape(n, *self.hw, c)
-      kv_in = nn.Conv(self.dim, (r, r), strides=(r, r), padding="VALID",
-                      dtype=self.dtype, name="sr")(kv_in).reshape(n, -1, c)
+      kv_in = layers.PatchConv(self.dim, r, dtype=self.dtype,
+                               name="sr")(kv_in).reshape(n, -1, c)
       kv_in = layers.layer_norm(1e-5, self.dtype, name="norm")(kv_in)
     kv = _dense(2 * self.dim, "kv", self.dtype)(kv_in).reshape(n, -1, 2, nh, hd)
     k, v = kv[:, :, 0], kv[:, :, 1]

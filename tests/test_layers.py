@@ -122,6 +122,32 @@ def test_depthwise_conv_matches_grouped_conv_and_gradients():
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape,r", [((2, 8, 8, 6), 2), ((1, 16, 12, 4), 4),
+                                     ((2, 9, 7, 3), 2)])   # remainder dropped
+def test_patch_conv_is_nn_conv_with_kernel_equal_stride(shape, r):
+  """Same parameters, the same init (a model's random init does not change),
+  the same values and gradients as the strided conv it replaces."""
+  kx, kg, ki = jax.random.split(jax.random.PRNGKey(5), 3)
+  x = jax.random.normal(kx, shape)
+  ref_mod = nn.Conv(5, (r, r), strides=(r, r), padding="VALID")
+  ours_mod = layers.PatchConv(5, r)
+  v_ref, v_ours = ref_mod.init(ki, x), ours_mod.init(ki, x)
+  assert jax.tree.map(jnp.shape, v_ref) == jax.tree.map(jnp.shape, v_ours)
+  for a, b in zip(jax.tree.leaves(v_ref), jax.tree.leaves(v_ours)):
+    np.testing.assert_array_equal(a, b)
+  p = jax.tree.map(lambda a: a + jax.random.normal(kg, a.shape), v_ref)
+  ours = lambda x, p: ours_mod.apply(p, x)                  # noqa: E731
+  ref = lambda x, p: ref_mod.apply(p, x)                    # noqa: E731
+  with jax.default_matmul_precision("highest"):
+    y = ref(x, p)
+    np.testing.assert_allclose(ours(x, p), y, rtol=1e-5, atol=1e-5)
+    g = jax.random.normal(kg, y.shape)
+    _, vjp_ours = jax.vjp(ours, x, p)
+    _, vjp_ref = jax.vjp(ref, x, p)
+    for a, b in zip(jax.tree.leaves(vjp_ours(g)), jax.tree.leaves(vjp_ref(g))):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_depthwise_conv_bfloat16_rounds_once_on_cpu():
   """On CPU, in bfloat16, the 9 taps and the bias are summed in float32 and
   rounded once: the output is the float32 sum of the same bf16 values,
