@@ -184,8 +184,9 @@ def test_depthwise_conv_backward_keeps_only_its_input():
 
 def test_depthwise_conv_backward_per_platform():
   """The GPU backward (flipped-kernel sum, one stacked float32 reduction for
-  the kernel gradient) equals autodiff's, which CPU and TPU keep; each
-  platform's lowering holds its own."""
+  the kernel gradient) and the CPU one (flipped-kernel sum, a column sum
+  per tap) equal autodiff's, which TPUs keep; each platform's lowering
+  holds its own."""
   r = np.random.RandomState(4)
   x = jnp.asarray(r.standard_normal((2, 6, 5, 8)), jnp.float32)
   kernel = jnp.asarray(r.standard_normal((3, 3, 1, 8)), jnp.float32)
@@ -195,22 +196,27 @@ def test_depthwise_conv_backward_per_platform():
     for dt, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 6e-2)):
       args = [a.astype(dt) for a in (x, kernel, bias, g)]
       want = layers._depthwise_bwd_autodiff(*args)
-      got = layers._depthwise_bwd_direct(*args)
-      for a, b in zip(got, want):
+      got = (layers._depthwise_bwd_direct(*args) +
+             layers._depthwise_bwd_cpu(*args))
+      for a, b in zip(got, want + want):
         assert a.dtype == b.dtype == dt and a.shape == b.shape
         np.testing.assert_allclose(np.asarray(a, np.float32),
                                    np.asarray(b, np.float32), rtol=tol,
                                    atol=tol * float(np.abs(
                                        np.asarray(b, np.float32)).max()))
 
-  def reduces(platform):
+  def count(platform, op):
     f = jax.jit(jax.grad(lambda x, k, b: jnp.sum(
         layers._shifted_depthwise(x, k, b) * g), (0, 1, 2)))
     text = f.trace(x, kernel, bias).lower(
         lowering_platforms=(platform,)).as_text()
-    return text.count("stablehlo.reduce")
-  assert reduces("cpu") == reduces("tpu") >= 9 + 1     # per tap, and bias
-  assert reduces("cuda") == 1 + 1                      # stacked, and bias
+    return text.count(op)
+  assert count("cpu", "stablehlo.reduce") == 9 + 1     # per tap, and bias
+  assert count("cuda", "stablehlo.reduce") == 1 + 1    # stacked, and bias
+  assert count("tpu", "stablehlo.reduce") >= 9 + 1
+  # Autodiff (TPU) transposes the nine windows into nine pads; CPU and GPU
+  # shift the cotangent instead.
+  assert count("tpu", "stablehlo.pad") >= 9 > count("cpu", "stablehlo.pad")
 
 
 def test_softmax_in_gradients_and_residuals():
