@@ -121,11 +121,10 @@ def test_remat_gives_identical_gradients(backbone, scan):
   recompute exactly what they stored, with the same random bits, whether
   they recompute everything ("full") or all but the weight GEMMs ("dots"),
   and whether the bits come from threefry or XLA's RngBitGenerator ("rbg")."""
-  out = {}
+  out = {}   # (four compiles: "dots" is checked with rbg bits only)
   for remat, policy, impl in ((False, "full", "threefry2x32"),
                               (True, "full", "threefry2x32"),
-                              (True, "dots", "threefry2x32"),
-                              (False, "full", "rbg"), (True, "full", "rbg")):
+                              (False, "full", "rbg"), (True, "dots", "rbg")):
     config = tiny.get_config(backbone)
     config.model.remat, config.model.scan_layers = remat, scan
     config.model.remat_policy = policy
