@@ -133,9 +133,8 @@ def _shifted_depthwise_fwd(x, kernel, bias):
   return _depthwise_forward(x, kernel, bias), (x, kernel, bias)
 
 
-def _depthwise_bwd_autodiff(x, kernel, bias, g, acc=None):
-  return jax.vjp(functools.partial(_depthwise_sum, acc=acc),
-                 x, kernel, bias)[1](g)
+def _depthwise_bwd_autodiff(x, kernel, bias, g):
+  return jax.vjp(_depthwise_sum, x, kernel, bias)[1](g)
 
 
 def _depthwise_bwd_direct(x, kernel, bias, g):

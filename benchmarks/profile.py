@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import glob
 import gzip
 import json
@@ -243,7 +242,12 @@ def profile(a) -> dict:
       held["args"] = (out[0],) + held["args"][1:]
     return out
 
-  trace_dir = a.trace_dir or tempfile.mkdtemp(prefix="bench_profile_")
+  with tempfile.TemporaryDirectory(prefix="bench_profile_") as tmp:
+    return _traced(a, compiled, step, row, a.trace_dir or tmp)
+
+
+def _traced(a, compiled, step, row, trace_dir) -> dict:
+  """Warm up, time `a.steps` untraced, trace `a.steps`; summarize."""
   with common.device_to_itself():
     common.timed(step, 2)                         # warm up
     times, _ = common.timed(step, a.steps)        # untraced
@@ -262,8 +266,8 @@ def profile(a) -> dict:
   out = summarize(trace, hlo_instructions(compiled.as_text()), a.steps,
                   a.depth, a.top)
   out.update(step_ms=common.summary(times)["median_s"] * 1e3,
-             traced_step_ms=traced_s * 1e3, trace_dir=trace_dir,
-             **{k: v for k, v in row.items() if k != "error"})
+             traced_step_ms=traced_s * 1e3, trace_dir=a.trace_dir or None,
+             **row)
   if not out["kernels_per_step"]:
     raise SystemExit("the trace holds no kernels of the step (on CPU, "
                      "XLA_FLAGS needs --xla_cpu_enable_xprof_traceme=true "
@@ -307,7 +311,8 @@ def main(argv=None):
                  help="module-path components per row")
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--trace_dir", default="",
-                 help="keep the trace here (default: a temporary folder)")
+                 help="keep the trace here (default: a temporary folder, "
+                      "removed)")
   p.add_argument("--json", default="")
   bench_model.add_override_flags(p)
   a = p.parse_args(argv)
@@ -327,5 +332,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  with contextlib.suppress(KeyboardInterrupt):
-    main()
+  main()
