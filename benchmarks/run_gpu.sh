@@ -16,7 +16,8 @@
 #           ResNet-50, 16 clips, remat), and PVTv2-B5 without remat; beside
 #           them the GPU path of the parity tests (pytest, tests_gpu.txt)
 #   wave 2: the eval step's profile (32 clips), cuDNN attention and the
-#           Triton MSDA apart at inference
+#           Triton MSDA apart at inference; the train step with while loops
+#           in CUDA graphs (XLA command buffers)
 #   last:   the input pipeline, frame 0 only (if time is left)
 # What the first two GPU sessions measured (inference, the train-step A/B of
 # rbg / hash / cuDNN / Triton MSDA, AVSS batch 4, the MSDA cores, the
@@ -123,6 +124,12 @@ section eval_b32_cudnn 150 $M --configs $S4P --attention_impl $ATTN \
   --phases eval --eval_batch $BE --steps 10 &
 section eval_b32_pallas 150 $M --configs $S4P --msda_impl $MSDA \
   --phases eval --eval_batch $BE --steps 10 &
+# Beside them: the default train step with the scanned layers' while loops
+# (and conds) recorded into CUDA graphs too (XLA's command buffers hold
+# fusions and library calls by default): ~12,500 kernel launches a step.
+XLA_FLAGS="$CUBLAS --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
+  section train_s4_pvt2_remat_cmdbuf 220 $M --configs $S4P --remat true \
+  --phases unfrozen --batch $B --steps 5 &
 wait
 # The host side: can this machine's CPUs feed the steps above? (S4 at 224
 # and 512, frame 0 only, as S4 + PVTv2 trains; all 5 frames: 2026-11-27.)
