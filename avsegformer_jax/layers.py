@@ -137,33 +137,32 @@ def _depthwise_bwd_autodiff(x, kernel, bias, g):
   return jax.vjp(_depthwise_sum, x, kernel, bias)[1](g)
 
 
-def _depthwise_bwd_direct(x, kernel, bias, g):
+def _depthwise_bwd_direct(x, kernel, bias, g, acc=None, per_tap=False):
   """dx: the same shifted sum over g with the flipped kernel; the kernel
-  gradient: one float32 reduction over the stacked windows, which XLA:GPU
-  fuses into one kernel (autodiff's backward wrote the nine products
-  x_win * g and read them back in nine reductions: 2.2 -> 0.4 ms of the
-  S4 PVTv2-B5 train step by the H100 roofline)."""
-  dx = _depthwise_sum(g, kernel[::-1, ::-1], jnp.zeros((), g.dtype))
-  g32 = g.astype(jnp.float32)
-  wins = jnp.stack(_windows(x, kernel.shape[0]), 0).astype(jnp.float32)
-  dk = jnp.sum(wins * g32[None], axis=(1, 2, 3)).reshape(kernel.shape)
-  return dx, dk.astype(kernel.dtype), jnp.sum(g32, (0, 1, 2)).astype(bias.dtype)
+  gradient: float32 sums over the windows, by default one stacked reduction,
+  which XLA:GPU fuses into one kernel (autodiff's backward wrote the nine
+  products x_win * g and read them back in nine reductions: 2.2 -> 0.4 ms of
+  the S4 PVTv2-B5 train step by the H100 roofline).
 
-
-def _depthwise_bwd_cpu(x, kernel, bias, g):
-  """XLA:CPU: dx as the GPU's (the flipped-kernel sum), each tap's kernel
-  gradient its own [positions, C] column sum (the stacked reduction runs
-  slower there: 56x56x512, 441 vs 304 ms), all summed in float32 and rounded
-  once. Autodiff's backward transposed the nine windows into nine padded
-  bf16 adds: bf16 stage 3 (14x14x1280) 23 -> 6 ms, stage 1 (56x56x256)
-  76 -> 34 ms."""
-  c = x.shape[-1]
-  dx = _depthwise_sum_f32(g, kernel[::-1, ::-1], jnp.zeros((), g.dtype))
-  g32 = g.astype(jnp.float32).reshape(-1, c)
-  dk = jnp.stack([jnp.sum(w.astype(jnp.float32).reshape(-1, c) * g32, 0)
-                  for w in _windows(x, kernel.shape[0])])
+  XLA:CPU (`acc=float32, per_tap=True`): dx summed in float32 and rounded
+  once, each tap's kernel gradient its own [positions, C] column sum (the
+  stacked reduction runs slower there: 56x56x512, 441 vs 304 ms). Autodiff's
+  backward transposed the nine windows into nine padded bf16 adds: bf16
+  stage 3 (14x14x1280) 23 -> 6 ms, stage 1 (56x56x256) 76 -> 34 ms."""
+  dx = _depthwise_sum(g, kernel[::-1, ::-1], jnp.zeros((), g.dtype), acc)
+  g32 = g.astype(jnp.float32).reshape(-1, g.shape[-1])       # [positions, C]
+  wins = [w.astype(jnp.float32).reshape(g32.shape)
+          for w in _windows(x, kernel.shape[0])]
+  if per_tap:
+    dk = jnp.stack([jnp.sum(w * g32, 0) for w in wins])
+  else:
+    dk = jnp.sum(jnp.stack(wins) * g32[None], axis=1)
   return (dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype),
           jnp.sum(g32, 0).astype(bias.dtype))
+
+
+_depthwise_bwd_cpu = functools.partial(_depthwise_bwd_direct,
+                                       acc=jnp.float32, per_tap=True)
 
 
 def _shifted_depthwise_bwd(res, g):
