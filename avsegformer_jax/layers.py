@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from avsegformer_jax.dots import WEIGHT_DOT, dot_general, matmul
+from avsegformer_jax.attention import attend
+from avsegformer_jax.dots import WEIGHT_DOT, dot_general
 from avsegformer_jax.dropout import DROPOUT_MASK, Dropout
 
 Dtype = Any
@@ -199,32 +200,6 @@ def gelu(x):
   return (y * 0.5 * (1.0 + jax.lax.erf(y * _SQRT_HALF))).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def softmax_in(logits, dtype):
-  """Softmax over the last axis computed in float32, returned in `dtype`.
-
-  Its backward keeps only that `dtype` result: autodiff of
-  `softmax(x.astype(f32)).astype(dtype)` keeps the float32 probabilities
-  too, in bfloat16 twice the bytes of the attention maps (the decoder's
-  [B, 8, 300, 1029] per layer). In float32 the two are the same."""
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
-
-
-def _softmax_in_fwd(logits, dtype):
-  p = softmax_in(logits, dtype)
-  return p, (p, jnp.zeros((0,), logits.dtype))
-
-
-def _softmax_in_bwd(dtype, res, g):
-  p, like = res
-  p, g = p.astype(jnp.float32), g.astype(jnp.float32)
-  d = p * (g - jnp.sum(g * p, axis=-1, keepdims=True))
-  return (d.astype(like.dtype),)
-
-
-softmax_in.defvjp(_softmax_in_fwd, _softmax_in_bwd)
-
-
 def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
   """F.interpolate(mode='bilinear', align_corners=False) for upsampling NHWC.
 
@@ -339,20 +314,11 @@ class MultiheadAttention(nn.Module):
     # Heads-first operands ([B,h,L,d]): XLA:CPU's batched dot runs these
     # layouts ~20% faster than the same einsums on [B,L,h,d].
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q * (d ** -0.5), k, v))
-    lq, lk = q.shape[2], k.shape[2]
     mult = self.pad_to or (8 if jnp.dtype(self.dtype).itemsize == 2 else 1)
-    pq, pk = -lq % mult, -lk % mult
-    if pq or pk:
-      widths = lambda p: ((0, 0), (0, 0), (0, p), (0, 0))  # noqa: E731
-      q = jnp.pad(q, widths(pq))
-      k, v = jnp.pad(k, widths(pk)), jnp.pad(v, widths(pk))
-    logits = matmul(q, k.transpose(0, 1, 3, 2))                  # [B,h,Lq,Lk]
-    if pk:
-      logits = jnp.where(jnp.arange(lk + pk) < lk, logits, -jnp.inf)
-    attn = softmax_in(logits, v.dtype)
-    if train and self.dropout > 0:
-      attn = Dropout(self.dropout, impl=self.dropout_impl)(attn)
-    out = matmul(attn, v)[:, :, :lq].transpose(0, 2, 1, 3)
+    drop = (Dropout(self.dropout, impl=self.dropout_impl)
+            if train and self.dropout > 0 else None)
+    out = attend(q, k, v, train=train, pad_to=mult,
+                 dropout=drop).transpose(0, 2, 1, 3)
     return out_proj(out.reshape(out.shape[:2] + (-1,)))
 
 

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from avsegformer_jax import layers
+from avsegformer_jax import attention, layers
 
 
 class ChannelAttentionMixer(nn.Module):
@@ -36,7 +36,7 @@ class ChannelAttentionMixer(nn.Module):
                       name="kv_proj")(tokens).reshape(n, h * w, 2, nh, d)
     k, v = kv[:, :, 0], kv[:, :, 1]                          # [N, hw, nH, d]
     logits = jnp.einsum("nhd,nkhd->nhk", q * (d ** -0.5), k)
-    attn = layers.softmax_in(logits, v.dtype)
+    attn = attention.softmax_in(logits, v.dtype)
     x = jnp.einsum("nhk,nkhd->nhd", attn, v).reshape(n, c)
     gate = jax.nn.sigmoid(layers.dense(self.dim, dtype=self.dtype,
                                        name="proj")(x))
@@ -60,7 +60,7 @@ class CrossAttentionMixer(nn.Module):
                       name="kv_proj")(audio).reshape(n, -1, 2, nh, d)
     k, v = kv[:, :, 0], kv[:, :, 1]
     logits = jnp.einsum("nqhd,nkhd->nhqk", q * (d ** -0.5), k)
-    attn = layers.softmax_in(logits, v.dtype)
+    attn = attention.softmax_in(logits, v.dtype)
     x = jnp.einsum("nhqk,nkhd->nqhd", attn, v).reshape(n, h * w, c)
     x = layers.dense(self.dim, dtype=self.dtype, name="proj")(x)
     return feature_map + x.reshape(n, h, w, c)

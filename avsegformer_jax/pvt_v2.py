@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from avsegformer_jax import dots, layers
+from avsegformer_jax import attention, dots, layers
 
 _B1_B4 = dict(embed_dims=(64, 128, 320, 512), mlp_ratios=(8, 8, 4, 4))
 VARIANTS = {
@@ -38,6 +38,17 @@ def _dense(f, name, dtype):
   return layers.dense(f, dtype=dtype, kernel_init=trunc_normal, name=name)
 
 
+def _attend(q, k, v):                    # [N, L, h, d] -> [N, L, h, d]
+  logits = dots.einsum("nqhd,nkhd->nhqk", q, k)
+  attn = attention.softmax_in(logits, v.dtype)
+  return dots.einsum("nhqk,nkhd->nqhd", attn, v)
+
+
+def _attend_cpu_inference(q, k, v):      # attention.inference_cpu's form
+  heads_first = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731
+  return heads_first(attention.inference_cpu(*map(heads_first, (q, k, v))))
+
+
 class Attention(nn.Module):
   dim: int
   num_heads: int
@@ -45,6 +56,7 @@ class Attention(nn.Module):
   hw: tuple
   dtype: jnp.dtype = jnp.float32
   attention_impl: str = "xla"     # layers.ATTENTION_IMPLS
+  train: bool = False             # attention.attend's form
 
   @nn.compact
   def __call__(self, x):
@@ -63,9 +75,9 @@ class Attention(nn.Module):
     if self.attention_impl != "xla":
       out = layers.fused_attention(q, k, v, self.attention_impl)
     else:
-      logits = dots.einsum("nqhd,nkhd->nhqk", q * (hd ** -0.5), k)
-      attn = layers.softmax_in(logits, v.dtype)
-      out = dots.einsum("nhqk,nkhd->nqhd", attn, v)
+      q = q * (hd ** -0.5)
+      out = (_attend(q, k, v) if self.train else jax.lax.platform_dependent(
+          q, k, v, cpu=_attend_cpu_inference, default=_attend))
     return _dense(self.dim, "proj", self.dtype)(out.reshape(n, l, c))
 
 
@@ -119,7 +131,7 @@ class Block(nn.Module):
   def __call__(self, x, rate):
     ln = lambda n: layers.layer_norm(1e-6, self.dtype, name=n)
     y = Attention(self.dim, self.num_heads, self.sr_ratio, self.hw,
-                  self.dtype, self.attention_impl,
+                  self.dtype, self.attention_impl, self.train,
                   name="attn")(ln("norm1")(x))
     x = x + drop_path(self, y, rate, self.train)
     y = Mlp(self.dim * self.mlp_ratio, self.hw, self.dtype,

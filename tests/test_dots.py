@@ -94,7 +94,7 @@ class _Block(nn.Module):
   def __call__(self, x):
     h = layers.gelu(layers.dense(48, dtype=self.dtype, name="fc1")(x))
     h = layers.MultiheadAttention(dim=48, num_heads=4, dtype=self.dtype,
-                                  name="attn")(h, h, h)
+                                  name="attn")(h, h, h, train=True)
     return layers.dense(16, dtype=self.dtype, name="fc2")(h)
 
 

@@ -219,27 +219,6 @@ def test_depthwise_conv_backward_per_platform():
   assert count("tpu", "stablehlo.pad") >= 9 > count("cpu", "stablehlo.pad")
 
 
-def test_softmax_in_gradients_and_residuals():
-  x = jax.random.normal(jax.random.PRNGKey(5), (3, 4, 7)) * 3
-  g = jax.random.normal(jax.random.PRNGKey(6), (3, 4, 7))
-  plain = lambda x, dt: jax.nn.softmax(                       # noqa: E731
-      x.astype(jnp.float32), axis=-1).astype(dt)
-  for dt, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)):
-    xs = x.astype(dt)
-    out, vjp = jax.vjp(lambda x: layers.softmax_in(x, dt), xs)
-    ref_out, ref_vjp = jax.vjp(lambda x: plain(x, dt), xs)
-    assert out.dtype == dt
-    np.testing.assert_array_equal(np.asarray(out, np.float32),
-                                  np.asarray(ref_out, np.float32))
-    (d,), (rd,) = vjp(g.astype(dt)), ref_vjp(g.astype(dt))
-    assert d.dtype == dt
-    np.testing.assert_allclose(np.asarray(d, np.float32),
-                               np.asarray(rd, np.float32), atol=tol, rtol=tol)
-    # Only the dtype-sized probabilities are kept for the backward.
-    kept = [r for r in jax.tree.leaves(vjp) if r.size == x.size]
-    assert [r.dtype for r in kept] == [dt], [r.dtype for r in kept]
-
-
 def test_dropout_is_flax_dropout_and_remat_keeps_its_mask():
   """Same bits and outputs as nn.Dropout; under remat ("full" and "dots")
   the backward reuses the saved keep mask instead of drawing the bits again
