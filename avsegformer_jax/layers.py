@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from avsegformer_jax.attention import attend
-from avsegformer_jax.dots import WEIGHT_DOT, dot_general
+from avsegformer_jax.dots import WEIGHT_DOT, conv_general_dilated, dot_general
 from avsegformer_jax.dropout import DROPOUT_MASK, Dropout
 
 Dtype = Any
@@ -40,7 +40,8 @@ def conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0,
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)),
                  use_bias=use_bias, dtype=dtype, kernel_init=kernel_init,
-                 feature_group_count=groups, name=name)
+                 feature_group_count=groups, name=name,
+                 conv_general_dilated=conv_general_dilated)
 
 
 class DepthwiseConv(nn.Module):

@@ -127,3 +127,45 @@ def test_remat_dots_keeps_the_rounded_weight_products(capsys):
       l.startswith("f32[") and "(dot_general)" in l for l in kept32), kept32
   full, _ = _residuals("full", jnp.bfloat16, capsys)
   assert full == []
+
+
+def _conv_ops(f, args, platform):
+  text = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  return (len(re.findall(r"stablehlo.convolution", text)),
+          _dots(f, args, platform))
+
+
+@pytest.mark.parametrize("kernel,dtype", [(1, jnp.bfloat16), (3, jnp.bfloat16),
+                                          (1, jnp.float32)])
+def test_pointwise_bfloat16_conv_is_a_float32_gemm_on_cpu(kernel, dtype):
+  """A bfloat16 1x1 conv is a float32-out GEMM on CPU (a convolution on
+  GPU/TPU), rounded once, with the plain convolution's gradients bit for
+  bit; 3x3 and float32 convolutions are plain everywhere."""
+  conv = layers.conv(24, kernel, padding=kernel // 2, dtype=dtype)
+  plain = nn.Conv(24, (kernel, kernel), padding=((kernel // 2,) * 2,) * 2,
+                  dtype=dtype)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 5, 16), dtype)
+  params = jax.tree.map(lambda a: a.astype(dtype),
+                        conv.init(jax.random.PRNGKey(1), x))
+  ours = lambda p, x: conv.apply(p, x)                       # noqa: E731
+  ref = lambda p, x: plain.apply(p, x)                       # noqa: E731
+  gemm = kernel == 1 and dtype == jnp.bfloat16
+  assert _conv_ops(ours, (params, x), "cpu") == (
+      (0, [("bf16", "f32")]) if gemm else _conv_ops(ref, (params, x), "cpu"))
+  for platform in ("cuda", "tpu"):
+    assert _conv_ops(ours, (params, x), platform) == _conv_ops(
+        ref, (params, x), platform)
+  got = np.asarray(ours(params, x), np.float64)
+  with jax.default_matmul_precision("highest"):
+    want = np.asarray(plain.apply(
+        jax.tree.map(lambda a: a.astype(jnp.float32), params),
+        x.astype(jnp.float32)).astype(dtype), np.float64)
+  ulp = np.abs(np.spacing(want.astype(np.float32))) * (
+      2 ** 16 if dtype == jnp.bfloat16 else 4)
+  assert np.all(np.abs(got - want) <= ulp + 1e-6)
+  loss = lambda f: lambda p, x: jnp.sum(                     # noqa: E731
+      jnp.sin(f(p, x).astype(jnp.float32)))
+  g_ours = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+      np.asarray(a), np.asarray(b)), g_ours, g_ref)
