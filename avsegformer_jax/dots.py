@@ -46,15 +46,22 @@ def _rounded(product, batched, lhs, rhs):
       default=lambda l, r: product(l, r, None))
 
 
+def _plain_tangent(plain, primals, tangents, out):
+  """The tangent of a bilinear `plain(lhs, rhs)`: its own products of the
+  tangents (symbolic zeros cost none)."""
+  (lhs, rhs), (t_lhs, t_rhs) = primals, (
+      None if isinstance(t, SymbolicZero) else t for t in tangents)
+  terms = ([] if t_lhs is None else [plain(t_lhs, rhs)]) + (
+      [] if t_rhs is None else [plain(lhs, t_rhs)])
+  return sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
+
+
 def _rounded_jvp(product, batched, primals, tangents):
-  lhs, rhs = primals
-  out = _rounded(product, batched, lhs, rhs)
+  out = _rounded(product, batched, *primals)
   if not batched:   # a weight GEMM: what remat_policy="dots" keeps
     out = checkpoint_name(out, WEIGHT_DOT)
-  t_lhs, t_rhs = (None if isinstance(t, SymbolicZero) else t for t in tangents)
-  terms = ([] if t_lhs is None else [product(t_lhs, rhs, None)]) + (
-      [] if t_rhs is None else [product(lhs, t_rhs, None)])
-  return out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
+  plain = lambda l, r: product(l, r, None)  # noqa: E731
+  return out, _plain_tangent(plain, primals, tangents, out)
 
 
 _rounded.defjvp(_rounded_jvp, symbolic_zeros=True)
@@ -101,8 +108,6 @@ def matmul(lhs, rhs):
   return _rounded(_matmul, rhs.ndim > 2, lhs, rhs)
 
 
-
-
 def _pointwise(lhs, rhs, kw) -> bool:
   """A 1x1 convolution: stride 1, no padding or dilation, one group, NHWC."""
   pad = kw["padding"]
@@ -135,12 +140,8 @@ def _conv_rounded(conv, lhs, rhs):
 
 
 def _conv_rounded_jvp(conv, primals, tangents):
-  lhs, rhs = primals
-  t_lhs, t_rhs = (None if isinstance(t, SymbolicZero) else t for t in tangents)
-  terms = ([] if t_lhs is None else [conv(t_lhs, rhs)]) + (
-      [] if t_rhs is None else [conv(lhs, t_rhs)])
-  out = _conv_rounded(conv, lhs, rhs)
-  return out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
+  out = _conv_rounded(conv, *primals)
+  return out, _plain_tangent(conv, primals, tangents, out)
 
 
 _conv_rounded.defjvp(_conv_rounded_jvp, symbolic_zeros=True)
