@@ -39,7 +39,9 @@ def _peak_rss_mib():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _parity(args, torch, np):
+def _parity(args):
+  import numpy as np
+  import torch
   model, _ = env.build(args.src, args.reference, args.backbone)
   model.eval()
   g = np.load(os.path.join(args.reference, "goldens",
@@ -70,7 +72,6 @@ def main():
   args = p.parse_args()
   args.reference = os.path.abspath(args.reference)
   env.setup(args.src, args.reference)
-  import numpy as np
   import torch
   torch.set_num_threads(args.threads)
   torch.manual_seed(123)  # drives dropout / drop path, like train.py's seed
@@ -78,7 +79,7 @@ def main():
          "backbone": args.backbone, "mode": args.mode,
          "threads": torch.get_num_threads()}
   if args.mode == "parity":
-    out.update(_parity(args, torch, np))
+    out.update(_parity(args))
     print(json.dumps(out))
     return
 
@@ -92,7 +93,7 @@ def main():
   g = torch.Generator().manual_seed(0)
   frames = torch.randn(n, 3, s, s, generator=g)   # [B*T, 3, S, S], B = 1
   audio = torch.randn(n, 1, 96, 64, generator=g)  # log-mel examples
-  times, parts = [], []
+  parts = []  # (forward [+ backward + update], metric) seconds per call
   if args.mode == "eval":
     model.eval()
     mask = (torch.rand(n, s, s, generator=g) > 0.5).float()
@@ -127,11 +128,11 @@ def main():
   step()  # warm-up (AdamW creates its state here)
   for i in range(args.reps):
     a, b = step()
-    times.append(a + b)
-    parts.append([a, b])
+    parts.append((a, b))
     print(f"call {i}: {a + b:.3f} s" + (f" (forward {a:.3f} + metric {b:.3f})"
                                          if args.mode == "eval" else ""),
           flush=True)
+  times = [a + b for a, b in parts]
   out.update(frames=n, size=s, reps=args.reps, seconds=times,
              median_s=statistics.median(times), peak_rss_mib=_peak_rss_mib())
   if args.mode == "eval":
