@@ -3,12 +3,14 @@
 Every core, "pallas" included: its Triton kernels run compiled on a GPU and
 in Pallas' interpreter elsewhere (tests/test_deformable_attention_pallas.py
 has the rest of its tests)."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from avsegformer_jax import convert
+from avsegformer_jax import convert, dots
 from avsegformer_jax import deformable_attention as da
 from avsegformer_jax import deformable_attention_pallas
 
@@ -144,8 +146,33 @@ def test_taps_branches_per_platform_agree():
                                               * ct), (0, 1)))
     text = f.trace(table, wgt).lower(lowering_platforms=(platform,)).as_text()
     return text.count("stablehlo.gather")
-  assert gathers("cpu") == 2 * 12           # forward and d_wgt: one per tap
+  # CPU: one per tap in the forward (its fence's two branches call one
+  # function) and in d_wgt.
+  assert gathers("cpu") == 2 * 12
   assert gathers("cuda") == 2
+
+
+def test_taps_loop_is_not_fused_with_the_output_reshape():
+  """On CPU the tap loop stays a loop over [B*Lq*nH, D] rows: fused with the
+  reshape to [B*Lq, nH*D] that `output_proj` reads, XLA:CPU emitted it over
+  rows of nH*D elements whose gather index changes every D, 4x slower."""
+  from benchmarks import msda
+  shapes, value, loc, aw = msda.inputs(64, 1, jnp.bfloat16)
+  n, s, heads, d = value.shape
+  w = jnp.ones((heads * d, heads * d), jnp.bfloat16)
+  f = lambda v, l, a: dots.matmul(                        # noqa: E731
+      da.ms_deform_attn_core(v, shapes, l, a, "taps"), w)
+  text = jax.jit(f).lower(value, loc, aw).compile().as_text()
+  # The computations that gather, by what they return.
+  gathering = {}
+  for body in re.split(r"\n(?=%[\w.-]+ \()", text)[1:]:
+    head = body.split("{", 1)[0]
+    if " gather(" in body:
+      gathering[head.split(" ", 1)[0]] = head.rsplit("->", 1)[1].strip()
+  assert gathering, text[:2000]
+  assert all(shape == f"f32[{n * s * heads},{d}]" or
+             shape == f"bf16[{n * s * heads},{d}]"
+             for shape in gathering.values()), gathering
 
 
 def test_taps_backward_keeps_no_forward_taps():
