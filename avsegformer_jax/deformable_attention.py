@@ -134,7 +134,8 @@ def _weighted_rows(table, row, wgt):
   one scatter-add for the table (autodiff of the loop would give K of them)
   and fused gather-dot loops for the weights.
   """
-  plain = lambda t, r, w: _weighted_rows_plain(t, r, w).astype(t.dtype)  # noqa: E731
+  def plain(t, r, w):
+    return _weighted_rows_plain(t, r, w).astype(t.dtype)
   return jax.lax.platform_dependent(table, row, wgt, cpu=_fenced_tap_loop,
                                     default=plain)
 
