@@ -93,6 +93,22 @@ def test_cpu_inference_pads_nothing_and_divides_the_output():
   assert few[1]["divide"] == ["tensor<2x3x30x5xf32>"]
 
 
+def test_large_cpu_inference_maps_are_made_in_pieces(monkeypatch):
+  """Maps over the limit are made one (batch, head) group at a time (a
+  while loop) and give the whole call's result."""
+  q, k, v = _operands(30, 103, 8, jnp.float32, heads=6)
+  with jax.default_matmul_precision("highest"):
+    whole = jax.jit(attention.inference_cpu)(q, k, v)
+    maps = 2 * 6 * 30 * 103 * 4
+    monkeypatch.setattr(attention, "_CHUNK_ABOVE", maps - 1)
+    monkeypatch.setattr(attention, "_CHUNK_BYTES", maps // 3)
+    f = jax.jit(attention.inference_cpu)
+    pieces = f(q, k, v)
+  assert "stablehlo.while" in f.lower(q, k, v).as_text()
+  np.testing.assert_allclose(pieces, whole, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(pieces, _reference(q, k, v), atol=2e-6)
+
+
 def test_softmax_in_gradients_and_residuals():
   x = jax.random.normal(jax.random.PRNGKey(5), (3, 4, 7)) * 3
   g = jax.random.normal(jax.random.PRNGKey(6), (3, 4, 7))
