@@ -151,9 +151,10 @@ class UpsampledConv(nn.Module):
 
     def phased(v):
       taps = _phase_taps(s)
-      # [3,3,C,F] -> [3,3,C,s*s*F], combined in float32 and rounded once.
+      # [3,3,C,F] -> [3,3,C,s*s*F], combined in float32 from the kernel in
+      # the compute dtype: weights cast once (`cast_weights`) give the same.
       phase_kernel = jnp.einsum(
-          "klcf,pka,qlb->abcpqf", kernel, taps, taps,
+          "klcf,pka,qlb->abcpqf", k().astype(jnp.float32), taps, taps,
           precision=lax.Precision.HIGHEST).reshape(3, 3, c, -1)
       return _upsampled_conv(v, k(), phase_kernel.astype(v.dtype), s)
     y = lax.platform_dependent(x, cpu=phased, default=plain)

@@ -124,9 +124,14 @@ def test_plan_compiles_without_running_and_scales_with_batch():
   rows = [bench_plan.plan_row("tiny_pvt2", "float32", False, False, 1, b,
                               ("eval",), mesh) for b in (1, 2)]
   one, two = rows
-  # Every op of the eval step is per frame: FLOPs exactly double.
+  # Every op of the eval step is per frame but the combination of `fc_2`'s
+  # kernel into its phase kernel (CPU, head.UpsampledConv: per call, on the
+  # weights): FLOPs double but for that, counted once in either.
   assert one["eval_flops"] > 1e9
-  assert two["eval_flops"] == 2 * one["eval_flops"]
+  per_call = 2 * one["eval_flops"] - two["eval_flops"]
+  # At most every kernel entry [3,3,128,32] times every pair of taps (4x4
+  # phases x 3x3 conv taps), a multiply and an add.
+  assert 0 < per_call <= 2 * (3 * 3 * 128 * 32) * (4 * 4 * 3 * 3), per_call
   # Same parameters; one more clip of frames, audio, labels, flags in the
   # arguments: T x (64x64x3 uint8 frame + 64x64 uint8 mask + 96x64 float32
   # audio) + 2T + 1 float32 flags.
