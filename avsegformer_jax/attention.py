@@ -84,7 +84,7 @@ _CHUNK_BYTES = 8 << 20
 
 def inference_cpu(q, k, v):
   """The same product for XLA:CPU inference (module docstring)."""
-  b, h, lq, d = q.shape
+  b, h, lq, _ = q.shape
   maps = b * h * lq * k.shape[2] * 4
   if maps > _CHUNK_ABOVE:
     groups = next((g for g in range(2, b * h)
