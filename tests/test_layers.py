@@ -1,4 +1,6 @@
 """Building blocks against independent formulations (goldens cover real sizes)."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -169,6 +171,44 @@ def test_depthwise_conv_bfloat16_rounds_once_on_cpu():
     return f.trace(x).lower(lowering_platforms=(platform,)).as_text() \
         .count("-> tensor<2x6x7x64xf32>")
   assert f32_ops("cpu") > 0 and f32_ops("cuda") == 0
+
+
+def test_depthwise_conv_stays_out_of_the_gelu_fusion_on_cpu():
+  """PVTv2's GELU after the depthwise conv: on CPU the conv's sum runs in a
+  conditional, so XLA:CPU cannot merge the erf into its nine-window loop
+  (that loop ran the erf far slower than GELU alone), and the windows come
+  from one float32 array, not nine converted bf16 slices; the values are
+  the same (`cpu_fence`'s branches are one function)."""
+  r = np.random.RandomState(7)
+  x, kernel, bias = (jnp.asarray(r.standard_normal(s), jnp.bfloat16)
+                     for s in ((2, 6, 7, 64), (3, 3, 1, 64), (64,)))
+  f = jax.jit(lambda x: layers.gelu(layers._depthwise_forward(x, kernel,
+                                                              bias)))
+  text = f.lower(x).compile().as_text()
+  bodies = re.split(r"\n(?=%[\w.-]+ \()", text)
+  with_erf = [b for b in bodies if " erf(" in b]
+  with_slices = [b for b in bodies if " slice(" in b]
+  assert with_erf and with_slices, text[:3000]
+  assert not any(" slice(" in b for b in with_erf), with_erf
+  assert not any(re.search(r"bf16\[[\d,]+\]\S* slice\(", b)
+                 for b in with_slices), with_slices
+  assert " conditional(" in text
+  unfenced = jax.jit(lambda x: layers.gelu(layers._depthwise_sum_f32(
+      x, kernel, bias)))
+  np.testing.assert_array_equal(np.asarray(f(x), np.float32),
+                                np.asarray(unfenced(x), np.float32))
+
+
+def test_cpu_fence_is_the_function():
+  """Both branches are fn, whatever the predicate (the first element: zero,
+  non-zero, NaN) and for an empty input."""
+  fn = lambda a, b: a * 2 + b                             # noqa: E731
+  for first in (0.0, 1.5, np.nan):
+    a = jnp.asarray([first, 3.0, -1.0])
+    np.testing.assert_array_equal(jax.jit(layers.cpu_fence, static_argnums=0)(
+        fn, a, 1.0), fn(a, 1.0))
+  empty = jnp.zeros((0, 3))
+  assert layers.cpu_fence(fn, empty, 1.0).shape == (0, 3)
 
 
 def test_depthwise_conv_backward_keeps_only_its_input():
