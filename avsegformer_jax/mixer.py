@@ -34,13 +34,30 @@ class ChannelAttentionMixer(nn.Module):
                      name="q_proj")(audio).reshape(n, nh, d)
     kv = layers.dense(2 * self.dim, use_bias=False, dtype=self.dtype,
                       name="kv_proj")(tokens).reshape(n, h * w, 2, nh, d)
-    k, v = kv[:, :, 0], kv[:, :, 1]                          # [N, hw, nH, d]
-    logits = jnp.einsum("nhd,nkhd->nhk", q * (d ** -0.5), k)
-    attn = attention.softmax_in(logits, v.dtype)
-    x = jnp.einsum("nhk,nkhd->nhd", attn, v).reshape(n, c)
+    x = jax.lax.platform_dependent(q * (d ** -0.5), kv, cpu=_one_query_cpu,
+                                   default=_one_query).reshape(n, c)
     gate = jax.nn.sigmoid(layers.dense(self.dim, dtype=self.dtype,
                                        name="proj")(x))
     return feature_map * gate[:, None, None, :]             # works for N = 1
+
+
+def _one_query(q, kv):
+  """q [N,nH,d] (scaled) over kv [N,hw,2,nH,d] -> [N,nH,d]."""
+  k, v = kv[:, :, 0], kv[:, :, 1]                            # [N, hw, nH, d]
+  logits = jnp.einsum("nhd,nkhd->nhk", q, k)
+  attn = attention.softmax_in(logits, v.dtype)
+  return jnp.einsum("nhk,nkhd->nhd", attn, v)
+
+
+def _one_query_cpu(q, kv):
+  """The same as products and sums over kv's own layout, in float32: as
+  einsums XLA:CPU first transposed k and v heads-first ([5, 3136, 8, 32]
+  each at 224), 18.9 -> 5.0 ms in bfloat16 and closer to the exact result
+  (the logits are not rounded to bfloat16)."""
+  k, v = kv[:, :, 0].astype(jnp.float32), kv[:, :, 1].astype(jnp.float32)
+  logits = jnp.sum(k * q.astype(jnp.float32)[:, None], -1)   # [N, hw, nH]
+  attn = jax.nn.softmax(logits, axis=1)
+  return jnp.sum(attn[..., None] * v, 1).astype(kv.dtype)
 
 
 class CrossAttentionMixer(nn.Module):
