@@ -118,9 +118,9 @@ wait
 # Triton MSDA it gave +9% frames/s on 2026-11-27: the MSDA's share is the
 # rest). The default train step at 64 clips: if the 47 ms the 16-clip step
 # spends over its roofline bound is a fixed cost per step (launch gaps), it
-# takes ~4 x 33 + 47 = 180 ms, MFU ~11%; if its kernels run below their
-# roofs, ~4 x 80 = 320 ms, MFU ~6%. Deviceless plan on the 2-core VM
-# (2026-11-28): 10.9 GiB, roofline 121 ms (16 clips: 4.3 GiB, 32 ms).
+# takes ~121 + 47 = 170 ms, MFU ~11%; if its kernels run below their roofs,
+# ~4 x 80 = 320 ms, MFU ~6%. Deviceless plan on the 2-core VM (2026-11-28):
+# 10.9 GiB, roofline 121 ms (16 clips: 4.3 GiB, 32 ms).
 section profile_eval_s4_pvt2 150 $P --config $S4P --remat false \
   --phase eval --batch $BE &
 section eval_b32_cudnn 150 $M --configs $S4P --attention_impl $ATTN \
