@@ -135,13 +135,12 @@ def load_variables(directory, prefer: str = "best") -> dict[str, Any]:
     mdir = os.path.join(root, sub)
     if not os.path.isdir(mdir):
       continue
-    with ocp.CheckpointManager(mdir, item_names=("state", "data", "meta"),
-                               options=ocp.CheckpointManagerOptions(
-                                   read_only=True)) as mngr:
-      step = mngr.latest_step()   # best/ keeps a single step
-      if step is None:
-        continue
-      state = _restore_tree(os.path.join(mdir, str(step), "state"))
+    # Finalized steps only (an interrupted save's tmp dir is not one); no
+    # manager: a read-only one logs three warnings per load.
+    steps = ocp.utils.checkpoint_steps(mdir)   # best/ keeps a single step
+    if not steps:
+      continue
+    state = _restore_tree(os.path.join(mdir, str(max(steps)), "state"))
     return {"params": state["params"],
             "batch_stats": state.get("batch_stats", {}) or {}}
   raise CheckpointError(
