@@ -216,7 +216,7 @@ def train_step(state: TrainState, batch, *, model, config):
   stats = _psum({"iou_loss": main, "mix_loss": mix})
   stats["loss"] = t.iou_loss_weight * stats["iou_loss"] + \
       t.mix_loss_weight * stats["mix_loss"]
-  stats["grad_norm"] = optax.global_norm(grads)
+  stats["grad_norm"] = optax.tree.norm(grads)
   new_state = state.replace(
       step=state.step + 1, params=params, opt_state=opt_state,
       batch_stats=new_vars.get("batch_stats", state.batch_stats))

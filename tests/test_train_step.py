@@ -56,6 +56,16 @@ def test_uint8_frames_are_normalised_on_the_device_as_the_original():
   assert not got[1].any()
 
 
+def _assert_same_stats(got, want):
+  for k in ("loss", "iou_loss", "mix_loss"):
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=k)
+  # The gradient norm sits near a tie here: scaling the audio by 1 + 2**-22
+  # moves it by 2.6e-5 (the head's first attention projections by 8e-4),
+  # and jax 0.12's first-frame program lands on the other side. A frame or
+  # a loss term wrongly in or out moves it by far more.
+  np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-4)
+
+
 @pytest.mark.parametrize("backbone", ["pvt2", "res50"])
 def test_first_frame_path_equals_the_full_step(backbone):
   batch = random_batch(_config(backbone, False), clips=2)
@@ -69,8 +79,7 @@ def test_first_frame_path_equals_the_full_step(backbone):
     poisoned["frames"][:, 1:] = np.nan
   p1, bs1, s1 = _step(_config(backbone, True), poisoned)
   pf, bsf, sf = _step(_config(backbone, False), batch)
-  for k in ("loss", "iou_loss", "mix_loss", "grad_norm"):
-    np.testing.assert_allclose(s1[k], sf[k], rtol=1e-5, err_msg=k)
+  _assert_same_stats(s1, sf)
   for tree1, treef in ((p1, pf), (bs1, bsf)):
     flat = dict(jax.tree_util.tree_leaves_with_path(treef))
     for path, a in jax.tree_util.tree_leaves_with_path(tree1):
@@ -85,8 +94,7 @@ def test_first_frame_path_equals_the_full_step(backbone):
   assert train.clip_frames(config, build_model(config)) == 1
   first = {k: v[:, :1] if v.ndim > 1 else v for k, v in batch.items()}
   p0, _, s0 = _step(config, first)
-  for k in ("loss", "iou_loss", "mix_loss", "grad_norm"):
-    np.testing.assert_allclose(s0[k], s1[k], rtol=1e-5, err_msg=k)
+  _assert_same_stats(s0, s1)
   flat = dict(jax.tree_util.tree_leaves_with_path(p1))
   for path, a in jax.tree_util.tree_leaves_with_path(p0):
     np.testing.assert_allclose(a, flat[path], atol=1e-6, rtol=1e-5,

@@ -17,7 +17,7 @@ def env(monkeypatch):
   return set_jaxlib
 
 
-@pytest.mark.parametrize("version", ["0.10.2", "0.11.2"])
+@pytest.mark.parametrize("version", ["0.10.2", "0.11.2", "0.12.0.1"])
 def test_sets_flag_on_measured_jaxlibs(env, version, monkeypatch):
   env(version)
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
@@ -26,7 +26,7 @@ def test_sets_flag_on_measured_jaxlibs(env, version, monkeypatch):
       "--xla_force_host_platform_device_count=2 " + xla_cpu.FLAGS)
 
 
-@pytest.mark.parametrize("version", ["0.9.2", "0.12.0"])
+@pytest.mark.parametrize("version", ["0.9.2", "0.13.0"])
 def test_leaves_untested_jaxlib_alone(env, version):
   env(version)
   assert not xla_cpu.configure()
