@@ -41,7 +41,7 @@ from benchmarks import common
 from benchmarks import model as bench_model
 
 # Tokens of an op_name that say how, not where (scan, remat, cond, jit).
-_PLUMBING = {"while", "body", "closed_call", "checkpoint",
+_PLUMBING = {"while", "body", "closed_call", "checkpoint", "eval_jaxpr",
              "rematted_computation", "cond", "train_step", "shard_map"}
 _RNG = re.compile(r"jit\(_(threefry|bernoulli|uniform|random|rbg)")
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter",

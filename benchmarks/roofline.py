@@ -44,7 +44,11 @@ _HEADER = re.compile(r"^(ENTRY\s+)?%([^\s(]+)\s*\(")
 _NO_KERNEL = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast",
               "while", "call", "conditional", "after-all", "partition-id",
               "replica-id", "opt-barrier", "add-dependency", "domain",
-              "copy-start", "copy-done", "async-done", "async-update"}
+              "copy-start", "copy-done", "async-done", "async-update",
+              "fusion-done"}
+# XLA:GPU in jax 0.12 runs some fusions (a scan's in-place stacking) as an
+# async pair: `fusion-start` is the kernel, `fusion-done` only waits for it.
+_FUSIONS = {"fusion", "fusion-start"}
 _SLICES = {"dynamic-slice", "slice"}
 # Instructions inside a fusion that move or index data but compute nothing
 # per element (dots and convolutions are FLOPs, counted apart).
@@ -315,7 +319,8 @@ def _group(ins, depth):
   bwd = "transpose(" in name
   parts = [p for p in re.sub(r"\w+\(|\)", "", name).split("/")
            if p and p not in ("while", "body", "closed_call", "checkpoint",
-                              "remat", "rematted_computation")]
+                              "remat", "rematted_computation",
+                              "eval_jaxpr")]    # jax 0.12, in scanned remat
   if "AVSegFormer" in parts:
     parts = parts[parts.index("AVSegFormer") + 1:]
     key = "/".join(parts[:depth]) if parts else "model"
@@ -339,7 +344,7 @@ def estimate(text, peak_flops=989e12, bandwidth=3.35e12, depth=3,
       if ins.opcode in _NO_KERNEL:
         continue
       alu_s = 0.0
-      if ins.opcode == "fusion":
+      if ins.opcode in _FUSIONS:
         flops = _fused_flops(ins.attr("calls"), comps)
         nbytes = _fusion_bytes(ins, shapes_of, comps)
         alu_s = _fused_alu(ins.attr("calls"), comps, alu) if alu else 0.0

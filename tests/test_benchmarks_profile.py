@@ -141,3 +141,11 @@ def test_tpu_trace_uses_its_xla_ops_line():
   assert out["where"] == "device" and out["kernels_per_step"] == 2
   assert out["kernel_ms"] == pytest.approx(0.035)
   assert dict(out["kinds"])["fused attention"] == pytest.approx(0.020)
+
+
+def test_jax_0_12_scanned_remat_names():
+  """jax 0.12 adds `eval_jaxpr` to a scanned, rematerialised layer's op
+  names: plumbing, not a module."""
+  name = ("jit(train_step)/transpose(jvp(AVSegFormer))/backbone/while/body/"
+          "eval_jaxpr/checkpoint/block3/mlp/fc1/dot_general")
+  assert profile.component(name, 3) == "bwd backbone/block3/mlp"

@@ -214,3 +214,32 @@ def test_flash_attention_flops_and_bytes():
   fwd = q + 2 * kv + 2 * n + q + stats
   bwd = q + 2 * kv + stats + q + q + 2 * n + q + 2 * kv
   assert est["total"]["bytes"] == fwd + bwd
+
+
+def test_async_fusion_pair_is_one_kernel():
+  """jax 0.12's XLA:GPU runs a scan's in-place stacking as fusion-start /
+  fusion-done: the same one kernel and bytes as the plain fusion (counted in
+  full, it made the S4 train step's bound 51.5 ms instead of 32.5)."""
+  plain = ("  %upd = bf16[40,16,64]{2,1,0} fusion(%stack, %i, %y), kind=kLoop, "
+           "calls=%fused_dus, ")
+  assert plain in _GPU_HLO
+  async_pair = (
+      "  %upd-start = ((bf16[40,16,64]{2,1,0}, s32[], bf16[16,64]{1,0}), "
+      "bf16[40,16,64]{2,1,0}, u32[]) fusion-start(%stack, %i, %y), "
+      "kind=kLoop, calls=%fused_dus, ")
+  text = _GPU_HLO.replace(plain, async_pair).replace(
+      "\n  ROOT %t = ", "\n  %upd = bf16[40,16,64]{2,1,0} "
+      "fusion-done(%upd-start)\n  ROOT %t = ")
+  kw = dict(peak_flops=1e15, bandwidth=1e12)
+  assert roofline.estimate(text, **kw) == roofline.estimate(_GPU_HLO, **kw)
+
+
+def test_scanned_remat_name_stack_of_jax_0_12():
+  """jax 0.12 puts `eval_jaxpr` in a scanned, rematerialised layer's op
+  names; it says how, not where, like `checkpoint`."""
+  line = ('%f = bf16[8]{0} fusion(%a), kind=kLoop, calls=%c, metadata={op_name='
+          '"jit(train_step)/transpose(jvp(AVSegFormer))/backbone/while/body/'
+          'eval_jaxpr/checkpoint/block3/mlp/fc1/dot_general"}')
+  comps, _ = roofline.parse("ENTRY %main () -> bf16[8] {\n  " + line + "\n}\n")
+  ins = comps["main"][0]
+  assert roofline._group(ins, 2) == "backbone/block3 bwd"
