@@ -53,6 +53,16 @@ def _demo_data(config, workdir):
 
 
 def main(argv):
+  """Bad input (a missing dataset or checkpoint, a diverged loss) ends with
+  one line naming it and status 2, not a traceback."""
+  from avsegformer_jax import errors  # pylint: disable=g-import-not-at-top
+  try:
+    _main(argv)
+  except errors.ReportedError as e:
+    errors.exit_with("main.py", e)
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from avsegformer_jax import xla_cpu  # pylint: disable=g-import-not-at-top

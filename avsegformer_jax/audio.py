@@ -18,6 +18,8 @@ import numpy as np
 import resampy
 import soundfile as sf
 
+from avsegformer_jax import errors
+
 SAMPLE_RATE = 16000
 WINDOW_LENGTH = 400   # 25 ms at 16 kHz
 HOP_LENGTH = 160      # 10 ms
@@ -32,7 +34,7 @@ MIN_SAMPLES = WINDOW_LENGTH + (EXAMPLE_FRAMES - 1) * HOP_LENGTH  # 15600 = 0.975
 FIT_MODES = ("repeat_last", "zero_pad")
 
 
-class AudioError(ValueError):
+class AudioError(errors.InputError):
   """A wav file that cannot give VGGish examples; the message names the file."""
 
 

@@ -22,10 +22,12 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from avsegformer_jax import errors
+
 EXPORT_MARKER = "avsegformer.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.InputError):
   pass
 
 

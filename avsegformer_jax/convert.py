@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from avsegformer_jax import errors
+
 # Parameters the original carries but never uses for its outputs (the port
 # does not hold them): the unused FPN and attention head, and ResNet's second
 # branch, which exists in B2_ResNet but never runs in AVSegFormer.
@@ -37,7 +39,7 @@ KNOWN_UNUSED = (
 )
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.InputError):
   """A state dict that does not fit the model (names the key and shapes)."""
 
 

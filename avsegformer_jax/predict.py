@@ -28,7 +28,6 @@ from __future__ import annotations
 import fractions
 import json
 import os
-import sys
 import time
 
 import jax
@@ -40,13 +39,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from avsegformer_jax import audio as audio_lib
-from avsegformer_jax import (avsegformer, checkpoint, compile_cache, video_io,
-                             visualize, xla_cpu)
+from avsegformer_jax import (avsegformer, checkpoint, compile_cache, errors,
+                             video_io, visualize, xla_cpu)
 
 PAD_MODES = {"s4": "repeat_last", "ms3": "repeat_last", "avss": "zero_pad"}
 
 
-class PredictError(ValueError):
+class PredictError(errors.InputError):
   """Bad input to predict; the message names the file and the problem."""
 
 
@@ -288,8 +287,7 @@ def main(argv):
                 fps=f.fps, every_frame=f.every_frame,
                 batch_clips=f.batch_clips)
   except PredictError as e:
-    print(f"predict: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    errors.exit_with("predict", e)
   model_fps = s["frames_per_s_model"]
   print(f"{s['num_frames']} frames ({s['sampling']}) -> {f.out}: "
         f"{s['frames_per_s_end_to_end']:.2f} frames/s end to end"

@@ -30,6 +30,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from avsegformer_jax import errors
+
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 
@@ -58,7 +60,7 @@ _WIDENED = {"bfloat16": ("<u2", ml_dtypes.bfloat16),
             "float8_e5m2fnuz": ("u1", ml_dtypes.float8_e5m2fnuz)}
 
 
-class TorchFileError(ValueError):
+class TorchFileError(errors.InputError):
   """A file that is not a readable PyTorch checkpoint (message names it)."""
 
 

@@ -19,10 +19,11 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from avsegformer_jax import avsegformer, checkpoint, metrics, train, visualize
+from avsegformer_jax import (avsegformer, checkpoint, errors, metrics, train,
+                             visualize)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(errors.ReportedError, RuntimeError):
   pass
 
 

@@ -26,9 +26,10 @@ import av
 import numpy as np
 
 from avsegformer_jax import audio as audio_lib
+from avsegformer_jax import errors
 
 
-class VideoError(ValueError):
+class VideoError(errors.InputError):
   """A video file predict cannot use; the message names the file."""
 
 

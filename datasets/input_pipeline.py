@@ -28,6 +28,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from avsegformer_jax import errors
+
 SPLITS = ("train", "validation", "test")
 # Batches decoded ahead per process (main or worker), each in its own thread.
 # grain's default (500 ahead, 16 threads) holds up to 500 decoded batches
@@ -35,7 +37,7 @@ SPLITS = ("train", "validation", "test")
 PREFETCH_BATCHES = 4
 
 
-class PipelineError(ValueError):
+class PipelineError(errors.InputError):
   pass
 
 
@@ -67,11 +69,15 @@ def open_source(config, split):
         name, split=split, data_dir=data_dir,
         decoders={"frames": _encoded_images(), "masks": _encoded_images()})
   except Exception as e:  # tfds raises several types for a missing dataset
+    # TFDS's message runs to a dozen lines (every registered dataset...):
+    # its first line says what is missing.
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise PipelineError(
         f"cannot open {name} split {split!r} in data_dir "
-        f"{data_dir or '(TFDS default)'}: {e}. Prepare it first: "
-        f"tfds build datasets/avsbench --config={config.task} "
-        f"--manual_dir=RAW_AVSBENCH --data_dir=DATA_DIR") from e
+        f"{data_dir or '(TFDS default)'}: {first} Prepare it first: python "
+        f"-m datasets.avsbench.prepare --config={config.task} "
+        f"--manual_dir=RAW_AVSBENCH --data_dir={data_dir or 'DATA_DIR'}"
+    ) from e
 
 
 def _image(x) -> Image.Image:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
+from avsegformer_jax import errors
+
 from . import raw
 from .avsbench_dataset_builder import Builder
 
@@ -27,6 +29,13 @@ def prepare(config: str, manual_dir, data_dir, *, skip_bad_clips: bool | None = 
                     num_workers=num_workers)
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  manual = Path(manual_dir)
+  if (overwrite or not builder.is_prepared()) and not (
+      manual.is_dir() and any(manual.iterdir())):
+    # (TFDS would assert this deep inside download_and_prepare)
+    raise raw.AVSBenchError(
+        f"{manual}: manual dir does not exist or is empty. "
+        + " ".join(Builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split()))
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=str(manual_dir), download_mode=mode))
   return Path(builder.data_path)
@@ -46,8 +55,12 @@ def main(argv=None) -> None:
   p.add_argument("--num_workers", type=int, default=None, help="decoding threads")
   p.add_argument("--overwrite", action="store_true", help="rebuild even if already prepared")
   a = p.parse_args(argv)
-  path = prepare(a.config, a.manual_dir, a.data_dir, skip_bad_clips=a.skip_bad_clips or None,
-                 num_workers=a.num_workers, overwrite=a.overwrite)
+  try:
+    path = prepare(a.config, a.manual_dir, a.data_dir,
+                   skip_bad_clips=a.skip_bad_clips or None,
+                   num_workers=a.num_workers, overwrite=a.overwrite)
+  except errors.InputError as e:
+    errors.exit_with("prepare", e)
   print(f"prepared {path} ({folder_size(path) / 2**20:.1f} MiB)")
 
 

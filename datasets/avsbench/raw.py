@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from avsegformer_jax import audio, visualize
+from avsegformer_jax import audio, errors, visualize
 
 
-class AVSBenchError(ValueError):
+class AVSBenchError(errors.InputError):
   """A raw AVSBench file is missing or wrong; the message names the file."""
 
 

@@ -1,0 +1,58 @@
+"""errors.py: the errors whose message is the whole report, and that the
+CLIs end on them with one line and status 2 instead of a traceback."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from avsegformer_jax import (audio, checkpoint, convert, errors, predict,
+                             torch_io, trainer, video_io)
+from datasets import input_pipeline
+from datasets.avsbench import raw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("cls", [
+    audio.AudioError, checkpoint.CheckpointError, convert.ConversionError,
+    predict.PredictError, torch_io.TorchFileError, video_io.VideoError,
+    input_pipeline.PipelineError, raw.AVSBenchError])
+def test_input_errors_are_reported_value_errors(cls):
+  assert issubclass(cls, errors.InputError)
+  assert issubclass(cls, ValueError)        # callers catching ValueError
+
+
+def test_a_diverged_run_is_reported_too():
+  assert issubclass(trainer.NonFiniteLossError, errors.ReportedError)
+  assert issubclass(trainer.NonFiniteLossError, RuntimeError)
+
+
+def _run(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_main_without_a_prepared_dataset(tmp_path):
+  data = tmp_path / "tfds"
+  r = _run("main.py", "--config=configs/tiny.py", f"--workdir={tmp_path}/w",
+           f"--config.data.data_dir={data}")
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("main.py: error: cannot open avsbench/s4 split 'train'")
+  # It says how to prepare it, with this data_dir.
+  assert (f"python -m datasets.avsbench.prepare --config=s4 "
+          f"--manual_dir=RAW_AVSBENCH --data_dir={data}") in last
+
+
+def test_prepare_without_the_download(tmp_path):
+  (tmp_path / "raw").mkdir()
+  r = _run("-m", "datasets.avsbench.prepare", "--config=ms3",
+           f"--manual_dir={tmp_path}/raw", f"--data_dir={tmp_path}/tfds")
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"prepare: error: {tmp_path}/raw: manual dir does "
+                         "not exist or is empty. AVSBench is form-gated")
