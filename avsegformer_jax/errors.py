@@ -1,6 +1,6 @@
 """Errors whose message is the whole report for a user: the CLIs print them
-as one line (`prog: error: ...`) and exit with status 2. Anything else is a
-bug and keeps its traceback.
+as one line (`prog: error: ...`, status 2; `convert` keeps absl's
+`convert: ...`, status 1). Anything else is a bug and keeps its traceback.
 """
 
 
