@@ -39,10 +39,10 @@ import jax
 from avsegformer_jax import xla_cpu
 from benchmarks import common
 from benchmarks import model as bench_model
+from benchmarks import roofline
 
 # Tokens of an op_name that say how, not where (scan, remat, cond, jit).
-_PLUMBING = {"while", "body", "closed_call", "checkpoint", "eval_jaxpr",
-             "rematted_computation", "cond", "train_step", "shard_map"}
+_PLUMBING = roofline.NAME_PLUMBING | {"cond", "train_step", "shard_map"}
 _RNG = re.compile(r"jit\(_(threefry|bernoulli|uniform|random|rbg)")
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter",
                 "collective-permute", "all-to-all")

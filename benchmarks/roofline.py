@@ -50,6 +50,11 @@ _NO_KERNEL = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast",
 # async pair: `fusion-start` is the kernel, `fusion-done` only waits for it.
 _FUSIONS = {"fusion", "fusion-start"}
 _SLICES = {"dynamic-slice", "slice"}
+# Op-name tokens that say how (scan, remat, a jaxpr evaluated by JAX: jax 0.12
+# adds `eval_jaxpr` in scanned remat layers), not where; profile.py too.
+NAME_PLUMBING = frozenset({"while", "body", "closed_call", "checkpoint",
+                           "rematted_computation", "eval_jaxpr"})
+_GROUP_SKIP = NAME_PLUMBING | {"remat"}
 # Instructions inside a fusion that move or index data but compute nothing
 # per element (dots and convolutions are FLOPs, counted apart).
 _NO_ALU = {"parameter", "constant", "broadcast", "bitcast", "reshape", "slice",
@@ -318,9 +323,7 @@ def _group(ins, depth):
   name = m.group(1) if m else ""
   bwd = "transpose(" in name
   parts = [p for p in re.sub(r"\w+\(|\)", "", name).split("/")
-           if p and p not in ("while", "body", "closed_call", "checkpoint",
-                              "remat", "rematted_computation",
-                              "eval_jaxpr")]    # jax 0.12, in scanned remat
+           if p and p not in _GROUP_SKIP]
   if "AVSegFormer" in parts:
     parts = parts[parts.index("AVSegFormer") + 1:]
     key = "/".join(parts[:depth]) if parts else "model"
