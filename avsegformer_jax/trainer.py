@@ -16,7 +16,6 @@ import time
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from avsegformer_jax import (avsegformer, checkpoint, errors, metrics, train,
@@ -74,7 +73,7 @@ def evaluate(config, steps: train.Steps, variables, split: str, *,
       config, split, train=False, source=source, shuffle_audio=shuffle_audio)
   variables = avsegformer.cast_weights(
       train.replicate(variables, steps.mesh), config.model.dtype)
-  total, per_batch, shown = None, [], 0
+  total, per_batch = None, []
   for batch in tqdm(ds, total=info["batches_per_epoch"], desc=desc,
                     disable=not _is_main(), leave=False):
     stats, logits = steps.eval(variables, train.shard_batch(batch, steps.mesh))
@@ -83,8 +82,8 @@ def evaluate(config, steps: train.Steps, variables, split: str, *,
         np.add, total, stats)
     if config.task != "avss":
       per_batch.append(metrics.binary_scores(stats))
-    if vis_dir and shown < num_visualize:
-      shown += _visualise(config, batch, logits, vis_dir, num_visualize - shown)
+    if vis_dir and num_visualize:
+      _visualise(config, batch, logits, vis_dir, num_visualize)
   if config.task == "avss":
     # The original accumulates AVSS statistics over the whole split, so its
     # number is already dataset-level.
@@ -102,20 +101,24 @@ def evaluate(config, steps: train.Steps, variables, split: str, *,
 
 
 def _visualise(config, batch, logits, vis_dir, limit):
-  logits = np.asarray(multihost_utils.process_allgather(logits, tiled=True))
-  if not _is_main():
-    return limit
+  """Saves the clips of this process's part of the batch that are among the
+  split's first `limit`. Every process writes its own: no collective, so
+  processes that hold none of them never wait for the one that does."""
+  want = [i for i in range(len(batch["clip_valid"]))
+          if batch["clip_valid"][i] and batch["meta_index"][i] < limit]
+  if not want:
+    return
+  # This process's rows of the global [B*T, H, W, C] logits, in the order
+  # of its local batch (`train.shard_batch` laid them out so).
+  shards = sorted(logits.addressable_shards,
+                  key=lambda s: s.index[0].start or 0)
+  local = np.concatenate([np.asarray(s.data) for s in shards])
   b, t = batch["frames"].shape[:2]
-  logits = logits.reshape((b, t) + logits.shape[1:])
-  n = 0
-  for i in range(b):
-    if n >= limit or not batch["clip_valid"][i]:
-      continue
+  local = local.reshape((b, t) + local.shape[1:])
+  for i in want:
     visualize.save_clip(vis_dir, str(batch["meta_clip_id"][i]),
-                        batch["frames"][i], logits[i],
+                        batch["frames"][i], local[i],
                         config.model.num_classes, batch["vid_flag"][i] > 0)
-    n += 1
-  return n
 
 
 def _check_finite(pending, step):

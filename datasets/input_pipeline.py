@@ -174,6 +174,9 @@ class ClipLoader:
         "gt_flag": np.asarray(ex["gt_flag"], np.float32)[:t] * w,
         "vid_flag": vid_flag,
         "clip_valid": w,
+        # The clip's index in its split: which clips to visualise does not
+        # depend on how the batch is split over processes.
+        "meta_index": np.int64(idx),
         "meta_clip_id": np.asarray(_text(ex["clip_id"])),
         "meta_category": np.asarray(_text(ex["category"])),
     }

@@ -8,8 +8,9 @@
 # The workdir and data_dir must be on storage every host reaches (GCS works
 # with orbax and tfds). Set REPO to a git URL or leave it to copy this tree.
 # Tested on: NOT run on a TPU pod (none available to the project); the
-# multi-process data and checkpoint paths are the ones exercised single-host
-# on CPU in CI. Checked with `bash -n`.
+# multi-process data, checkpoint and evaluation paths run in CI as two JAX
+# processes on one CPU host (tests/test_trainer.py::test_two_processes).
+# Checked with `bash -n`.
 set -euo pipefail
 CONFIG=${1:?config}
 WORKDIR=${2:?workdir (gs://...)}

@@ -61,7 +61,8 @@ def test_conversion_uses_every_key(name):
   g, _, _, report = run_case(name)
   assert not report["unknown"]
   assert all(convert.is_known_unused(k) for k in report["unused"])
-  n_keys = len(open(f"tests/reference/{CASES[name][2]}").read().splitlines())
+  with open(f"tests/reference/{CASES[name][2]}") as f:
+    n_keys = len(f.read().splitlines())
   assert len(report["used"]) + len(report["unused"]) == n_keys
 
 

@@ -218,7 +218,8 @@ def test_timing_waits_for_other_processes_compiles(tmp_path, monkeypatch):
       entered = time.time()
   finally:
     proc.wait(timeout=60)
-  assert entered >= float(open(lock + ".ended").read())
+  with open(lock + ".ended") as f:
+    assert entered >= float(f.read())
   # A marker left by a process that died (killed at a time limit) is ignored.
   dead = subprocess.Popen([sys.executable, "-c", "pass"])
   dead.wait()

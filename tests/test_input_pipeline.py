@@ -92,7 +92,7 @@ def ref_mask(m, crop):
 
 def check_contract(b, task, n_local, t):
   assert set(b) == {"frames", "audio", "masks", "gt_flag", "vid_flag", "clip_valid",
-                    "meta_clip_id", "meta_category"}
+                    "meta_index", "meta_clip_id", "meta_category"}
   expect = {"frames": ((n_local, t, SIZE, SIZE, 3), np.uint8),
             "audio": ((n_local, t, 96, 64), np.float32),
             "masks": ((n_local, t, SIZE, SIZE), np.uint8),
@@ -101,6 +101,7 @@ def check_contract(b, task, n_local, t):
   for k, (shape, dtype) in expect.items():
     assert b[k].shape == shape and b[k].dtype == dtype, (task, k, b[k].shape, b[k].dtype)
   assert b["meta_clip_id"].shape == (n_local,) and b["meta_clip_id"].dtype.kind == "U"
+  assert b["meta_index"].shape == (n_local,) and b["meta_index"].dtype == np.int64
 
 
 # ----------------------------------------------------------------- contract --
@@ -139,6 +140,7 @@ def test_s4_eval_is_in_order_all_frames_supervised(data_dir):
   check_contract(b, "s4", 2, 5)
   src = tfds.data_source("avsbench/s4", split="validation", data_dir=str(data_dir))
   assert list(b["meta_clip_id"]) == [text(src[i]["clip_id"]) for i in range(2)]
+  np.testing.assert_array_equal(b["meta_index"], [0, 1])
   np.testing.assert_array_equal(b["gt_flag"], np.ones((2, 5)))
   np.testing.assert_array_equal(b["clip_valid"], [1, 1])
   for i in range(2):

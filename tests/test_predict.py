@@ -66,7 +66,8 @@ def test_not_a_video(tmp_path):
 
 
 def test_truncated_file(tmp_path, video):
-  data = open(video.path, "rb").read()
+  with open(video.path, "rb") as f:
+    data = f.read()
   p = tmp_path / "cut.mp4"
   p.write_bytes(data[:len(data) * 2 // 5])   # mp4 index (moov) is at the end
   with pytest.raises(predict.PredictError, match="cut.mp4: not a readable"):

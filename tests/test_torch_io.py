@@ -171,7 +171,8 @@ def test_missing_and_short_storage_records(tmp_path):
 
 # ----------------------------------------------------------- broken files ----
 def _cut(src, dst, frac):
-  raw = open(src, "rb").read()
+  with open(src, "rb") as f:
+    raw = f.read()
   dst.write_bytes(raw[:int(len(raw) * frac)])
   return dst
 

@@ -1,7 +1,13 @@
-"""Runs a tiny training in its own process, for the multi-device and
-kill-and-resume tests (XLA device flags must be set before JAX starts).
+"""Runs a tiny training in its own process, for the multi-device,
+multi-process and kill-and-resume tests (XLA device flags must be set before
+JAX starts).
 
   python tests/train_driver.py WORKDIR OUT.npz [--devices N] [--steps K]
+      [--processes P --process_id I --coordinator HOST:PORT] [--visualize K]
+
+With --processes, P such processes (each with N CPU devices) form one JAX
+cluster through `jax.distributed.initialize`, as `main.py --distributed`
+does on a multi-host machine; process 0 writes OUT.npz.
 
 Data is an in-memory AVSBench-shaped source (deterministic), so the test
 needs no prepared dataset; the loop, checkpoints and iterator are the real
@@ -10,6 +16,7 @@ ones.
 import argparse
 import os
 import sys
+import traceback
 
 
 def tiny_config():
@@ -60,6 +67,11 @@ def main():
   p.add_argument("out")
   p.add_argument("--devices", type=int, default=1)
   p.add_argument("--steps", type=int, default=-1)
+  p.add_argument("--processes", type=int, default=1)
+  p.add_argument("--process_id", type=int, default=0)
+  p.add_argument("--coordinator", default="")
+  p.add_argument("--visualize", type=int, default=0,
+                 help="then evaluate the best checkpoint, saving K clips")
   a = p.parse_args()
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={a.devices}")
@@ -67,18 +79,35 @@ def main():
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from avsegformer_jax import checkpoint, trainer  # pylint: disable=g-import-not-at-top
-  assert jax.device_count() == a.devices, jax.devices()
+  if a.processes > 1:
+    jax.distributed.initialize(a.coordinator, a.processes, a.process_id)
+  assert jax.process_count() == a.processes, jax.process_count()
+  assert jax.device_count() == a.devices * a.processes, jax.devices()
   c = tiny_config()
   c.train.max_steps = a.steps
   sources = {"train": synthetic_source(10, 2, 40, 0),
              "validation": synthetic_source(6, 2, 40, 1)}
   res = trainer.train_and_evaluate(c, a.workdir, source_fn=sources.get)
+  extra = {}
+  if a.visualize:
+    c.eval.num_visualize = a.visualize
+    ev = trainer.evaluate_checkpoint(c, a.workdir, a.workdir, "validation",
+                                     source=sources["validation"])
+    extra = {"eval_" + k: ev[k] for k in ("miou", "fscore", "miou_dataset")}
   v = checkpoint.load_variables(a.workdir, prefer="latest")
   flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x)
           for path, x in jax.tree_util.tree_leaves_with_path(v["params"])}
-  np.savez(a.out, miou=res["miou"], fscore=res["fscore"],
-           miou_dataset=res["miou_dataset"], **flat)
+  if jax.process_index() == 0:
+    np.savez(a.out, miou=res["miou"], fscore=res["fscore"],
+             miou_dataset=res["miou_dataset"], **extra, **flat)
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except BaseException:  # pylint: disable=broad-except
+    # Exit now: a failed process of a JAX cluster would otherwise wait
+    # minutes at the distributed shutdown barrier for the others.
+    traceback.print_exc()
+    sys.stderr.flush()
+    os._exit(1)
