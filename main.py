@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -54,12 +55,16 @@ def _demo_data(config, workdir):
 
 def main(argv):
   """Bad input (a missing dataset or checkpoint, a diverged loss) ends with
-  one line naming it and status 2, not a traceback."""
+  one line naming it and status 2, not a traceback; a preemption notice
+  (SIGTERM) with a saved checkpoint and status 143."""
   from avsegformer_jax import errors  # pylint: disable=g-import-not-at-top
   try:
     _main(argv)
   except errors.ReportedError as e:
     errors.exit_with("main.py", e)
+  except errors.Preempted as e:
+    print(f"main.py: {e}", file=sys.stderr)
+    raise SystemExit(errors.PREEMPTED_STATUS) from None
 
 
 def _main(argv):

@@ -1,6 +1,7 @@
 """Errors whose message is the whole report for a user: the CLIs print them
 as one line (`prog: error: ...`, status 2; `convert` keeps absl's
 `convert: ...`, status 1). Anything else is a bug and keeps its traceback.
+`Preempted` is no error: main.py prints it and exits with SIGTERM's 143.
 """
 
 
@@ -11,6 +12,22 @@ class ReportedError(Exception):
 class InputError(ReportedError, ValueError):
   """Bad input (a file, a directory, a setting), named in the message. A
   ValueError, so callers that catch ValueError still do."""
+
+
+class Preempted(Exception):
+  """Not an error: training stopped on a preemption notice (SIGTERM) after
+  saving the checkpoint of `step`; the same command resumes from it."""
+
+  def __init__(self, step: int, workdir: str):
+    super().__init__(
+        f"stopped at step {step} on SIGTERM (preemption) after saving its "
+        f"checkpoint in {workdir}; run the same command to resume")
+    self.step = step
+
+
+# The exit status of a process ended by SIGTERM (128 + 15), which schedulers
+# and shells read as "terminated", not "finished".
+PREEMPTED_STATUS = 143
 
 
 def exit_with(prog: str, err: BaseException, code: int = 2):

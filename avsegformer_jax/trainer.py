@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from avsegformer_jax import (avsegformer, checkpoint, errors, metrics, train,
@@ -24,6 +27,35 @@ from avsegformer_jax import (avsegformer, checkpoint, errors, metrics, train,
 
 class NonFiniteLossError(errors.ReportedError, RuntimeError):
   pass
+
+
+class _PreemptionNotice:
+  """SIGTERM: what a spot/preemptible VM or a scheduler sends before it kills
+  the job. Several processes: JAX's preemption service (started by
+  `jax.distributed.initialize`) catches it on whichever host gets it and
+  picks a step every process reaches, where `reached` is True on all of them.
+  One process: a handler of ours notes it and `reached` is True from the
+  next step on."""
+
+  def __init__(self):
+    self._noticed, self._previous = False, None
+    if (jax.process_count() == 1 and
+        threading.current_thread() is threading.main_thread()):
+      self._previous = signal.signal(signal.SIGTERM, self._notice)
+
+  def _notice(self, signum, frame):
+    del signum, frame
+    self._noticed = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:        # every process calls it every step
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._noticed
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 def _is_main():
@@ -165,6 +197,11 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
     if meta.get("backbone_trainable"):
       state = train.unfreeze_backbone(state, config)
     state, meta = ckpt.restore(start, state, data_iter)
+    # Restored onto this process's own device: through host memory, so that
+    # `replicate` builds the global arrays as it does for a fresh state (a
+    # device-to-device put across processes needs cross-host transfers,
+    # which multi-process CPU and GPU runs do not set up).
+    state = jax.device_get(state)
     logging.info("resumed from %s at step %d (epoch %d)", workdir, start,
                  start // bpe)
   state = train.replicate(state, mesh)
@@ -183,53 +220,69 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
             **(extra or {})}
     ckpt.save(step, state, data_iter, meta)
 
-  for step in range(start, total):
-    epoch = step // bpe
-    if epoch >= t.freeze_backbone_epochs and state.opt_state["backbone"] is None:
-      state = train.replicate(train.unfreeze_backbone(state, config), mesh)
-      logging.info("epoch %d: visual backbone unfrozen", epoch)
-    # Steps are dispatched asynchronously, so time blocked here is time the
-    # device had nothing queued: the input pipeline's stall.
-    t_in = time.time()
-    batch = next(data_iter)
-    waited += time.time() - t_in
-    train.check_supervision(batch, config)
-    state, stats = steps.train(state, train.shard_batch(batch, mesh))
-    pending.append((step, stats))
-    clips += info["global_batch"]
-    pbar.update(1)
-    done = step + 1
-    if done % t.log_every_steps == 0 or done == total:
-      s = jax.tree_util.tree_map(float, jax.device_get(stats))
-      elapsed = max(time.time() - t0, 1e-9)
-      rate, wait = clips / elapsed, min(waited / elapsed, 1.0)
-      t0, clips, waited = time.time(), 0, 0.0
-      s.update(learning_rate=t.learning_rate, clips_per_s=rate,
-               input_wait_fraction=wait)
-      _scalars(writer, done, s, "train")
-      _log_line(workdir, dict(step=done, **s))
-      pbar.set_postfix(loss=f"{s['loss']:.4f}", clips_s=f"{rate:.2f}",
-                       input_wait=f"{wait:.0%}")
-    epoch_end = done % bpe == 0 or done == total
-    if epoch_end:
-      _check_finite(pending, done)
-      variables = {"params": state.params, "batch_stats": state.batch_stats}
-      last_eval = evaluate(config, steps, variables, config.data.eval_split,
-                           source=src(config.data.eval_split))
-      _scalars(writer, done, last_eval, "eval")
-      msg = (f"epoch {math.ceil(done / bpe)}/{t.num_epochs} step {done}: "
-             f"loss {float(stats['loss']):.4f}  {config.data.eval_split} "
-             f"mIoU {last_eval['miou']:.4f} F {last_eval['fscore']:.4f}")
-      pbar.write(msg) if _is_main() else None
-      logging.info(msg)
-      save(done, {"miou": last_eval["miou"]})
-      ckpt.save_best(done, variables, {"step": done, "miou": last_eval["miou"]})
-    elif done % config.checkpoint.every_steps == 0:
-      save(done)
+  notice, preempted = _PreemptionNotice(), 0
+  try:
+    for step in range(start, total):
+      epoch = step // bpe
+      if (epoch >= t.freeze_backbone_epochs and
+          state.opt_state["backbone"] is None):
+        state = train.replicate(train.unfreeze_backbone(state, config), mesh)
+        logging.info("epoch %d: visual backbone unfrozen", epoch)
+      # Steps are dispatched asynchronously, so time blocked here is time the
+      # device had nothing queued: the input pipeline's stall.
+      t_in = time.time()
+      batch = next(data_iter)
+      waited += time.time() - t_in
+      train.check_supervision(batch, config)
+      state, stats = steps.train(state, train.shard_batch(batch, mesh))
+      pending.append((step, stats))
+      clips += info["global_batch"]
+      pbar.update(1)
+      done = step + 1
+      if done % t.log_every_steps == 0 or done == total:
+        s = jax.tree_util.tree_map(float, jax.device_get(stats))
+        elapsed = max(time.time() - t0, 1e-9)
+        rate, wait = clips / elapsed, min(waited / elapsed, 1.0)
+        t0, clips, waited = time.time(), 0, 0.0
+        s.update(learning_rate=t.learning_rate, clips_per_s=rate,
+                 input_wait_fraction=wait)
+        _scalars(writer, done, s, "train")
+        _log_line(workdir, dict(step=done, **s))
+        pbar.set_postfix(loss=f"{s['loss']:.4f}", clips_s=f"{rate:.2f}",
+                         input_wait=f"{wait:.0%}")
+      epoch_end = done % bpe == 0 or done == total
+      # A preemption notice: save this step, then stop (not after the last).
+      stop = done < total and notice.reached(done)
+      if epoch_end:
+        _check_finite(pending, done)
+        variables = {"params": state.params,
+                     "batch_stats": state.batch_stats}
+        last_eval = evaluate(config, steps, variables, config.data.eval_split,
+                             source=src(config.data.eval_split))
+        _scalars(writer, done, last_eval, "eval")
+        msg = (f"epoch {math.ceil(done / bpe)}/{t.num_epochs} step {done}: "
+               f"loss {float(stats['loss']):.4f}  {config.data.eval_split} "
+               f"mIoU {last_eval['miou']:.4f} F {last_eval['fscore']:.4f}")
+        pbar.write(msg) if _is_main() else None
+        logging.info(msg)
+        save(done, {"miou": last_eval["miou"]})
+        ckpt.save_best(done, variables,
+                       {"step": done, "miou": last_eval["miou"]})
+      elif done % config.checkpoint.every_steps == 0 or stop:
+        save(done)
+      if stop:
+        if _is_main():
+          pbar.write(f"SIGTERM: step {done} saved; stopping")
+        preempted = done
+        break
+  finally:
+    notice.close()
   pbar.close()
   ckpt.close()
   if writer is not None:
     writer.close()
+  if preempted:
+    raise errors.Preempted(preempted, workdir)
   if _is_main():
     with open(os.path.join(workdir, "train_results.json"), "w") as f:
       json.dump(last_eval, f, indent=2)

@@ -7,6 +7,9 @@
 #
 # The workdir and data_dir must be on storage every host reaches (GCS works
 # with orbax and tfds). Set REPO to a git URL or leave it to copy this tree.
+# Spot / preemptible TPU VMs: on the shutdown notice (SIGTERM) every host
+# saves the same step and stops (JAX's preemption service); run this script
+# again to resume from it.
 # Tested on: NOT run on a TPU pod (none available to the project); the
 # multi-process data, checkpoint and evaluation paths run in CI as two JAX
 # processes on one CPU host (tests/test_trainer.py::test_two_processes).

@@ -56,3 +56,17 @@ def test_prepare_without_the_download(tmp_path):
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith(f"prepare: error: {tmp_path}/raw: manual dir does "
                          "not exist or is empty. AVSBench is form-gated")
+
+
+def test_main_reports_a_preemption_with_status_143():
+  # In a subprocess: importing main.py defines its absl flags.
+  r = _run("-c", "import main\n"
+           "from avsegformer_jax import errors\n"
+           "def preempted(argv): raise errors.Preempted(7, '/runs/x')\n"
+           "main._main = preempted\n"
+           "main.main(['main.py'])")
+  assert r.returncode == errors.PREEMPTED_STATUS == 143, r.stderr
+  assert r.stderr == ("main.py: stopped at step 7 on SIGTERM (preemption) "
+                      "after saving its checkpoint in /runs/x; run the same "
+                      "command to resume\n")
+  assert not issubclass(errors.Preempted, errors.ReportedError)  # no error

@@ -1,7 +1,8 @@
 """The training loop end to end, in subprocesses (tiny model, in-memory data):
 1 device vs 4 devices, and vs 2 JAX processes of 2 devices each, give the
-same losses, metrics and parameters, and a run killed with SIGKILL mid-epoch
-resumes to the same final parameters."""
+same losses, metrics and parameters; a run killed with SIGKILL mid-epoch
+resumes to the same final parameters, and one sent SIGTERM (a preemption
+notice; to one process of two) saves the step it reached first."""
 import glob
 import json
 import os
@@ -102,38 +103,70 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes(reference_run, tmp_path):
-  """`jax.distributed` on one machine: 2 processes x 2 CPU devices, each
-  feeding its half of every global batch, train, checkpoint (orbax, grain's
-  per-process iterator state) and evaluate with visualisations as one run."""
-  d1, one = reference_run
-  wd, out = tmp_path / "wd", tmp_path / "out.npz"
+def _start_cluster(wd, out, logdir, *extra):
+  """2 driver processes x 2 CPU devices, one JAX cluster on localhost."""
   coord = f"localhost:{_free_port()}"
-  logs = [tmp_path / f"process_{i}.log" for i in range(2)]
   procs = []
   for i in range(2):
-    with open(logs[i], "w") as log:      # a pipe nobody reads could fill up
+    # To a file: a pipe nobody reads could fill up and block the process.
+    with open(logdir / f"process_{i}.log", "w") as log:
       procs.append(subprocess.Popen(
           _cmd(wd, out, devices=2) + [
               "--processes", "2", "--process_id", str(i),
-              "--coordinator", coord, "--visualize", "3"],
+              "--coordinator", coord, *extra],
           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log))
-  deadline, errs = time.time() + 1800, {}
+  return procs
+
+
+def _wait_cluster(procs, logdir, expect=0):
+  """Waits for every process; asserts each exited with `expect`."""
+  deadline = time.time() + 1800
   # One failed process leaves the other waiting in a collective: stop both.
   while any(p.poll() is None for p in procs) and time.time() < deadline:
-    if any(p.poll() not in (None, 0) for p in procs):
+    if any(p.poll() not in (None, expect) for p in procs):
       break
     time.sleep(0.5)
+  errs = []
   for i, p in enumerate(procs):
     if p.poll() is None:
       p.kill()
     p.wait()
-    err = logs[i].read_text()
-    errs[i] = err[err.find("Traceback"):][-3000:] if "Traceback" in err \
-        else err[-3000:]
+    err = (logdir / f"process_{i}.log").read_text()
+    errs.append(err[err.find("Traceback"):][-3000:] if "Traceback" in err
+                else err[-3000:])
   for i, p in enumerate(procs):
-    assert p.returncode == 0, f"process {i}: {errs[i]}"
-  two = dict(np.load(out))
+    assert p.returncode == expect, f"process {i}: {errs[i]}"
+  return errs
+
+
+def _steps(wd, sub="checkpoints"):
+  return sorted(int(x) for x in os.listdir(wd / sub) if x.isdigit())
+
+
+def _wait_for_log_line(wd, procs, timeout=1800):
+  """Until the run has logged a step (its loop, and SIGTERM handling, run)."""
+  log, deadline = wd / "train_metrics.jsonl", time.time() + timeout
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if log.exists() and log.read_text().strip():
+      return
+    time.sleep(0.1)
+  raise AssertionError("the run ended or timed out before logging a step")
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  d = tmp_path_factory.mktemp("two_processes")
+  wd, out = d / "wd", d / "out.npz"
+  _wait_cluster(_start_cluster(wd, out, d, "--visualize", "3"), d)
+  return wd, dict(np.load(out))
+
+
+def test_two_processes(reference_run, two_process_run):
+  """`jax.distributed` on one machine: 2 processes x 2 CPU devices, each
+  feeding its half of every global batch, train, checkpoint (orbax, grain's
+  per-process iterator state) and evaluate with visualisations as one run."""
+  d1, one = reference_run
+  wd, two = two_process_run
   l1, l2 = _losses(d1 / "wd"), _losses(wd)
   assert sorted(l1) == sorted(l2) and len(l1) == 6
   np.testing.assert_allclose([l2[s] for s in sorted(l2)],
@@ -145,14 +178,55 @@ def test_two_processes(reference_run, tmp_path):
     np.testing.assert_allclose(two[k], one[k], atol=2e-4, err_msg=k)
   _assert_same_params(one, two, atol=2e-5)
   # Each process saved its own data-iterator position with every checkpoint.
-  last = max(int(x) for x in os.listdir(wd / "checkpoints") if x.isdigit())
-  data = sorted(os.listdir(wd / "checkpoints" / str(last) / "data"))
+  data = sorted(os.listdir(wd / "checkpoints" / str(_steps(wd)[-1]) / "data"))
   assert [f for f in data if f.startswith("process_")] == [
       "process_0-of-2.json", "process_1-of-2.json"], data
-  # The best checkpoint, scored again in its own program: its recorded mIoU,
-  # and process 0 drew its first 3 clips (2 frames each: mask + overlay).
+  # The best checkpoint, scored again in its own program: its recorded mIoU;
+  # the split's first 3 clips drawn by the processes that held them (clip2
+  # by process 1: eval batches of 4 clips, 2 per process).
   with open(glob.glob(str(wd / "best" / "*" / "meta" / "metadata"))[0]) as f:
     best = json.load(f)["miou"]
   np.testing.assert_allclose(two["eval_miou"], best, atol=2e-4)
   clips = sorted(os.listdir(wd / "visualizations" / "validation"))
   assert clips == ["clip0", "clip1", "clip2"], clips
+
+
+def test_sigterm_saves_the_step_and_resumes(reference_run, tmp_path):
+  """A preemption notice (SIGTERM) mid-epoch: the step reached is saved, the
+  process exits with 143, and the same command finishes the run exactly as
+  an uninterrupted one (checkpoints otherwise only at epoch ends here)."""
+  _, full = reference_run
+  wd, out = tmp_path / "wd", tmp_path / "out.npz"
+  with open(tmp_path / "log", "w") as log:
+    proc = subprocess.Popen(_cmd(wd, out) + ["--every_steps", "1000"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+  _wait_for_log_line(wd, [proc])
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=600)
+  err = (tmp_path / "log").read_text()
+  assert proc.returncode == 143, err[-3000:]
+  logged = max(_losses(wd))
+  assert _steps(wd) and _steps(wd)[-1] == logged and logged < 6, (
+      _steps(wd), logged)
+  assert f"stopped at step {logged} on SIGTERM" in err
+  assert not out.exists()
+  resumed = _run(wd, out)
+  _assert_same_params(full, resumed, atol=0)
+  np.testing.assert_allclose(resumed["miou"], full["miou"], atol=0)
+
+
+def test_sigterm_to_one_of_two_processes(two_process_run, tmp_path):
+  """SIGTERM reaches one host of a cluster: through JAX's preemption service
+  both processes save the same step and stop; restarted, they finish the
+  run with the parameters of the uninterrupted two-process run."""
+  _, two = two_process_run
+  wd, out = tmp_path / "wd", tmp_path / "out.npz"
+  procs = _start_cluster(wd, out, tmp_path, "--every_steps", "1000")
+  _wait_for_log_line(wd, procs)
+  procs[1].send_signal(signal.SIGTERM)
+  errs = _wait_cluster(procs, tmp_path, expect=143)
+  logged = max(_losses(wd))
+  assert _steps(wd)[-1] == logged and logged < 6, (_steps(wd), logged)
+  assert all(f"stopped at step {logged} on SIGTERM" in e for e in errs), errs
+  _wait_cluster(_start_cluster(wd, out, tmp_path), tmp_path)
+  _assert_same_params(two, dict(np.load(out)), atol=0)

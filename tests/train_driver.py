@@ -72,6 +72,8 @@ def main():
   p.add_argument("--coordinator", default="")
   p.add_argument("--visualize", type=int, default=0,
                  help="then evaluate the best checkpoint, saving K clips")
+  p.add_argument("--every_steps", type=int, default=1,
+                 help="checkpoint.every_steps (epoch ends save too)")
   a = p.parse_args()
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={a.devices}")
@@ -85,6 +87,7 @@ def main():
   assert jax.device_count() == a.devices * a.processes, jax.devices()
   c = tiny_config()
   c.train.max_steps = a.steps
+  c.checkpoint.every_steps = a.every_steps
   sources = {"train": synthetic_source(10, 2, 40, 0),
              "validation": synthetic_source(6, 2, 40, 1)}
   res = trainer.train_and_evaluate(c, a.workdir, source_fn=sources.get)
@@ -105,7 +108,11 @@ def main():
 if __name__ == "__main__":
   try:
     main()
-  except BaseException:  # pylint: disable=broad-except
+  except BaseException as e:  # pylint: disable=broad-except
+    if type(e).__name__ == "Preempted":    # a SIGTERM test: no traceback
+      print(e, file=sys.stderr)
+      sys.stderr.flush()
+      os._exit(143)
     # Exit now: a failed process of a JAX cluster would otherwise wait
     # minutes at the distributed shutdown barrier for the others.
     traceback.print_exc()
