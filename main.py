@@ -104,7 +104,7 @@ def _main(argv):
 
 def _control(config, workdir):
   """Scores the best checkpoint with true and with shuffled audio."""
-  from avsegformer_jax import trainer  # pylint: disable=g-import-not-at-top
+  from avsegformer_jax import files, trainer  # pylint: disable=g-import-not-at-top
   split = config.data.eval_split
   true = trainer.evaluate_checkpoint(config, workdir, workdir, split)
   shuf = trainer.evaluate_checkpoint(config, workdir, workdir, split,
@@ -114,8 +114,8 @@ def _control(config, workdir):
         f"{shuf['miou']:.4f} (F {shuf['fscore']:.4f})\n"
         f"gap (what the model takes from sound): "
         f"{true['miou'] - shuf['miou']:+.4f}")
-  with open(os.path.join(workdir, "audio_control.json"), "w") as f:
-    json.dump({"true_audio": true, "shuffled_audio": shuf}, f, indent=2)
+  files.write_text(files.join(workdir, "audio_control.json"), json.dumps(
+      {"true_audio": true, "shuffled_audio": shuf}, indent=2))
 
 
 if __name__ == "__main__":

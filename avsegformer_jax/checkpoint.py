@@ -16,13 +16,12 @@ DIR/variables (params + batch_stats) and DIR/avsegformer.json.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from avsegformer_jax import errors
+from avsegformer_jax import errors, files
 
 EXPORT_MARKER = "avsegformer.json"
 
@@ -32,7 +31,7 @@ class CheckpointError(errors.InputError):
 
 
 def _abs(path) -> str:
-  return os.path.abspath(os.fspath(path))
+  return files.absolute(path)
 
 
 def _grain_args():
@@ -49,14 +48,14 @@ class Checkpointer:
     # Synchronous saves: the iterator position and the state are captured at
     # the same step, which the bit-exact resume relies on.
     self.latest = ocp.CheckpointManager(
-        os.path.join(root, "checkpoints"),
+        files.join(root, "checkpoints"),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False),
         item_names=("state", "data", "meta"))
     self.best = None
     if keep_best:
       self.best = ocp.CheckpointManager(
-          os.path.join(root, "best"),
+          files.join(root, "best"),
           options=ocp.CheckpointManagerOptions(
               max_to_keep=1, create=True, best_fn=lambda m: m["miou"],
               best_mode="max", enable_async_checkpointing=False),
@@ -104,13 +103,12 @@ class Checkpointer:
 def save_variables(directory, variables, info: dict[str, Any] | None = None):
   """Exports model variables ({"params", "batch_stats"}) for eval/predict."""
   root = _abs(directory)
-  os.makedirs(root, exist_ok=True)
-  target = os.path.join(root, "variables")
+  files.makedirs(root)
+  target = files.join(root, "variables")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(target, jax.device_get(dict(variables)), force=True)
-  with open(os.path.join(root, EXPORT_MARKER), "w") as f:
-    json.dump({"format": "avsegformer-jax variables", **(info or {})}, f,
-              indent=2)
+  files.write_text(files.join(root, EXPORT_MARKER), json.dumps(
+      {"format": "avsegformer-jax variables", **(info or {})}, indent=2))
 
 
 def _restore_tree(path):
@@ -125,24 +123,24 @@ def load_variables(directory, prefer: str = "best") -> dict[str, Any]:
   (`prefer="latest"`), falling back to whichever exists.
   """
   root = _abs(directory)
-  if not os.path.isdir(root):
+  if not files.is_dir(root):
     raise CheckpointError(f"{root}: no such checkpoint directory")
-  if os.path.exists(os.path.join(root, EXPORT_MARKER)):
-    tree = _restore_tree(os.path.join(root, "variables"))
+  if files.exists(files.join(root, EXPORT_MARKER)):
+    tree = _restore_tree(files.join(root, "variables"))
     return {"params": tree["params"],
             "batch_stats": tree.get("batch_stats", {}) or {}}
   order = ("best", "checkpoints") if prefer == "best" else ("checkpoints",
                                                             "best")
   for sub in order:
-    mdir = os.path.join(root, sub)
-    if not os.path.isdir(mdir):
+    mdir = files.join(root, sub)
+    if not files.is_dir(mdir):
       continue
     # Finalized steps only (an interrupted save's tmp dir is not one); no
     # manager: a read-only one logs three warnings per load.
     steps = ocp.utils.checkpoint_steps(mdir)   # best/ keeps a single step
     if not steps:
       continue
-    state = _restore_tree(os.path.join(mdir, str(max(steps)), "state"))
+    state = _restore_tree(files.join(mdir, str(max(steps)), "state"))
     return {"params": state["params"],
             "batch_stats": state.get("batch_stats", {}) or {}}
   raise CheckpointError(

@@ -28,7 +28,9 @@ def enable(path: str | None = DEFAULT_DIR) -> str | None:
   if not path:
     return None
   import jax  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(os.path.expanduser(path))
-  os.makedirs(path, exist_ok=True)
+  from avsegformer_jax import files  # pylint: disable=g-import-not-at-top
+  path = files.absolute(path)        # a gs:// URL too: JAX takes it
+  if not files.is_url(path):
+    os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
   return path

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from avsegformer_jax import convert, torch_io, xla_cpu
+from avsegformer_jax import convert, files, torch_io, xla_cpu
 from avsegformer_jax.convert import ConversionError
 
 _BN_COUNTER = re.compile(r".*\.num_batches_tracked$")
@@ -200,7 +200,7 @@ def convert_checkpoint(config, checkpoint: str, out: str) -> dict:
           "backbone": mc.backbone,
           "pvt_variant": mc.pvt_variant if mc.backbone == "pvt2" else None,
           "num_classes": mc.num_classes}
-  ckpt.save_variables(os.path.abspath(out), variables, info=info)
+  ckpt.save_variables(files.absolute(out), variables, info=info)
   return report
 
 
@@ -229,7 +229,7 @@ def _run(argv) -> int | str:
     report = convert_checkpoint(f.config, f.checkpoint, f.out)
   except (torch_io.TorchFileError, ConversionError, OSError) as e:
     return f"convert: {e}"            # absl prints it and exits 1
-  print(f"converted {f.checkpoint} -> {os.path.abspath(f.out)}")
+  print(f"converted {f.checkpoint} -> {files.absolute(f.out)}")
   print(format_report(report, list_keys=f.list_keys))
   return 0
 

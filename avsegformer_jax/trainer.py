@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -21,8 +20,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from avsegformer_jax import (avsegformer, checkpoint, errors, metrics, train,
-                             visualize)
+from avsegformer_jax import (avsegformer, checkpoint, errors, files, metrics,
+                             train, visualize)
 
 
 class NonFiniteLossError(errors.ReportedError, RuntimeError):
@@ -66,7 +65,7 @@ def _writer(workdir):
   if not _is_main():
     return None
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  return SummaryWriter(os.path.join(workdir, "tensorboard"))
+  return SummaryWriter(files.join(workdir, "tensorboard"))
 
 
 def _scalars(writer, step, values, prefix):
@@ -80,8 +79,8 @@ def _scalars(writer, step, values, prefix):
 def _log_line(workdir, record):
   """Appends to WORKDIR/train_metrics.jsonl (plain text twin of TensorBoard)."""
   if _is_main():
-    with open(os.path.join(workdir, "train_metrics.jsonl"), "a") as f:
-      f.write(json.dumps(record) + "\n")
+    files.append_line(files.join(workdir, "train_metrics.jsonl"),
+                      json.dumps(record))
 
 
 def initial_variables(config, model, rng):
@@ -169,7 +168,7 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
   `source_fn(split)` replaces the TFDS data sources (tests, demos).
   """
   from datasets import input_pipeline  # pylint: disable=g-import-not-at-top
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   mesh = train.make_mesh()
   model = avsegformer.build_model(config, axis_name=train.AXIS)
   rng = jax.random.PRNGKey(config.seed)
@@ -284,8 +283,8 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
   if preempted:
     raise errors.Preempted(preempted, workdir)
   if _is_main():
-    with open(os.path.join(workdir, "train_results.json"), "w") as f:
-      json.dump(last_eval, f, indent=2)
+    files.write_text(files.join(workdir, "train_results.json"),
+                     json.dumps(last_eval, indent=2))
   return last_eval
 
 
@@ -293,19 +292,18 @@ def evaluate_checkpoint(config, workdir: str, checkpoint_dir: str, split: str,
                         *, shuffle_audio=False, source=None) -> dict:
   """`main.py --mode=eval`: scores a checkpoint and writes eval_results.json
   and, for `eval.num_visualize` clips, masks and overlays."""
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   mesh = train.make_mesh()
   model = avsegformer.build_model(config)
   variables = checkpoint.load_variables(checkpoint_dir)
   steps = train.Steps(model, config, mesh)
-  vis = os.path.join(workdir, "visualizations", split)
+  vis = files.join(workdir, "visualizations", split)
   res = evaluate(config, steps, variables, split, shuffle_audio=shuffle_audio,
                  vis_dir=vis, num_visualize=config.eval.num_visualize,
                  source=source)
-  res["checkpoint"] = os.path.abspath(checkpoint_dir)
+  res["checkpoint"] = files.absolute(checkpoint_dir)
   if _is_main():
     name = "eval_results_shuffled_audio.json" if shuffle_audio else \
         "eval_results.json"
-    with open(os.path.join(workdir, name), "w") as f:
-      json.dump(res, f, indent=2)
+    files.write_text(files.join(workdir, name), json.dumps(res, indent=2))
   return res

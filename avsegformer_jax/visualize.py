@@ -6,6 +6,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from avsegformer_jax import files
+
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -57,8 +59,8 @@ def overlay(frame: np.ndarray, mask: np.ndarray, num_classes: int,
 def save_clip(out_dir: str, clip_id: str, frames: np.ndarray,
               logits: np.ndarray, num_classes: int, valid=None) -> list[str]:
   """Writes <clip>/<t>_mask.png and <t>_overlay.png for each real frame."""
-  d = os.path.join(out_dir, clip_id.replace(os.sep, "_"))
-  os.makedirs(d, exist_ok=True)
+  d = files.join(out_dir, clip_id.replace(os.sep, "_"))
+  files.makedirs(d)
   masks = predict_mask(logits)
   rgb = denormalise(frames) if frames.dtype != np.uint8 else frames
   written = []
@@ -68,7 +70,7 @@ def save_clip(out_dir: str, clip_id: str, frames: np.ndarray,
     m = Image.fromarray(colourise(masks[t], num_classes))
     o = Image.fromarray(overlay(rgb[t], masks[t], num_classes))
     for img, kind in ((m, "mask"), (o, "overlay")):
-      path = os.path.join(d, f"{t}_{kind}.png")
-      img.save(path)
+      path = files.join(d, f"{t}_{kind}.png")
+      files.write_png(path, img)
       written.append(path)
   return written

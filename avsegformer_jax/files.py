@@ -1,0 +1,62 @@
+"""Workdir files on a local disk or in a bucket (`gs://...`), alike.
+
+Why: on a TPU pod every host must reach the workdir, and the usual one is a
+Cloud Storage URL. orbax (checkpoints) and grain (iterator state) take URLs
+themselves; the logs, results and visualisations we write go through
+`etils.epath`, whose `gs://` backend is gcsfs (`pip install ".[gcs]"`;
+the `tpu` extra has it). Bucket objects cannot be appended to, so a log
+line there rewrites its file.
+"""
+from __future__ import annotations
+
+import os
+
+from etils import epath
+
+
+def is_url(path) -> bool:
+  return "://" in os.fspath(path)
+
+
+def absolute(path) -> str:
+  """An absolute local path, or the URL as given (abspath would turn
+  `gs://b/run` into `./gs:/b/run`)."""
+  p = os.fspath(path)
+  return p if is_url(p) else os.path.abspath(os.path.expanduser(p))
+
+
+def join(path, *names) -> str:
+  return os.fspath(epath.Path(absolute(path)).joinpath(*names))
+
+
+def makedirs(path) -> None:
+  epath.Path(absolute(path)).mkdir(parents=True, exist_ok=True)
+
+
+def write_text(path, text: str) -> None:
+  epath.Path(absolute(path)).write_text(text)
+
+
+def append_line(path, line: str) -> None:
+  """Appends `line` and a newline."""
+  if not is_url(path):
+    with open(path, "a") as f:
+      f.write(line + "\n")
+    return
+  p = epath.Path(path)
+  old = p.read_text() if p.exists() else ""
+  p.write_text(old + line + "\n")
+
+
+def write_png(path, image) -> None:
+  """Saves a PIL image as PNG."""
+  with epath.Path(absolute(path)).open("wb") as f:
+    image.save(f, format="PNG")
+
+
+def is_dir(path) -> bool:
+  return epath.Path(absolute(path)).is_dir()
+
+
+def exists(path) -> bool:
+  return epath.Path(absolute(path)).exists()

@@ -1,0 +1,94 @@
+"""files.py: workdir files at a local path or a gs:// URL. The bucket is a
+stand-in: an fsspec "gcs" filesystem over a temporary folder, which is what
+etils.epath hands gs:// paths to (gcsfs in real use)."""
+import json
+import os
+
+import fsspec
+import numpy as np
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
+
+from avsegformer_jax import checkpoint, compile_cache, files, trainer, visualize
+
+
+class _Bucket(LocalFileSystem):
+  """gs://BUCKET/KEY -> ROOT/BUCKET/KEY on the local disk."""
+  root = "/nonexistent"
+  protocol = ("gcs", "gs")
+
+  def __init__(self, finalize_on_close=False, **kwargs):
+    del finalize_on_close                  # gcsfs's option; epath passes it
+    super().__init__(**kwargs)
+
+  @classmethod
+  def _strip_protocol(cls, path):
+    path = os.fspath(path)
+    for p in ("gs://", "gcs://"):
+      if path.startswith(p):
+        return os.path.join(cls.root, path[len(p):])
+    return super()._strip_protocol(path)
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+  monkeypatch.setattr(_Bucket, "root", str(tmp_path / "gcs"))
+  for name in ("gcs", "gs"):
+    fsspec.register_implementation(name, _Bucket, clobber=True)
+  fsspec.AbstractFileSystem.clear_instance_cache()
+  yield tmp_path / "gcs"
+  fsspec.AbstractFileSystem.clear_instance_cache()
+
+
+def test_urls_stay_urls_and_local_paths_become_absolute(tmp_path,
+                                                        monkeypatch):
+  assert files.absolute("gs://b/run") == "gs://b/run"
+  assert files.join("gs://b/run", "best", "3") == "gs://b/run/best/3"
+  monkeypatch.chdir(tmp_path)
+  assert files.absolute("run") == str(tmp_path / "run")
+  assert files.join("run", "x") == str(tmp_path / "run" / "x")
+  assert checkpoint._abs("gs://b/run") == "gs://b/run"   # not ./gs:/b/run
+
+
+def test_logs_results_and_pngs_in_a_bucket(bucket, monkeypatch):
+  monkeypatch.chdir(bucket.parent)
+  wd = "gs://b/run"
+  files.makedirs(wd)
+  assert files.is_dir(wd) and (bucket / "b" / "run").is_dir()
+  for step in (1, 2):                     # no appending to objects: rewrites
+    trainer._log_line(wd, {"step": step})
+  lines = (bucket / "b" / "run" / "train_metrics.jsonl").read_text()
+  assert [json.loads(l)["step"] for l in lines.splitlines()] == [1, 2]
+  files.write_text(files.join(wd, "r.json"), '{"miou": 0.5}')
+  assert files.exists("gs://b/run/r.json")
+  assert not files.exists("gs://b/run/missing.json")
+  frames = np.zeros((2, 8, 8, 3), np.uint8)
+  logits = np.zeros((2, 8, 8, 1), np.float32)
+  logits[1, 2:5, 2:5] = 3.0
+  written = visualize.save_clip(files.join(wd, "vis"), "clip/0", frames,
+                                logits, 1, valid=[False, True])
+  assert written == ["gs://b/run/vis/clip_0/1_mask.png",
+                     "gs://b/run/vis/clip_0/1_overlay.png"]
+  mask = np.asarray(Image.open(bucket / "b/run/vis/clip_0/1_mask.png"))
+  assert mask[3, 3].any() and not mask[0, 0].any()
+  assert not os.path.exists("gs:")                   # nothing local by mistake
+
+
+def test_missing_checkpoint_url_is_named(bucket):
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="^gs://b/none: no such checkpoint directory"):
+    checkpoint.load_variables("gs://b/none")
+
+
+def test_compile_cache_takes_a_url(monkeypatch, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv(compile_cache.ENV, raising=False)
+  monkeypatch.chdir(tmp_path)
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    assert compile_cache.enable("gs://b/xla") == "gs://b/xla"
+    assert jax.config.jax_compilation_cache_dir == "gs://b/xla"
+    assert not os.listdir(tmp_path)
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
