@@ -153,20 +153,19 @@ def _wait_for_log_line(wd, procs, timeout=1800):
   raise AssertionError("the run ended or timed out before logging a step")
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
-  d = tmp_path_factory.mktemp("two_processes")
-  wd, out = d / "wd", d / "out.npz"
-  _wait_cluster(_start_cluster(wd, out, d, "--visualize", "3"), d)
-  return wd, dict(np.load(out))
-
-
-def test_two_processes(reference_run, two_process_run):
+def test_two_processes(reference_run, tmp_path):
   """`jax.distributed` on one machine: 2 processes x 2 CPU devices, each
   feeding its half of every global batch, train, checkpoint (orbax, grain's
-  per-process iterator state) and evaluate with visualisations as one run."""
+  per-process iterator state) and evaluate with visualisations as one run.
+  Then SIGTERM reaches one of them in a second run: through JAX's preemption
+  service both save the same step and stop; restarted, they finish with the
+  first run's parameters exactly. (One test: under pytest-xdist a module
+  fixture for the first run would be made once per worker.)"""
   d1, one = reference_run
-  wd, two = two_process_run
+  wd, out = tmp_path / "wd", tmp_path / "out.npz"
+  _wait_cluster(_start_cluster(wd, out, tmp_path, "--visualize", "3"),
+                tmp_path)
+  two = dict(np.load(out))
   l1, l2 = _losses(d1 / "wd"), _losses(wd)
   assert sorted(l1) == sorted(l2) and len(l1) == 6
   np.testing.assert_allclose([l2[s] for s in sorted(l2)],
@@ -189,6 +188,19 @@ def test_two_processes(reference_run, two_process_run):
   np.testing.assert_allclose(two["eval_miou"], best, atol=2e-4)
   clips = sorted(os.listdir(wd / "visualizations" / "validation"))
   assert clips == ["clip0", "clip1", "clip2"], clips
+
+  d2 = tmp_path / "sigterm"
+  d2.mkdir()
+  wd, out = d2 / "wd", d2 / "out.npz"
+  procs = _start_cluster(wd, out, d2, "--every_steps", "1000")
+  _wait_for_log_line(wd, procs)
+  procs[1].send_signal(signal.SIGTERM)
+  errs = _wait_cluster(procs, d2, expect=143)
+  logged = max(_losses(wd))
+  assert _steps(wd)[-1] == logged and logged < 6, (_steps(wd), logged)
+  assert all(f"stopped at step {logged} on SIGTERM" in e for e in errs), errs
+  _wait_cluster(_start_cluster(wd, out, d2), d2)
+  _assert_same_params(two, dict(np.load(out)), atol=0)
 
 
 def test_sigterm_saves_the_step_and_resumes(reference_run, tmp_path):
@@ -213,20 +225,3 @@ def test_sigterm_saves_the_step_and_resumes(reference_run, tmp_path):
   resumed = _run(wd, out)
   _assert_same_params(full, resumed, atol=0)
   np.testing.assert_allclose(resumed["miou"], full["miou"], atol=0)
-
-
-def test_sigterm_to_one_of_two_processes(two_process_run, tmp_path):
-  """SIGTERM reaches one host of a cluster: through JAX's preemption service
-  both processes save the same step and stop; restarted, they finish the
-  run with the parameters of the uninterrupted two-process run."""
-  _, two = two_process_run
-  wd, out = tmp_path / "wd", tmp_path / "out.npz"
-  procs = _start_cluster(wd, out, tmp_path, "--every_steps", "1000")
-  _wait_for_log_line(wd, procs)
-  procs[1].send_signal(signal.SIGTERM)
-  errs = _wait_cluster(procs, tmp_path, expect=143)
-  logged = max(_losses(wd))
-  assert _steps(wd)[-1] == logged and logged < 6, (_steps(wd), logged)
-  assert all(f"stopped at step {logged} on SIGTERM" in e for e in errs), errs
-  _wait_cluster(_start_cluster(wd, out, tmp_path), tmp_path)
-  _assert_same_params(two, dict(np.load(out)), atol=0)
