@@ -43,14 +43,20 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _demo_data(config, workdir):
-  """The synthetic AVSBench, written and prepared into the workdir once."""
+  """The synthetic AVSBench, written and prepared into the workdir once (by
+  process 0 of a multi-process run, while the others wait for it)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from datasets.avsbench import prepare, synthesize  # pylint: disable=g-import-not-at-top
   s = config.data.synthetic
   raw = os.path.join(workdir, "synthetic_raw")
   config.data.data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
-  synthesize.synthesize(config.task, raw, num_videos=s.num_videos,
-                        seed=s.seed, size=s.size)
-  prepare.prepare(config.task, raw, config.data.data_dir)
+  if jax.process_index() == 0:
+    synthesize.synthesize(config.task, raw, num_videos=s.num_videos,
+                          seed=s.seed, size=s.size)
+    prepare.prepare(config.task, raw, config.data.data_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("avsegformer_jax demo data")
 
 
 def main(argv):

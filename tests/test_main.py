@@ -1,0 +1,52 @@
+"""main.py --distributed as launch/slurm_gpu.sbatch runs it: two tasks of
+one SLURM job step (its environment, emulated on localhost), each finding
+the cluster through jax.distributed.initialize() with no arguments, train
+and evaluate the demo config as one run. Process 0 writes the synthetic
+dataset while the other waits (both writing it raced)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_distributed_demo_under_an_emulated_slurm_step(tmp_path):
+  wd = tmp_path / "wd"
+  procs, logs = [], []
+  for i in range(2):
+    env = dict(os.environ, SLURM_JOB_ID=str(4000 + os.getpid() % 4000),
+               SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+               SLURM_PROCID=str(i), SLURM_LOCALID=str(i),
+               SLURM_STEP_NUM_NODES="1", JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    logs.append(tmp_path / f"task_{i}.log")
+    with open(logs[i], "w") as err:
+      procs.append(subprocess.Popen(
+          [sys.executable, "main.py", "--distributed",
+           "--config=configs/demo.py", f"--workdir={wd}",
+           "--config.data.synthetic.num_videos=16",
+           "--config.train.num_epochs=1",
+           "--config.eval.shuffled_audio_control=False"],
+          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True))
+  outs = ["", ""]
+  try:
+    for i, p in enumerate(procs):
+      outs[i] = p.communicate(timeout=1200)[0]
+      if p.returncode != 0:
+        break             # the other one would wait for it in a collective
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, logs[i].read_text()[-3000:]
+  res = [json.loads(o[o.index("{"):]) for o in outs]
+  assert res[0] == res[1] and res[0]["num_clips"] == 2, res
+  assert 0 <= res[0]["miou"] <= 1
+  # 2 steps of one global batch of 8 clips (4 per process), logged at the
+  # end, saved at the epoch's end.
+  with open(wd / "train_metrics.jsonl") as f:
+    assert [json.loads(l)["step"] for l in f] == [2]
+  assert sorted(os.listdir(wd / "checkpoints")) == ["2"]
