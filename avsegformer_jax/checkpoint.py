@@ -1,12 +1,13 @@
-"""Checkpoints with orbax: training state + data iterator, and model-only exports.
+"""Checkpoints with orbax: training state, and model-only exports.
 
 A training workdir holds two orbax CheckpointManagers:
-  WORKDIR/checkpoints/<step>/{state,data,meta}  the latest `keep` steps
-  WORKDIR/best/<step>/{state,meta}               the best by validation mIoU
-                                                 (model variables only)
+  WORKDIR/checkpoints/<step>/{state,meta}  the latest `keep` steps
+  WORKDIR/best/<step>/{state,meta}          the best by validation mIoU
+                                            (model variables only)
 `state` is the whole TrainState (params, batch_stats, optimizer state, step,
-RNG), `data` the grain iterator's position (so a resumed run sees exactly the
-batches an uninterrupted one would), `meta` a small JSON (epoch, metrics).
+RNG), `meta` a small JSON (epoch, metrics). The data position is the step
+(the trainer restarts its iterator at batch `step`); checkpoints written
+before 2026-11-28 also hold grain's iterator state as `data`, now unread.
 Orbax writes into a temporary directory and renames it when complete, so a
 run killed mid-save leaves the previous checkpoint intact.
 
@@ -34,24 +35,18 @@ def _abs(path) -> str:
   return files.absolute(path)
 
 
-def _grain_args():
-  # Imported lazily: inference never needs the data pipeline.
-  import grain.checkpoint as gc  # pylint: disable=g-import-not-at-top
-  return gc.CheckpointSave, gc.CheckpointRestore
-
-
 class Checkpointer:
   """Latest-N and best-by-mIoU training checkpoints of one workdir."""
 
   def __init__(self, workdir, keep: int = 3, keep_best: bool = True):
     root = _abs(workdir)
-    # Synchronous saves: the iterator position and the state are captured at
-    # the same step, which the bit-exact resume relies on.
+    # Synchronous saves: a step's checkpoint is complete when save returns
+    # (the loop may stop right after it: SIGTERM, the last step).
     self.latest = ocp.CheckpointManager(
         files.join(root, "checkpoints"),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False),
-        item_names=("state", "data", "meta"))
+        item_names=("state", "data", "meta"))   # "data": older checkpoints
     self.best = None
     if keep_best:
       self.best = ocp.CheckpointManager(
@@ -64,13 +59,10 @@ class Checkpointer:
   def latest_step(self):
     return self.latest.latest_step()
 
-  def save(self, step: int, state, data_iter, meta: dict[str, Any]):
-    save_iter, _ = _grain_args()
-    items = dict(state=ocp.args.StandardSave(state),
-                 meta=ocp.args.JsonSave(meta))
-    if data_iter is not None:
-      items["data"] = save_iter(data_iter)
-    self.latest.save(step, args=ocp.args.Composite(**items), force=True)
+  def save(self, step: int, state, meta: dict[str, Any]):
+    self.latest.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                     force=True)
 
   def save_best(self, step: int, variables, meta: dict[str, Any]):
     """Offer `variables` to the best manager; kept only if its mIoU is best."""
@@ -84,14 +76,11 @@ class Checkpointer:
     return self.latest.restore(
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore(self, step: int, state_target, data_iter):
-    """Restores into `state_target` (shapes/shardings) and moves `data_iter`."""
-    _, restore_iter = _grain_args()
-    items = dict(state=ocp.args.StandardRestore(state_target),
-                 meta=ocp.args.JsonRestore())
-    if data_iter is not None:
-      items["data"] = restore_iter(data_iter)
-    out = self.latest.restore(step, args=ocp.args.Composite(**items))
+  def restore(self, step: int, state_target):
+    """Restores into `state_target` (shapes/shardings)."""
+    out = self.latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(state_target),
+        meta=ocp.args.JsonRestore()))
     return out["state"], out["meta"]
 
   def close(self):

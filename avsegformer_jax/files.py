@@ -1,8 +1,8 @@
 """Workdir files on a local disk or in a bucket (`gs://...`), alike.
 
 Why: on a TPU pod every host must reach the workdir, and the usual one is a
-Cloud Storage URL. orbax (checkpoints) and grain (iterator state) take URLs
-themselves; the logs, results and visualisations we write go through
+Cloud Storage URL. orbax (checkpoints) takes URLs itself; the logs,
+results and visualisations we write go through
 `etils.epath`, whose `gs://` backend is gcsfs (`pip install ".[gcs]"`;
 the `tpu` extra has it). Bucket objects cannot be appended to, so a log
 line there rewrites its file.

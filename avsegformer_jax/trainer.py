@@ -1,10 +1,10 @@
 """The training and evaluation loops around the steps of `train.py`.
 
-One loop for every task: an iterator over all epochs (so its position is a
-single checkpointable number), the backbone unfrozen when its frozen epochs
-end, validation at the end of each epoch, orbax checkpoints every
-`checkpoint.every_steps` and at epoch ends, and a resume from the latest one
-when the workdir already has checkpoints.
+One loop for every task: an iterator over all epochs (step s trains on its
+batch s, so the step is the data position), the backbone unfrozen when its
+frozen epochs end, validation at the end of each epoch, orbax checkpoints
+every `checkpoint.every_steps`, at epoch ends and on SIGTERM, and a resume
+from the latest one when the workdir already has checkpoints.
 """
 from __future__ import annotations
 
@@ -178,24 +178,26 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
   state = train.create_train_state(config, model, state_rng, variables)
   src = (lambda s: source_fn(s)) if source_fn else (lambda s: None)
   t = config.train
+  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep,
+                                 config.checkpoint.keep_best)
+  start = ckpt.latest_step() or 0
+  # Step s trains on batch s of the run, so the data position is the step:
+  # the iterator starts there, whatever the number of input workers or of
+  # processes now (grain's saved iterator state depends on both).
   ds, info = input_pipeline.create_dataset(
       config, config.data.train_split, train=True, num_epochs=t.num_epochs,
       source=src(config.data.train_split),
-      train_frames=train.clip_frames(config, model))
+      train_frames=train.clip_frames(config, model), start_batch=start)
   data_iter = iter(ds)
   bpe = info["batches_per_epoch"]
   total = bpe * t.num_epochs
   if t.max_steps > 0:
     total = min(total, t.max_steps)
-
-  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep,
-                                 config.checkpoint.keep_best)
-  start = ckpt.latest_step() or 0
   if start:
     meta = ckpt.restore_meta(start)
     if meta.get("backbone_trainable"):
       state = train.unfreeze_backbone(state, config)
-    state, meta = ckpt.restore(start, state, data_iter)
+    state, meta = ckpt.restore(start, state)
     # Restored onto this process's own device: through host memory, so that
     # `replicate` builds the global arrays as it does for a fresh state (a
     # device-to-device put across processes needs cross-host transfers,
@@ -217,7 +219,7 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
     meta = {"step": step, "epoch": step / bpe,
             "backbone_trainable": state.opt_state["backbone"] is not None,
             **(extra or {})}
-    ckpt.save(step, state, data_iter, meta)
+    ckpt.save(step, state, meta)
 
   notice, preempted = _PreemptionNotice(), 0
   try:

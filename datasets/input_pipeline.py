@@ -216,10 +216,12 @@ def create_dataset(config, split: str, *, train: bool, num_epochs: int = 1,
                    process_index: int | None = None,
                    process_count: int | None = None, source=None,
                    shuffle_audio: bool = False, num_workers: int | None = None,
-                   train_frames: int | None = None):
+                   train_frames: int | None = None, start_batch: int = 0):
   """Returns (grain IterDataset of this process's batches, info dict);
   `train_frames`: the first frames of each training clip to load
-  (`train.clip_frames`) unless `data.train_num_frames` says otherwise."""
+  (`train.clip_frames`) unless `data.train_num_frames` says otherwise;
+  `start_batch`: the first batch of the run to yield (a resumed run's step:
+  batches are a pure function of their index)."""
   import jax  # pylint: disable=g-import-not-at-top
   source = open_source(config, split) if source is None else source
   n = len(source)
@@ -243,6 +245,8 @@ def create_dataset(config, split: str, *, train: bool, num_epochs: int = 1,
       seed=seed,
       audio_perm=_derangement(n, seed + 1) if shuffle_audio else None)
   ds = grain.MapDataset.range(num_epochs * bpe * lb).map(loader).batch(lb)
+  if start_batch:
+    ds = ds[start_batch:]
   ahead = config.data.get("prefetch_batches", PREFETCH_BATCHES)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=ahead,
                                             prefetch_buffer_size=ahead))

@@ -6,7 +6,7 @@
 #   TPU=my-v4-32 ZONE=us-central2-b bash launch/tpu_vm_pod.sh configs/s4.py:pvt2 gs://bucket/runs/s4
 #
 # The workdir and data_dir must be on storage every host reaches: gs:// URLs
-# work (orbax and grain write there themselves, our logs and results go
+# work (orbax writes checkpoints there itself, our logs and results go
 # through etils.epath + gcsfs, tensorboardX uses google-cloud-storage, both
 # in the `tpu` extra; array_record reads gs:// datasets). Set REPO to a git
 # URL or leave it to copy this tree.

@@ -20,7 +20,7 @@ def workdir(tmp_path_factory):
   root = tmp_path_factory.mktemp("workdir")
   ckpt = checkpoint.Checkpointer(root)
   for step, miou in ((1, 0.9), (2, 0.5)):
-    ckpt.save(step, _variables(step), None, {"epoch": step})
+    ckpt.save(step, _variables(step), {"epoch": step})
     ckpt.save_best(step, _variables(step), {"miou": miou})
   ckpt.close()
   return root

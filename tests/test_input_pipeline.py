@@ -246,6 +246,17 @@ def test_iterator_state_resumes_at_the_exact_next_batch(data_dir, workers):
     assert_same_batches(list(it), want[k:])
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_start_batch_is_where_a_resumed_run_goes_on(data_dir, workers):
+  """The trainer resumes at batch `step` (no saved iterator state): the
+  uninterrupted run's remaining batches, with any number of workers."""
+  c = make_config("s4", data_dir, image_size=8)
+  kw = dict(train=True, batch_size=2, num_epochs=2)
+  want, _ = batches(c, "train", num_workers=0, **kw)   # 6 batches, 2 epochs
+  got, _ = batches(c, "train", num_workers=workers, start_batch=4, **kw)
+  assert_same_batches(got, want[4:])
+
+
 class CountingSource:
   """The prepared source, counting the examples read (decoded) so far."""
 

@@ -176,10 +176,6 @@ def test_two_processes(reference_run, tmp_path):
   for k in ("miou", "fscore", "miou_dataset"):
     np.testing.assert_allclose(two[k], one[k], atol=2e-4, err_msg=k)
   _assert_same_params(one, two, atol=2e-5)
-  # Each process saved its own data-iterator position with every checkpoint.
-  data = sorted(os.listdir(wd / "checkpoints" / str(_steps(wd)[-1]) / "data"))
-  assert [f for f in data if f.startswith("process_")] == [
-      "process_0-of-2.json", "process_1-of-2.json"], data
   # The best checkpoint, scored again in its own program: its recorded mIoU;
   # the split's first 3 clips drawn by the processes that held them (clip2
   # by process 1: eval batches of 4 clips, 2 per process).
@@ -203,10 +199,12 @@ def test_two_processes(reference_run, tmp_path):
   _assert_same_params(two, dict(np.load(out)), atol=0)
 
 
-def test_sigterm_saves_the_step_and_resumes(reference_run, tmp_path):
+def test_sigterm_saves_the_step_and_resumes_elsewhere(reference_run, tmp_path):
   """A preemption notice (SIGTERM) mid-epoch: the step reached is saved, the
-  process exits with 143, and the same command finishes the run exactly as
-  an uninterrupted one (checkpoints otherwise only at epoch ends here)."""
+  process exits with 143 (checkpoints otherwise only at epoch ends here).
+  The run then goes on as 2 processes x 2 devices with 1 input worker each
+  (it ran as 1 process, 1 device, no workers) and ends where the
+  uninterrupted run does, to the four-device test's round-off."""
   _, full = reference_run
   wd, out = tmp_path / "wd", tmp_path / "out.npz"
   with open(tmp_path / "log", "w") as log:
@@ -222,6 +220,7 @@ def test_sigterm_saves_the_step_and_resumes(reference_run, tmp_path):
       _steps(wd), logged)
   assert f"stopped at step {logged} on SIGTERM" in err
   assert not out.exists()
-  resumed = _run(wd, out)
-  _assert_same_params(full, resumed, atol=0)
-  np.testing.assert_allclose(resumed["miou"], full["miou"], atol=0)
+  _wait_cluster(_start_cluster(wd, out, tmp_path, "--workers", "1"), tmp_path)
+  resumed = dict(np.load(out))
+  _assert_same_params(full, resumed, atol=2e-5)
+  np.testing.assert_allclose(resumed["miou"], full["miou"], atol=2e-4)

@@ -74,6 +74,7 @@ def main():
                  help="then evaluate the best checkpoint, saving K clips")
   p.add_argument("--every_steps", type=int, default=1,
                  help="checkpoint.every_steps (epoch ends save too)")
+  p.add_argument("--workers", type=int, default=0, help="data.num_workers")
   a = p.parse_args()
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={a.devices}")
@@ -88,6 +89,7 @@ def main():
   c = tiny_config()
   c.train.max_steps = a.steps
   c.checkpoint.every_steps = a.every_steps
+  c.data.num_workers = a.workers
   sources = {"train": synthetic_source(10, 2, 40, 0),
              "validation": synthetic_source(6, 2, 40, 1)}
   res = trainer.train_and_evaluate(c, a.workdir, source_fn=sources.get)
