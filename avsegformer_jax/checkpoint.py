@@ -13,13 +13,21 @@ run killed mid-save leaves the previous checkpoint intact.
 
 A model export (`save_variables`, written by the converter) is
 DIR/variables (params + batch_stats) and DIR/avsegformer.json.
+
+`model.scan_layers` is a compute choice, not part of the model: a checkpoint
+written with repeated layers stacked for nn.scan (`layers`, leading [num]
+axis) loads into unrolled ones (`layers_0`..) and back (`fit_tree`), for
+evaluation, `predict`, fine-tuning and resuming alike. Anything else that
+does not fit the config is named in a CheckpointError.
 """
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from avsegformer_jax import errors, files
@@ -35,6 +43,99 @@ def _abs(path) -> str:
   return files.absolute(path)
 
 
+def _tokens(path) -> tuple[str, ...]:
+  """A pytree path as names, whatever the containers: a restored checkpoint
+  holds dicts and lists where the live state has dataclasses and tuples."""
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+               for k in path)
+
+
+def _flat(tree) -> dict[tuple[str, ...], Any]:
+  return {_tokens(p): x for p, x in jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: x is None)[0] if x is not None}
+
+
+def _other_layout(key, source, shape):
+  """(value, source keys) of target `key` from layers the other way round:
+  stacked in the target and unrolled in the source, or the reverse (then
+  the key is (stacked key, layer index))."""
+  for i, part in enumerate(key):
+    if shape:                       # target stacked: source layers_0..
+      parts = [key[:i] + (f"{part}_{j}",) + key[i + 1:]
+               for j in range(shape[0])]
+      if all(k in source for k in parts):
+        return np.stack([np.asarray(source[k]) for k in parts]), parts
+    m = re.fullmatch(r"(.+)_(\d+)", part)
+    stacked = key[:i] + (m.group(1),) + key[i + 1:] if m else None
+    if stacked in source and np.ndim(source[stacked]) == len(shape) + 1 and \
+        int(m.group(2)) < np.shape(source[stacked])[0]:
+      return (np.asarray(source[stacked])[int(m.group(2))],
+              [(stacked, int(m.group(2)))])
+  return None, []
+
+
+def _some(keys, n=3) -> str:
+  shown = ", ".join("/".join(k) if isinstance(k, tuple) else k
+                    for k in list(keys)[:n])
+  return shown + (", ..." if len(keys) > n else "")
+
+
+def fit_tree(target, source, where: str, hint: str = ""):
+  """`source` (a restored tree) as a tree like `target` (arrays or
+  ShapeDtypeStructs), matched leaf by leaf on their paths, with repeated
+  layers stacked or unrolled as the target has them (model.scan_layers).
+
+  Raises CheckpointError naming the leaves that are missing, left over (a
+  checkpoint of a deeper model would otherwise evaluate silently as a
+  shallower one) or of another shape, then `hint`.
+  """
+  src = _flat(source)
+  paths, treedef = jax.tree_util.tree_flatten_with_path(target)
+  leaves, used, missing, shapes = [], set(), [], []
+  for path, want in paths:
+    key, shape = _tokens(path), tuple(np.shape(want))
+    value, keys = (src[key], [key]) if key in src else _other_layout(
+        key, src, shape)
+    used.update(keys)
+    if value is None:
+      missing.append(key)
+    elif tuple(np.shape(value)) != shape:
+      shapes.append(f"{'/'.join(key)}: checkpoint {tuple(np.shape(value))}, "
+                    f"config {shape}")
+    leaves.append(value)
+  # Stacked layers go to unrolled ones only all together.
+  layers = {}
+  for k in used:
+    if isinstance(k[-1], int):
+      layers.setdefault(k[0], set()).add(k[1])
+  extra = [k for k in src if k not in used and not (
+      k in layers and len(layers[k]) == np.shape(src[k])[0])]
+  # The parameters first: the optimizer's moments repeat them.
+  missing, extra = (sorted(x, key=lambda k: (k[0] != "params", k))
+                    for x in (missing, extra))
+  extra = [f"{'/'.join(k)}: {np.shape(src[k])[0]} layers, the config "
+           f"{len(layers[k])}" if k in layers else k for k in extra]
+  if missing or extra or shapes:
+    parts = [f"{len(missing)} missing ({_some(missing)})" if missing else "",
+             f"{len(extra)} not in this model ({_some(extra)})" if extra
+             else "",
+             f"{len(shapes)} of another shape ({_some(shapes)})" if shapes
+             else ""]
+    raise CheckpointError(
+        f"{where}: does not fit the config: "
+        f"{'; '.join(p for p in parts if p)}. "
+        f"{hint or 'Pass the config it was trained with.'}")
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def fit_variables(variables, shapes, where: str, hint: str = ""):
+  """Model variables ({"params", "batch_stats"}) fitted to `shapes` (the
+  config's, from `avsegformer.variable_shapes`); see `fit_tree`."""
+  cols = ("params", "batch_stats")
+  return fit_tree({k: shapes.get(k) or {} for k in cols},
+                  {k: variables.get(k) or {} for k in cols}, where, hint)
+
+
 class Checkpointer:
   """Latest-N and best-by-mIoU training checkpoints of one workdir."""
 
@@ -46,7 +147,9 @@ class Checkpointer:
         files.join(root, "checkpoints"),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False),
-        item_names=("state", "data", "meta"))   # "data": older checkpoints
+        # Older checkpoints also hold grain's iterator state as "data".
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
     self.best = None
     if keep_best:
       self.best = ocp.CheckpointManager(
@@ -76,12 +179,26 @@ class Checkpointer:
     return self.latest.restore(
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore(self, step: int, state_target):
-    """Restores into `state_target` (shapes/shardings)."""
+  def restore(self, step: int, state_target, hint: str = ""):
+    """Restores into `state_target` (arrays on one device), through
+    `fit_tree` when the checkpoint's tree differs (another scan_layers, or
+    a CheckpointError with `hint`)."""
+    where = f"{self.latest.directory}/{step}"
+    saved = self.latest.item_metadata(step)["state"].tree
+    same = {k: tuple(m.shape) for k, m in _flat(saved).items()} == {
+        k: tuple(np.shape(x)) for k, x in _flat(state_target).items()}
+    if same:
+      state = ocp.args.StandardRestore(state_target)
+    else:         # the checkpoint's own tree, on the target's device
+      device = jax.tree_util.tree_leaves(state_target)[0].sharding
+      state = ocp.args.StandardRestore(jax.tree_util.tree_map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+          saved))
     out = self.latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state_target),
-        meta=ocp.args.JsonRestore()))
-    return out["state"], out["meta"]
+        state=state, meta=ocp.args.JsonRestore()))
+    if same:
+      return out["state"], out["meta"]
+    return fit_tree(state_target, out["state"], where, hint), out["meta"]
 
   def close(self):
     self.latest.close()
@@ -106,18 +223,20 @@ def _restore_tree(path):
 
 
 def load_variables(directory, prefer: str = "best") -> dict[str, Any]:
-  """Model variables from an export or a training workdir.
+  """Model variables from an export, a training workdir or one of its
+  steps (WORKDIR/checkpoints/<step>, WORKDIR/best/<step>).
 
   A workdir gives its best checkpoint (`prefer="best"`) or its latest one
-  (`prefer="latest"`), falling back to whichever exists.
+  (`prefer="latest"`), falling back to whichever exists. The variables are
+  as saved: `fit_variables` fits them to a config.
   """
   root = _abs(directory)
   if not files.is_dir(root):
     raise CheckpointError(f"{root}: no such checkpoint directory")
   if files.exists(files.join(root, EXPORT_MARKER)):
-    tree = _restore_tree(files.join(root, "variables"))
-    return {"params": tree["params"],
-            "batch_stats": tree.get("batch_stats", {}) or {}}
+    return _variables(_restore_tree(files.join(root, "variables")))
+  if files.exists(files.join(root, "state", "_METADATA")):
+    return _variables(_restore_tree(files.join(root, "state")))
   order = ("best", "checkpoints") if prefer == "best" else ("checkpoints",
                                                             "best")
   for sub in order:
@@ -129,9 +248,13 @@ def load_variables(directory, prefer: str = "best") -> dict[str, Any]:
     steps = ocp.utils.checkpoint_steps(mdir)   # best/ keeps a single step
     if not steps:
       continue
-    state = _restore_tree(files.join(mdir, str(max(steps)), "state"))
-    return {"params": state["params"],
-            "batch_stats": state.get("batch_stats", {}) or {}}
+    return _variables(_restore_tree(files.join(mdir, str(max(steps)),
+                                               "state")))
   raise CheckpointError(
-      f"{root}: neither a model export ({EXPORT_MARKER}) nor a training "
-      "workdir with checkpoints/ or best/")
+      f"{root}: neither a model export ({EXPORT_MARKER}), a training "
+      "workdir with checkpoints/ or best/, nor one of their steps")
+
+
+def _variables(tree) -> dict[str, Any]:
+  return {"params": tree["params"],
+          "batch_stats": tree.get("batch_stats", {}) or {}}

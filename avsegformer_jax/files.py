@@ -37,6 +37,10 @@ def write_text(path, text: str) -> None:
   epath.Path(absolute(path)).write_text(text)
 
 
+def read_text(path) -> str:
+  return epath.Path(absolute(path)).read_text()
+
+
 def append_line(path, line: str) -> None:
   """Appends `line` and a newline."""
   if not is_url(path):

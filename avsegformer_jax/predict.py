@@ -106,24 +106,6 @@ def _make_forward(model, num_classes: int):
   return jax.jit(forward)
 
 
-def _check_variables(model, variables, ckpt):
-  """A clear error for a checkpoint of another config (not a shape error deep
-  inside flax)."""
-  want = avsegformer.variable_shapes(model, 64)
-  got = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
-                               {k: variables.get(k, {}) for k in want})
-  wl = jax.tree_util.tree_flatten_with_path(want)[0]
-  gl = dict(jax.tree_util.tree_flatten_with_path(got)[0])
-  for path, spec in wl:
-    have = gl.get(path)
-    if have is None or tuple(have.shape) != tuple(spec.shape):
-      name = jax.tree_util.keystr(path)
-      raise PredictError(
-          f"{ckpt}: checkpoint does not fit the config ({name}: "
-          f"{'missing' if have is None else tuple(have.shape)}, the config "
-          f"needs {tuple(spec.shape)}); pass the config it was trained with")
-
-
 def _upsample(pred: np.ndarray, height: int, width: int, binary: bool):
   """Model-resolution prediction -> class map [H, W] uint8 at the video size
   (binary: bilinear on the logits then > 0; classes: nearest)."""
@@ -171,7 +153,12 @@ def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
       variables = checkpoint.load_variables(checkpoint_dir)
     except checkpoint.CheckpointError as e:
       raise PredictError(str(e)) from None
-  _check_variables(model, variables, checkpoint_dir or "variables")
+  try:
+    variables = checkpoint.fit_variables(
+        variables, avsegformer.variable_shapes(model),
+        checkpoint_dir or "variables")
+  except checkpoint.CheckpointError as e:
+    raise PredictError(str(e)) from None
   variables = avsegformer.cast_weights(
       jax.device_put({k: variables[k] for k in ("params", "batch_stats")
                       if k in variables}), config.model.dtype)

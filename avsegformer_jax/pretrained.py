@@ -7,7 +7,9 @@ pretrained parts the original starts training from.
   that `main.py --mode=eval` and `predict` read, and reports which torch keys
   it used and which it knowingly dropped (convert.KNOWN_UNUSED).
 * `load_pretrained(config, variables)` applies `config.pretrained`:
-  - `checkpoint`: a released AVSegFormer `.pth` (every variable replaced);
+  - `checkpoint`: a released AVSegFormer `.pth`, or one of ours (an export,
+    a workdir's best checkpoint, or WORKDIR/checkpoints/<step>): every
+    variable replaced (fine-tuning, or a run with another batch size);
   - `backbone`: torchvision's ImageNet ResNet-50 (`conv1`, `bn1`,
     `layer1..4` with `downsample`; the original's B2_ResNet copies `layerN`
     into both of its branches, the port holds only branch 1, `layerN_1`), or
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from avsegformer_jax import convert, files, torch_io, xla_cpu
+from avsegformer_jax import checkpoint, convert, files, torch_io, xla_cpu
 from avsegformer_jax.convert import ConversionError
 
 _BN_COUNTER = re.compile(r".*\.num_batches_tracked$")
@@ -147,7 +149,13 @@ def load_pretrained(config, variables):
   applied, in that order (so an explicit backbone / vggish file overrides the
   checkpoint's). Empty fields leave the variables as they are."""
   p = config.get("pretrained") or {}
-  if p.get("checkpoint"):
+  if p.get("checkpoint") and files.is_dir(p.checkpoint):
+    loaded = checkpoint.fit_variables(checkpoint.load_variables(p.checkpoint),
+                                      variables, p.checkpoint)
+    variables = {col: _like(loaded[col], variables[col]) if col in loaded
+                 else variables[col] for col in variables}
+    logging.info("loaded the model variables of %s", p.checkpoint)
+  elif p.get("checkpoint"):
     loaded, report = load_checkpoint(p.checkpoint, config)
     variables = {col: _like(loaded[col], variables[col]) if col in loaded
                  else variables[col] for col in variables}

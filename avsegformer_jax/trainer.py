@@ -83,12 +83,16 @@ def _log_line(workdir, record):
                       json.dumps(record))
 
 
-def initial_variables(config, model, rng):
-  """Random init, then the pretrained weights the config names (if any)."""
+CONFIG_FILE = "config.json"
+
+
+def initial_variables(config, model, rng, pretrained: bool = True):
+  """Random init, then the pretrained weights the config names (if any and
+  `pretrained`: a resumed run does not need, nor still have, those files)."""
   variables = avsegformer.init_variables(model, rng,
                                          min(config.data.image_size, 64))
   p = config.pretrained
-  if p.backbone or p.vggish or p.checkpoint:
+  if pretrained and (p.backbone or p.vggish or p.checkpoint):
     from avsegformer_jax import pretrained  # pylint: disable=g-import-not-at-top
     variables = pretrained.load_pretrained(config, variables)
   return variables
@@ -162,6 +166,53 @@ def _check_finite(pending, step):
           "or use float32 (model.dtype) and resume from it.")
 
 
+def _flat_json(text: str) -> dict:
+  def walk(d, prefix):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        yield from walk(v, f"{prefix}{k}.")
+      else:
+        yield f"{prefix}{k}", v
+  return dict(walk(json.loads(text), ""))
+
+
+def _config_changes(config, workdir) -> list[str]:
+  """`field: before -> now` for each field that differs from the config of
+  the workdir's last run (WORKDIR/config.json); [] without one."""
+  path = files.join(workdir, CONFIG_FILE)
+  if not files.exists(path):
+    return []
+  try:
+    before = _flat_json(files.read_text(path))
+  except ValueError:                 # not ours, or cut short: no comparison
+    return []
+  now = _flat_json(config.to_json_best_effort())
+  return [f"{k}: {before.get(k, 'unset')} -> {now.get(k, 'unset')}"
+          for k in sorted(set(before) | set(now))
+          if before.get(k) != now.get(k)]
+
+
+def _resume_hint(changes, workdir, step) -> str:
+  model = [c for c in changes if c.startswith("model.")]
+  return (f"{'Its run had ' + '; '.join(model) + '. ' if model else ''}"
+          "Resume with the config it was trained with, or start a new "
+          "workdir from these weights: --config.pretrained.checkpoint="
+          f"{files.join(workdir, 'checkpoints', str(step))}")
+
+
+def _check_batch(meta, global_batch, workdir, step):
+  """A step counts batches (the data position, the epochs, the schedule):
+  another train.batch_size cannot resume the run."""
+  before = meta.get("global_batch")    # in checkpoints since 2026-11-28
+  if before is not None and before != global_batch:
+    raise errors.InputError(
+        f"{workdir}: its run trains {before} clips per step (train."
+        f"batch_size), this config {global_batch}: resume with "
+        f"--config.train.batch_size={before}, or start a new workdir from "
+        "its weights: --config.pretrained.checkpoint="
+        f"{files.join(workdir, 'checkpoints', str(step))}")
+
+
 def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
   """Trains with per-epoch validation; returns the last validation scores.
 
@@ -171,16 +222,20 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
   files.makedirs(workdir)
   mesh = train.make_mesh()
   model = avsegformer.build_model(config, axis_name=train.AXIS)
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, state_rng = jax.random.split(rng)
-  variables = initial_variables(config, avsegformer.build_model(config),
-                                init_rng)
-  state = train.create_train_state(config, model, state_rng, variables)
-  src = (lambda s: source_fn(s)) if source_fn else (lambda s: None)
   t = config.train
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep,
                                  config.checkpoint.keep_best)
   start = ckpt.latest_step() or 0
+  changes = _config_changes(config, workdir) if start else []
+  if changes:
+    logging.warning("resuming %s with settings its last run did not have: %s",
+                    workdir, "; ".join(changes))
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, state_rng = jax.random.split(rng)
+  variables = initial_variables(config, avsegformer.build_model(config),
+                                init_rng, pretrained=not start)
+  state = train.create_train_state(config, model, state_rng, variables)
+  src = (lambda s: source_fn(s)) if source_fn else (lambda s: None)
   # Step s trains on batch s of the run, so the data position is the step:
   # the iterator starts there, whatever the number of input workers or of
   # processes now (grain's saved iterator state depends on both).
@@ -195,9 +250,11 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
     total = min(total, t.max_steps)
   if start:
     meta = ckpt.restore_meta(start)
+    _check_batch(meta, info["global_batch"], workdir, start)
     if meta.get("backbone_trainable"):
       state = train.unfreeze_backbone(state, config)
-    state, meta = ckpt.restore(start, state)
+    state, meta = ckpt.restore(start, state,
+                               hint=_resume_hint(changes, workdir, start))
     # Restored onto this process's own device: through host memory, so that
     # `replicate` builds the global arrays as it does for a fresh state (a
     # device-to-device put across processes needs cross-host transfers,
@@ -205,6 +262,9 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
     state = jax.device_get(state)
     logging.info("resumed from %s at step %d (epoch %d)", workdir, start,
                  start // bpe)
+  if _is_main():     # what the next resume compares its config with
+    files.write_text(files.join(workdir, CONFIG_FILE),
+                     config.to_json_best_effort(indent=2, sort_keys=True))
   state = train.replicate(state, mesh)
   steps = train.Steps(model, config, mesh)
   writer = _writer(workdir)
@@ -217,6 +277,7 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
     _check_finite(pending, step)
     pending.clear()
     meta = {"step": step, "epoch": step / bpe,
+            "global_batch": info["global_batch"],
             "backbone_trainable": state.opt_state["backbone"] is not None,
             **(extra or {})}
     ckpt.save(step, state, meta)
@@ -297,7 +358,9 @@ def evaluate_checkpoint(config, workdir: str, checkpoint_dir: str, split: str,
   files.makedirs(workdir)
   mesh = train.make_mesh()
   model = avsegformer.build_model(config)
-  variables = checkpoint.load_variables(checkpoint_dir)
+  variables = checkpoint.fit_variables(
+      checkpoint.load_variables(checkpoint_dir),
+      avsegformer.variable_shapes(model), checkpoint_dir)
   steps = train.Steps(model, config, mesh)
   vis = files.join(workdir, "visualizations", split)
   res = evaluate(config, steps, variables, split, shuffle_audio=shuffle_audio,

@@ -96,7 +96,7 @@ def get_config():
   p = c.pretrained = ml_collections.ConfigDict()
   p.backbone = ""                # ImageNet ResNet-50 or official PVTv2 .pth
   p.vggish = ""                  # vggish-10086976.pth
-  p.checkpoint = ""              # a released AVSegFormer .pth (full model)
+  p.checkpoint = ""              # full model: a released AVSegFormer .pth, or our export / workdir / step dir
   return c
 
 

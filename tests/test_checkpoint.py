@@ -3,6 +3,7 @@ import logging
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -60,3 +61,87 @@ def test_errors_name_the_directory(tmp_path):
   with pytest.raises(checkpoint.CheckpointError,
                      match=str(tmp_path / "empty") + ".*neither"):
     checkpoint.load_variables(tmp_path / "empty")
+
+
+def test_a_step_directory_loads(workdir):
+  assert _value(checkpoint.load_variables(workdir / "checkpoints" / "2")) == 2
+  assert _value(checkpoint.load_variables(workdir / "best" / "1")) == 1
+
+
+# --------------------------------------------- fitting trees to a config --
+def _layers(n, stacked):
+  """An encoder of `n` layers (layer i's weights are i), as nn.scan stacks
+  them or unrolled, with a non-layer leaf and a name that only looks like
+  a layer's (fc_0)."""
+  w = lambda i: np.full((2, 3), i, np.float32)
+  enc = ({"layers": {"w": np.stack([w(i) for i in range(n)])}} if stacked
+         else {f"layers_{i}": {"w": w(i)} for i in range(n)})
+  return {"encoder": enc, "fc_0": {"b": np.arange(4.0, dtype=np.float32)}}
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_fit_tree_stacks_and_unrolls_layers(stacked):
+  got = checkpoint.fit_tree(_layers(3, not stacked), _layers(3, stacked), "x")
+  want = _layers(3, not stacked)
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(
+      want)
+  for a, b in zip(jax.tree_util.tree_leaves(got),
+                  jax.tree_util.tree_leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_fit_tree_names_what_does_not_fit():
+  # A deeper checkpoint must not load silently as the shallower model.
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"ck: does not fit the config: 1 not in this model "
+                     r"\(encoder/layers_2/w\)\. Pass the config"):
+    checkpoint.fit_tree(_layers(2, False), _layers(3, False), "ck")
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"1 missing \(encoder/layers/w\); 3 not in this "
+                     r"model \(encoder/layers_0/w, encoder/layers_1/w, "
+                     r"encoder/layers_2/w\)\. use 3 layers"):
+    checkpoint.fit_tree(_layers(4, True), _layers(3, False), "ck",
+                        "use 3 layers")
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"1 not in this model \(encoder/layers/w: 3 layers, "
+                     r"the config 2\)"):
+    checkpoint.fit_tree(_layers(2, False), _layers(3, True), "ck")
+  small = _layers(2, False)
+  small["fc_0"]["b"] = np.zeros(5, np.float32)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"1 of another shape \(fc_0/b: checkpoint \(5,\), "
+                     r"config \(4,\)\)"):
+    checkpoint.fit_tree(_layers(2, False), small, "ck")
+
+
+def test_resume_into_the_other_layout(tmp_path):
+  """A training state saved with unrolled layers restores into a stacked
+  one (the optimizer's moments too), and the manager keeps working."""
+  import optax  # pylint: disable=g-import-not-at-top
+  def state(stacked, scale):
+    p = jax.tree_util.tree_map(lambda x: x * scale, _layers(3, stacked))
+    tx = optax.adam(1.0)
+    s = tx.init(p)
+    s = (s[0]._replace(mu=jax.tree_util.tree_map(lambda x: x + 1, p)),
+         s[1])
+    return {"params": p, "opt": {"main": s, "backbone": None},
+            "step": np.int32(7 * scale)}
+  ckpt = checkpoint.Checkpointer(tmp_path, keep_best=False)
+  ckpt.save(7, jax.device_put(state(False, 1)), {"step": 7})
+  got, meta = ckpt.restore(7, jax.device_put(state(True, 0)))
+  assert meta == {"step": 7}
+  want = state(True, 1)
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(
+      want)
+  for a, b in zip(jax.tree_util.tree_leaves(got),
+                  jax.tree_util.tree_leaves(want)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"checkpoints/7: does not fit the config: 6 not in "
+                     r"this model \(params/encoder/layers_1/w, params/encoder/"
+                     r"layers_2/w, opt/main/0/mu/encoder/layers_1/w, \.\.\.\)\. "
+                     r"resume with 3"):
+    shallow = jax.tree_util.tree_map(
+        lambda x: x[:1] if x.ndim == 3 else x, state(True, 0))
+    ckpt.restore(7, jax.device_put(shallow), hint="resume with 3")
+  ckpt.close()

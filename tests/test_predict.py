@@ -42,7 +42,7 @@ def _stub_forward(model, num_classes):
 @pytest.fixture
 def stub_model(monkeypatch):
   monkeypatch.setattr(predict, "_make_forward", _stub_forward)
-  monkeypatch.setattr(predict, "_check_variables", lambda *a: None)
+  monkeypatch.setattr(predict.checkpoint, "fit_variables", lambda v, *a: v)
   return {"params": {}}
 
 
@@ -106,8 +106,9 @@ def test_shorter_than_one_example(tmp_path):
 
 def test_checkpoint_of_another_config(tmp_path, video):
   with pytest.raises(predict.PredictError,
-                     match=r"variables: checkpoint does not fit the config "
-                     r"\(\['params'\]\['audio_proj'\]\['bias'\]: missing"):
+                     match=r"variables: does not fit the config: \d+ missing "
+                     r"\(params/audio_proj/bias, .*Pass the config it was "
+                     r"trained with"):
     _predict(video.path, tmp_path / "out")
 
 

@@ -364,3 +364,33 @@ def test_checkpoint_config_mismatches_are_named(tmp_path):
   with pytest.raises(ConversionError, match="predicts 71 classes, the config "
                      "1"):
     pretrained.load_checkpoint(path, config_with("res50"))
+
+
+def test_our_checkpoint_as_pretrained_in_the_other_layout(tmp_path):
+  """`pretrained.checkpoint` also takes our exports and workdirs (fine-tune,
+  or a run with another batch size), stacked layers (model.scan_layers)
+  going into unrolled ones: each layer where the converter, whose stacking
+  gives the same outputs (test_convert), puts the original's."""
+  rng = np.random.default_rng(3)
+  want = jax.tree_util.tree_map(
+      lambda z: rng.standard_normal(z.shape, np.float32),
+      zeros_like_model(config_with("pvt2")))
+  scanned = config_with("pvt2", scan_layers=True)
+  stacked = convert.torch_to_flax(flax_to_torch(want), scanned)
+  assert "layers" in stacked["params"]["head"]["transformer"]["encoder"]
+  checkpoint.save_variables(tmp_path / "export", stacked)
+  c = config_with("pvt2")
+  c.pretrained.checkpoint = str(tmp_path / "export")
+  got = pretrained.load_pretrained(c, zeros_like_model(c))
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(
+      want)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+  # A model with another depth is refused, by name.
+  c = config_with("pvt2", num_decoder_layers=2)
+  c.pretrained.checkpoint = str(tmp_path / "export")
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"export: does not fit the config: \d+ missing "
+                     r"\(params/head/transformer/decoder/layers_1/"):
+    pretrained.load_pretrained(c, jax.tree_util.tree_map(
+        lambda s: np.zeros(s.shape, s.dtype),
+        avsegformer.variable_shapes(avsegformer.build_model(c))))

@@ -6,6 +6,8 @@ notice; to one process of two) saves the step it reached first."""
 import glob
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -203,8 +205,9 @@ def test_sigterm_saves_the_step_and_resumes_elsewhere(reference_run, tmp_path):
   """A preemption notice (SIGTERM) mid-epoch: the step reached is saved, the
   process exits with 143 (checkpoints otherwise only at epoch ends here).
   The run then goes on as 2 processes x 2 devices with 1 input worker each
-  (it ran as 1 process, 1 device, no workers) and ends where the
-  uninterrupted run does, to the four-device test's round-off."""
+  and its layers scanned (it ran as 1 process, 1 device, no workers,
+  unrolled layers) and ends where the uninterrupted run does, to the
+  four-device test's round-off."""
   _, full = reference_run
   wd, out = tmp_path / "wd", tmp_path / "out.npz"
   with open(tmp_path / "log", "w") as log:
@@ -220,7 +223,27 @@ def test_sigterm_saves_the_step_and_resumes_elsewhere(reference_run, tmp_path):
       _steps(wd), logged)
   assert f"stopped at step {logged} on SIGTERM" in err
   assert not out.exists()
-  _wait_cluster(_start_cluster(wd, out, tmp_path, "--workers", "1"), tmp_path)
+  _wait_cluster(_start_cluster(wd, out, tmp_path, "--workers", "1", "--set",
+                               "model.scan_layers=True"), tmp_path)
   resumed = dict(np.load(out))
   _assert_same_params(full, resumed, atol=2e-5)
   np.testing.assert_allclose(resumed["miou"], full["miou"], atol=2e-4)
+
+
+def test_resume_refuses_another_batch_size_or_model(reference_run, tmp_path):
+  """What a step means (batch_size) and the model's variables must match
+  the workdir's run; the error says which setting differs and what to do."""
+  d1, _ = reference_run
+  for change, expect in (
+      ("train.batch_size=2", "its run trains 4 clips per step \\(train."
+       "batch_size\\), this config 2: resume with --config.train.batch_size=4"),
+      ("model.num_encoder_layers=2", "checkpoints/6: does not fit the config: "
+       "\\d+ missing \\(params/head/transformer/encoder/layers_1/.*Its run had "
+       "model.num_encoder_layers: 1 -> 2. Resume with the config it was "
+       "trained with, or start a new workdir from these weights: "
+       "--config.pretrained.checkpoint=.*/checkpoints/6")):
+    wd = tmp_path / change.split("=")[0]
+    shutil.copytree(d1 / "wd", wd)
+    r = subprocess.run(_cmd(wd, tmp_path / "out.npz") + ["--set", change],
+                       cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 1 and re.search(expect, r.stderr), r.stderr[-3000:]

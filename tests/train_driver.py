@@ -4,6 +4,7 @@ JAX starts).
 
   python tests/train_driver.py WORKDIR OUT.npz [--devices N] [--steps K]
       [--processes P --process_id I --coordinator HOST:PORT] [--visualize K]
+      [--set model.scan_layers=True ...]
 
 With --processes, P such processes (each with N CPU devices) form one JAX
 cluster through `jax.distributed.initialize`, as `main.py --distributed`
@@ -14,6 +15,7 @@ needs no prepared dataset; the loop, checkpoints and iterator are the real
 ones.
 """
 import argparse
+import ast
 import os
 import sys
 import traceback
@@ -75,13 +77,15 @@ def main():
   p.add_argument("--every_steps", type=int, default=1,
                  help="checkpoint.every_steps (epoch ends save too)")
   p.add_argument("--workers", type=int, default=0, help="data.num_workers")
+  p.add_argument("--set", action="append", default=[],
+                 help="FIELD=VALUE: a config override (a Python literal)")
   a = p.parse_args()
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={a.devices}")
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from avsegformer_jax import checkpoint, trainer  # pylint: disable=g-import-not-at-top
+  from avsegformer_jax import avsegformer, checkpoint, trainer  # pylint: disable=g-import-not-at-top
   if a.processes > 1:
     jax.distributed.initialize(a.coordinator, a.processes, a.process_id)
   assert jax.process_count() == a.processes, jax.process_count()
@@ -90,6 +94,9 @@ def main():
   c.train.max_steps = a.steps
   c.checkpoint.every_steps = a.every_steps
   c.data.num_workers = a.workers
+  for item in a.set:
+    field, value = item.split("=", 1)
+    c.update_from_flattened_dict({field: ast.literal_eval(value)})
   sources = {"train": synthetic_source(10, 2, 40, 0),
              "validation": synthetic_source(6, 2, 40, 1)}
   res = trainer.train_and_evaluate(c, a.workdir, source_fn=sources.get)
@@ -99,7 +106,12 @@ def main():
     ev = trainer.evaluate_checkpoint(c, a.workdir, a.workdir, "validation",
                                      source=sources["validation"])
     extra = {"eval_" + k: ev[k] for k in ("miou", "fscore", "miou_dataset")}
-  v = checkpoint.load_variables(a.workdir, prefer="latest")
+  # In the layout of the tiny config's model (unrolled layers), whatever
+  # model.scan_layers the run had.
+  v = checkpoint.fit_variables(
+      checkpoint.load_variables(a.workdir, prefer="latest"),
+      avsegformer.variable_shapes(avsegformer.build_model(tiny_config())),
+      a.workdir)
   flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x)
           for path, x in jax.tree_util.tree_leaves_with_path(v["params"])}
   if jax.process_index() == 0:
