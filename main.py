@@ -25,8 +25,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs, results.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "eval: a training workdir or a converted checkpoint "
-    "directory (default: --workdir).")
+    "checkpoint", None, "eval: a training workdir (its best checkpoint), "
+    "WORKDIR/checkpoints/<step>, a converted export or a released .pth "
+    "(default: --workdir).")
 _SPLIT = flags.DEFINE_string("split", None, "eval split (default: the "
                              "config's data.eval_split).")
 _SHUFFLED = flags.DEFINE_bool(

@@ -1,10 +1,11 @@
 """Run a model on your own video: masks, overlays and an overlay video.
 
   python -m avsegformer_jax.predict --config=configs/s4.py:pvt2 \\
-      --checkpoint=DIR --video=FILE --out=DIR [--fps=1 | --every_frame] \\
+      --checkpoint=CKPT --video=FILE --out=DIR [--fps=1 | --every_frame] \\
       [--batch_clips=N]
 
-DIR is a model export (`avsegformer_jax.convert`) or a training workdir.
+CKPT is a model export (`avsegformer_jax.convert`), a training workdir (or
+one of its steps) or a released `.pth` (converted on each run).
 Frames are sampled as AVSBench extracts them (`--fps=1`, see video_io), at
 another rate, or all of them; each sampled frame gets one 0.96 s log-mel
 example:
@@ -40,7 +41,7 @@ from tqdm import tqdm
 
 from avsegformer_jax import audio as audio_lib
 from avsegformer_jax import (avsegformer, checkpoint, compile_cache, errors,
-                             video_io, visualize, xla_cpu)
+                             pretrained, video_io, visualize, xla_cpu)
 
 PAD_MODES = {"s4": "repeat_last", "ms3": "repeat_last", "avss": "zero_pad"}
 
@@ -148,16 +149,13 @@ def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
     avsegformer.check_platform(config, jax.default_backend())
   except ValueError as e:
     raise PredictError(str(e)) from None
-  if variables is None:
-    try:
-      variables = checkpoint.load_variables(checkpoint_dir)
-    except checkpoint.CheckpointError as e:
-      raise PredictError(str(e)) from None
   try:
-    variables = checkpoint.fit_variables(
-        variables, avsegformer.variable_shapes(model),
-        checkpoint_dir or "variables")
-  except checkpoint.CheckpointError as e:
+    if variables is None:
+      variables = pretrained.load_model_variables(checkpoint_dir, config)
+    else:
+      variables = checkpoint.fit_variables(
+          variables, avsegformer.variable_shapes(model), "variables")
+  except errors.InputError as e:    # checkpoint.CheckpointError, .pth errors
     raise PredictError(str(e)) from None
   variables = avsegformer.cast_weights(
       jax.device_put({k: variables[k] for k in ("params", "batch_stats")
@@ -251,7 +249,8 @@ def _define_flags():
   """Defines the CLI flags; at import they would collide with other CLIs'."""
   config_flags.DEFINE_config_file("config", None, "Model config.",
                                   lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "Model export or training workdir.")
+  flags.DEFINE_string("checkpoint", None, "Model export, training workdir "
+                      "(or WORKDIR/checkpoints/<step>) or released .pth.")
   flags.DEFINE_string("video", None, "Input video (mp4, webm, mkv, ...).")
   flags.DEFINE_string("out", None, "Output directory.")
   flags.DEFINE_float("fps", 1.0, "Sampled frames per second (1: AVSBench).")

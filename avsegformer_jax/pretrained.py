@@ -9,7 +9,8 @@ pretrained parts the original starts training from.
 * `load_pretrained(config, variables)` applies `config.pretrained`:
   - `checkpoint`: a released AVSegFormer `.pth`, or one of ours (an export,
     a workdir's best checkpoint, or WORKDIR/checkpoints/<step>): every
-    variable replaced (fine-tuning, or a run with another batch size);
+    variable replaced (fine-tuning, or a run with another batch size).
+    `load_model_variables` reads the same for `--mode=eval` and `predict`;
   - `backbone`: torchvision's ImageNet ResNet-50 (`conv1`, `bn1`,
     `layer1..4` with `downsample`; the original's B2_ResNet copies `layerN`
     into both of its branches, the port holds only branch 1, `layerN_1`), or
@@ -30,7 +31,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from avsegformer_jax import checkpoint, convert, files, torch_io, xla_cpu
+from avsegformer_jax import (avsegformer, checkpoint, convert, files,
+                             torch_io, xla_cpu)
 from avsegformer_jax.convert import ConversionError
 
 _BN_COUNTER = re.compile(r".*\.num_batches_tracked$")
@@ -144,23 +146,34 @@ def _check_checkpoint_fits(sd, config, path):
         "matching configs/<task>.py)")
 
 
+def load_model_variables(path: str, config, shapes=None):
+  """Model variables for `config` from any checkpoint of the model: our
+  export, workdir (its best) or WORKDIR/checkpoints/<step>, fitted to the
+  config's layout (`checkpoint.fit_variables`), or a released `.pth`,
+  converted on the fly. `shapes`: the config's variables or their shapes,
+  if the caller has them."""
+  if files.is_dir(path):
+    if shapes is None:
+      shapes = avsegformer.variable_shapes(avsegformer.build_model(config))
+    return checkpoint.fit_variables(checkpoint.load_variables(path), shapes,
+                                    path)
+  if not files.exists(path):
+    raise checkpoint.CheckpointError(f"{path}: no such checkpoint")
+  variables, report = load_checkpoint(path, config)
+  logging.info("converted %d tensors of %s (%d known unused)",
+               len(report["used"]), path, len(report["unused"]))
+  return variables
+
+
 def load_pretrained(config, variables):
   """`variables` with config.pretrained.{checkpoint, backbone, vggish}
   applied, in that order (so an explicit backbone / vggish file overrides the
   checkpoint's). Empty fields leave the variables as they are."""
   p = config.get("pretrained") or {}
-  if p.get("checkpoint") and files.is_dir(p.checkpoint):
-    loaded = checkpoint.fit_variables(checkpoint.load_variables(p.checkpoint),
-                                      variables, p.checkpoint)
+  if p.get("checkpoint"):
+    loaded = load_model_variables(p.checkpoint, config, variables)
     variables = {col: _like(loaded[col], variables[col]) if col in loaded
                  else variables[col] for col in variables}
-    logging.info("loaded the model variables of %s", p.checkpoint)
-  elif p.get("checkpoint"):
-    loaded, report = load_checkpoint(p.checkpoint, config)
-    variables = {col: _like(loaded[col], variables[col]) if col in loaded
-                 else variables[col] for col in variables}
-    logging.info("loaded %d tensors from %s (%d known unused)",
-                 len(report["used"]), p.checkpoint, len(report["unused"]))
   if p.get("backbone"):
     variables, _ = load_backbone(p.backbone, config, variables)
   if p.get("vggish"):

@@ -353,14 +353,14 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
 
 def evaluate_checkpoint(config, workdir: str, checkpoint_dir: str, split: str,
                         *, shuffle_audio=False, source=None) -> dict:
-  """`main.py --mode=eval`: scores a checkpoint and writes eval_results.json
-  and, for `eval.num_visualize` clips, masks and overlays."""
+  """`main.py --mode=eval`: scores a checkpoint (ours, or a released `.pth`)
+  and writes eval_results.json and, for `eval.num_visualize` clips, masks
+  and overlays."""
   files.makedirs(workdir)
   mesh = train.make_mesh()
   model = avsegformer.build_model(config)
-  variables = checkpoint.fit_variables(
-      checkpoint.load_variables(checkpoint_dir),
-      avsegformer.variable_shapes(model), checkpoint_dir)
+  from avsegformer_jax import pretrained  # pylint: disable=g-import-not-at-top
+  variables = pretrained.load_model_variables(checkpoint_dir, config)
   steps = train.Steps(model, config, mesh)
   vis = files.join(workdir, "visualizations", split)
   res = evaluate(config, steps, variables, split, shuffle_audio=shuffle_audio,

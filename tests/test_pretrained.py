@@ -394,3 +394,23 @@ def test_our_checkpoint_as_pretrained_in_the_other_layout(tmp_path):
     pretrained.load_pretrained(c, jax.tree_util.tree_map(
         lambda s: np.zeros(s.shape, s.dtype),
         avsegformer.variable_shapes(avsegformer.build_model(c))))
+
+
+def test_eval_and_predict_read_a_released_pth(tmp_path):
+  """`--mode=eval` and `predict` take a released `.pth` as it is (converted
+  on the fly, as `convert` would) and name a checkpoint that is not there."""
+  config = config_with("pvt2")
+  rng = np.random.default_rng(7)
+  want = jax.tree_util.tree_map(
+      lambda z: rng.standard_normal(z.shape, np.float32),
+      zeros_like_model(config))
+  pth = write_pth(tmp_path / "released.pth", flax_to_torch(want),
+                  prefix="module.")
+  got = pretrained.load_model_variables(str(pth), config)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got["params"],
+                         want["params"])
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"nope\.pth: no such checkpoint"):
+    pretrained.load_model_variables(str(tmp_path / "nope.pth"), config)
+  with pytest.raises(ConversionError, match=r"released\.pth: holds a pvt2 "):
+    pretrained.load_model_variables(str(pth), config_with("res50"))
