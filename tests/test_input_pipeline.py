@@ -6,7 +6,6 @@ wrong resize method, crop or frame order shows. Frames stay uint8 here
 (the step normalises them on the device: tests/test_train_step.py).
 """
 import importlib.util
-import json
 import subprocess
 import sys
 import textwrap
@@ -223,27 +222,6 @@ def assert_same_batches(got, want):
   for a, b in zip(got, want):
     for k in b:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_iterator_state_resumes_at_the_exact_next_batch(data_dir, workers):
-  """Save after k batches, restore in a fresh iterator: the rest of the run
-  (across the epoch boundary) is exactly the uninterrupted single-process one."""
-  c = make_config("s4", data_dir, image_size=8)
-  kw = dict(train=True, batch_size=2, num_epochs=2)
-  want, _ = batches(c, "train", num_workers=0, **kw)      # 6 batches, 3 per epoch
-  ds, _ = ip.create_dataset(c, "train", num_workers=workers, **kw)
-  # Worker processes are slow to start on a busy machine: one resume point with them.
-  for k in ((1, 4) if workers == 0 else (2,)):
-    it = iter(ds)
-    head = [next(it) for _ in range(k)]
-    assert_same_batches(head, want[:k])
-    state = it.get_state()
-    json.dumps(state)                                   # orbax stores it as JSON
-    it.close()                                          # stops its workers now
-    it = iter(ds)
-    it.set_state(state)
-    assert_same_batches(list(it), want[k:])
 
 
 @pytest.mark.parametrize("workers", [0, 2])
