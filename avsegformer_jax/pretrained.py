@@ -155,8 +155,10 @@ def load_model_variables(path: str, config, shapes=None):
   if files.is_dir(path):
     if shapes is None:
       shapes = avsegformer.variable_shapes(avsegformer.build_model(config))
-    return checkpoint.fit_variables(checkpoint.load_variables(path), shapes,
-                                    path)
+    hint = checkpoint.model_changes(checkpoint.config_changes(config, path))
+    return checkpoint.fit_variables(
+        checkpoint.load_variables(path), shapes, path,
+        hint and hint + "Pass the config it was trained with.")
   if not files.exists(path):
     raise checkpoint.CheckpointError(f"{path}: no such checkpoint")
   variables, report = load_checkpoint(path, config)

@@ -83,9 +83,6 @@ def _log_line(workdir, record):
                       json.dumps(record))
 
 
-CONFIG_FILE = "config.json"
-
-
 def initial_variables(config, model, rng, pretrained: bool = True):
   """Random init, then the pretrained weights the config names (if any and
   `pretrained`: a resumed run does not need, nor still have, those files)."""
@@ -166,35 +163,8 @@ def _check_finite(pending, step):
           "or use float32 (model.dtype) and resume from it.")
 
 
-def _flat_json(text: str) -> dict:
-  def walk(d, prefix):
-    for k, v in d.items():
-      if isinstance(v, dict):
-        yield from walk(v, f"{prefix}{k}.")
-      else:
-        yield f"{prefix}{k}", v
-  return dict(walk(json.loads(text), ""))
-
-
-def _config_changes(config, workdir) -> list[str]:
-  """`field: before -> now` for each field that differs from the config of
-  the workdir's last run (WORKDIR/config.json); [] without one."""
-  path = files.join(workdir, CONFIG_FILE)
-  if not files.exists(path):
-    return []
-  try:
-    before = _flat_json(files.read_text(path))
-  except ValueError:                 # not ours, or cut short: no comparison
-    return []
-  now = _flat_json(config.to_json_best_effort())
-  return [f"{k}: {before.get(k, 'unset')} -> {now.get(k, 'unset')}"
-          for k in sorted(set(before) | set(now))
-          if before.get(k) != now.get(k)]
-
-
 def _resume_hint(changes, workdir, step) -> str:
-  model = [c for c in changes if c.startswith("model.")]
-  return (f"{'Its run had ' + '; '.join(model) + '. ' if model else ''}"
+  return (checkpoint.model_changes(changes) +
           "Resume with the config it was trained with, or start a new "
           "workdir from these weights: --config.pretrained.checkpoint="
           f"{files.join(workdir, 'checkpoints', str(step))}")
@@ -226,10 +196,11 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep,
                                  config.checkpoint.keep_best)
   start = ckpt.latest_step() or 0
-  changes = _config_changes(config, workdir) if start else []
+  changes = checkpoint.config_changes(config, workdir) if start else []
   if changes:
     logging.warning("resuming %s with settings its last run did not have: %s",
-                    workdir, "; ".join(changes))
+                    workdir, "; ".join(f"{k}: {a} -> {b}"
+                                       for k, a, b in changes))
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
   variables = initial_variables(config, avsegformer.build_model(config),
@@ -263,8 +234,7 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
     logging.info("resumed from %s at step %d (epoch %d)", workdir, start,
                  start // bpe)
   if _is_main():     # what the next resume compares its config with
-    files.write_text(files.join(workdir, CONFIG_FILE),
-                     config.to_json_best_effort(indent=2, sort_keys=True))
+    checkpoint.save_config(config, workdir)
   state = train.replicate(state, mesh)
   steps = train.Steps(model, config, mesh)
   writer = _writer(workdir)

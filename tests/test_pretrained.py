@@ -379,6 +379,7 @@ def test_our_checkpoint_as_pretrained_in_the_other_layout(tmp_path):
   stacked = convert.torch_to_flax(flax_to_torch(want), scanned)
   assert "layers" in stacked["params"]["head"]["transformer"]["encoder"]
   checkpoint.save_variables(tmp_path / "export", stacked)
+  checkpoint.save_config(scanned, tmp_path / "export")    # as a workdir has
   c = config_with("pvt2")
   c.pretrained.checkpoint = str(tmp_path / "export")
   got = pretrained.load_pretrained(c, zeros_like_model(c))
@@ -390,7 +391,9 @@ def test_our_checkpoint_as_pretrained_in_the_other_layout(tmp_path):
   c.pretrained.checkpoint = str(tmp_path / "export")
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"export: does not fit the config: \d+ missing "
-                     r"\(params/head/transformer/decoder/layers_1/"):
+                     r"\(params/head/transformer/decoder/layers_1/.*\)\. Its "
+                     r"run had model.num_decoder_layers=1 \(this config: 2\)\. "
+                     r"Pass the config it was trained with\.$"):
     pretrained.load_pretrained(c, jax.tree_util.tree_map(
         lambda s: np.zeros(s.shape, s.dtype),
         avsegformer.variable_shapes(avsegformer.build_model(c))))
