@@ -30,7 +30,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from avsegformer_jax import errors
+from etils import epath
+
+from avsegformer_jax import errors, files
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -208,9 +210,9 @@ class _Unpickler(pickle.Unpickler):
     return _Storage(key, dtype, numel, offset, view_numel)
 
 
-def _read_zip(path: str):
+def _read_zip(f, path: str):
   try:
-    zf = zipfile.ZipFile(path)
+    zf = zipfile.ZipFile(f)
   except (zipfile.BadZipFile, OSError) as e:
     raise TorchFileError(f"{path}: not a readable zip archive ({e}); the "
                          "file may be truncated") from None
@@ -249,36 +251,37 @@ def _read_zip(path: str):
   return obj, buffers
 
 
-def _read_legacy(path: str):
-  with open(path, "rb") as f:
-    head = lambda what: _unpickle(_Unpickler(f, path, legacy=True), path, what)
-    if head("magic number") != LEGACY_MAGIC:
-      raise TorchFileError(f"{path}: a pickle, but not a torch.save file "
-                           "(wrong magic number)")
-    if head("protocol version") != LEGACY_PROTOCOL:
-      raise TorchFileError(f"{path}: unsupported legacy protocol version")
-    head("sys_info")               # storages are little-endian regardless
-    unpickler = _Unpickler(f, path, legacy=True)
-    obj = _unpickle(unpickler, path)
-    keys = head("storage keys")
-    if not isinstance(keys, list):
-      raise TorchFileError(f"{path}: storage key list is not a list")
-    size = os.fstat(f.fileno()).st_size
-    buffers = {}
-    for key in keys:
-      st = unpickler.storages.get(str(key))
-      if st is None:
-        raise TorchFileError(f"{path}: storage {key} has data but no tensor")
-      count = f.read(8)
-      if len(count) < 8:
-        raise TorchFileError(f"{path}: truncated before storage {key}")
-      (numel,) = struct.unpack("<q", count)
-      nbytes = numel * st.dtype.raw.itemsize
-      if numel != st.numel or nbytes > size - f.tell():
-        raise TorchFileError(
-            f"{path}: storage {key} holds {numel} elements, expected "
-            f"{st.numel}, {size - f.tell()} bytes left: truncated or corrupt")
-      buffers[str(key)] = _as_array(f.read(nbytes), st, "little", path)
+def _read_legacy(f, path: str):
+  head = lambda what: _unpickle(_Unpickler(f, path, legacy=True), path, what)
+  if head("magic number") != LEGACY_MAGIC:
+    raise TorchFileError(f"{path}: a pickle, but not a torch.save file "
+                         "(wrong magic number)")
+  if head("protocol version") != LEGACY_PROTOCOL:
+    raise TorchFileError(f"{path}: unsupported legacy protocol version")
+  head("sys_info")               # storages are little-endian regardless
+  unpickler = _Unpickler(f, path, legacy=True)
+  obj = _unpickle(unpickler, path)
+  keys = head("storage keys")
+  if not isinstance(keys, list):
+    raise TorchFileError(f"{path}: storage key list is not a list")
+  here = f.tell()
+  size = f.seek(0, os.SEEK_END)
+  f.seek(here)
+  buffers = {}
+  for key in keys:
+    st = unpickler.storages.get(str(key))
+    if st is None:
+      raise TorchFileError(f"{path}: storage {key} has data but no tensor")
+    count = f.read(8)
+    if len(count) < 8:
+      raise TorchFileError(f"{path}: truncated before storage {key}")
+    (numel,) = struct.unpack("<q", count)
+    nbytes = numel * st.dtype.raw.itemsize
+    if numel != st.numel or nbytes > size - f.tell():
+      raise TorchFileError(
+          f"{path}: storage {key} holds {numel} elements, expected "
+          f"{st.numel}, {size - f.tell()} bytes left: truncated or corrupt")
+    buffers[str(key)] = _as_array(f.read(nbytes), st, "little", path)
   return obj, buffers
 
 
@@ -359,21 +362,24 @@ def _resolve(obj, buffers, path, depth=0):
 def load(path) -> Any:
   """The object a `.pth` file holds, tensors as numpy arrays."""
   path = os.fspath(path)
-  try:
-    with open(path, "rb") as f:
-      head = f.read(512)
+  try:      # a local file or a URL (gs://: a pod's hosts share a bucket)
+    f = epath.Path(files.absolute(path)).open("rb")
   except OSError as e:
-    raise TorchFileError(f"{path}: cannot open ({e.strerror})") from None
-  if head[:4] == b"PK\x03\x04":
-    obj, buffers = _read_zip(path)
-  elif head[:2] == b"\x80\x02" or head[:1] in (b"\x80", b"("):
-    obj, buffers = _read_legacy(path)
-  elif head[257:262] == b"ustar":
-    raise TorchFileError(f"{path}: a tar archive (torch < 0.4 format); load "
-                         "and re-save it with a current torch")
-  else:
-    raise TorchFileError(f"{path}: not a PyTorch file (neither a zip "
-                         "archive nor a pickle stream)")
+    raise TorchFileError(f"{path}: cannot open "
+                         f"({e.strerror or type(e).__name__})") from None
+  with f:
+    head = f.read(512)
+    f.seek(0)
+    if head[:4] == b"PK\x03\x04":
+      obj, buffers = _read_zip(f, path)
+    elif head[:2] == b"\x80\x02" or head[:1] in (b"\x80", b"("):
+      obj, buffers = _read_legacy(f, path)
+    elif head[257:262] == b"ustar":
+      raise TorchFileError(f"{path}: a tar archive (torch < 0.4 format); "
+                           "load and re-save it with a current torch")
+    else:
+      raise TorchFileError(f"{path}: not a PyTorch file (neither a zip "
+                           "archive nor a pickle stream)")
   return _resolve(obj, buffers, path)
 
 

@@ -3,6 +3,7 @@ stand-in: an fsspec "gcs" filesystem over a temporary folder, which is what
 etils.epath hands gs:// paths to (gcsfs in real use)."""
 import json
 import os
+import shutil
 
 import fsspec
 import numpy as np
@@ -79,6 +80,32 @@ def test_missing_checkpoint_url_is_named(bucket):
   with pytest.raises(checkpoint.CheckpointError,
                      match="^gs://b/none: no such checkpoint directory"):
     checkpoint.load_variables("gs://b/none")
+
+
+def test_pth_files_read_from_a_bucket(bucket):
+  """Pretrained weights and released checkpoints in the pod's bucket."""
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(__file__))
+  from pth_writer import write_pth  # pylint: disable=g-import-not-at-top
+  from avsegformer_jax import torch_io  # pylint: disable=g-import-not-at-top
+  (bucket / "b").mkdir(parents=True)
+  w = np.arange(6, dtype=np.float32).reshape(2, 3)
+  write_pth(bucket / "b" / "w.pth", {"fc.weight": w}, prefix="module.")
+  sd = torch_io.load_state_dict("gs://b/w.pth")
+  assert list(sd) == ["fc.weight"]
+  np.testing.assert_array_equal(sd["fc.weight"], w)
+  # torch's own files (zip and legacy), as tests/test_torch_io.py reads them
+  fix = os.path.join(os.path.dirname(__file__), "fixtures", "torch")
+  for name in ("zip_module", "legacy_module"):
+    shutil.copy(os.path.join(fix, name + ".pth"), bucket / "b")
+    sd = torch_io.load_state_dict(f"gs://b/{name}.pth")
+    ref = np.load(os.path.join(fix, name + ".npz"))
+    assert sorted(sd) == sorted(ref.files)
+    for k in ref.files:
+      np.testing.assert_array_equal(sd[k], ref[k], err_msg=k)
+  with pytest.raises(torch_io.TorchFileError,
+                     match=r"^gs://b/none\.pth: cannot open"):
+    torch_io.load_state_dict("gs://b/none.pth")
 
 
 def test_compile_cache_takes_a_url(monkeypatch, tmp_path):
