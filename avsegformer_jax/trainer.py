@@ -83,13 +83,14 @@ def _log_line(workdir, record):
                       json.dumps(record))
 
 
-def initial_variables(config, model, rng, pretrained: bool = True):
+def initial_variables(config, model, rng, with_pretrained: bool = True):
   """Random init, then the pretrained weights the config names (if any and
-  `pretrained`: a resumed run does not need, nor still have, those files)."""
+  `with_pretrained`: a resumed run needs, and may no longer have, none of
+  those files)."""
   variables = avsegformer.init_variables(model, rng,
                                          min(config.data.image_size, 64))
   p = config.pretrained
-  if pretrained and (p.backbone or p.vggish or p.checkpoint):
+  if with_pretrained and (p.backbone or p.vggish or p.checkpoint):
     from avsegformer_jax import pretrained  # pylint: disable=g-import-not-at-top
     variables = pretrained.load_pretrained(config, variables)
   return variables
@@ -204,7 +205,7 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
   variables = initial_variables(config, avsegformer.build_model(config),
-                                init_rng, pretrained=not start)
+                                init_rng, with_pretrained=not start)
   state = train.create_train_state(config, model, state_rng, variables)
   src = (lambda s: source_fn(s)) if source_fn else (lambda s: None)
   # Step s trains on batch s of the run, so the data position is the step:
@@ -315,9 +316,13 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
     writer.close()
   if preempted:
     raise errors.Preempted(preempted, workdir)
+  results = files.join(workdir, "train_results.json")
+  if not last_eval:        # the run was complete already: no step, no eval
+    logging.info("%s: trained to step %d already", workdir, start)
+    return json.loads(files.read_text(results)) if files.exists(results) \
+        else {}
   if _is_main():
-    files.write_text(files.join(workdir, "train_results.json"),
-                     json.dumps(last_eval, indent=2))
+    files.write_text(results, json.dumps(last_eval, indent=2))
   return last_eval
 
 

@@ -248,3 +248,23 @@ def test_resume_refuses_another_batch_size_or_model(reference_run, tmp_path):
     r = subprocess.run(_cmd(wd, tmp_path / "out.npz") + ["--set", change],
                        cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 1 and re.search(expect, r.stderr), r.stderr[-3000:]
+
+
+def test_rerunning_a_finished_run_changes_nothing(reference_run, tmp_path):
+  """The same command after the last step: no step, the results kept (they
+  were overwritten by {}), and the pretrained files, which a resume does not
+  read, may be gone."""
+  d1, full = reference_run
+  wd = tmp_path / "wd"
+  shutil.copytree(d1 / "wd", wd)
+  before = (wd / "train_results.json").read_text()
+  r = subprocess.run(
+      _cmd(wd, tmp_path / "out.npz") + [
+          "--set", "pretrained.backbone='/gone/pvt_v2_b0.pth'"],
+      cwd=ROOT, capture_output=True, text=True, timeout=1800)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (wd / "train_results.json").read_text() == before
+  again = dict(np.load(tmp_path / "out.npz"))
+  _assert_same_params(full, again, atol=0)
+  assert again["miou"] == full["miou"]
+  assert max(_losses(wd)) == 6 and len(_losses(wd)) == 6   # no step logged
