@@ -26,7 +26,9 @@ OUT/overlay.mp4 (H.264, at the sampling rate, or the source rate with
 """
 from __future__ import annotations
 
+import collections
 import fractions
+import glob
 import json
 import os
 import time
@@ -127,11 +129,8 @@ def _save_mask(path, mask, num_classes):
   img.save(path)
 
 
-def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
-            variables=None, fps: float = 1.0, every_frame: bool = False,
-            batch_clips: int = 1, progress: bool = True) -> dict:
-  """Runs the model over the video; returns the summary also written to
-  OUT/predictions.json. Raises PredictError for unusable inputs."""
+def _open(video: str, fps: float, every_frame: bool, batch_clips: int):
+  """(info, 16 kHz mono audio) of a usable video; PredictError otherwise."""
   if batch_clips < 1:
     raise PredictError(f"batch_clips must be >= 1, got {batch_clips}")
   if not every_frame and not fps > 0:
@@ -144,28 +143,63 @@ def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
   if info.duration is not None and info.duration < audio_lib.MIN_SAMPLES / 16000:
     raise PredictError(f"{video}: video is {info.duration:.3f} s long, shorter "
                        "than one 0.975 s audio example")
-  try:
-    model = avsegformer.build_model(config)
-    avsegformer.check_platform(config, jax.default_backend())
-  except ValueError as e:
-    raise PredictError(str(e)) from None
-  try:
-    if variables is None:
-      variables = pretrained.load_model_variables(checkpoint_dir, config)
-    else:
-      variables = checkpoint.fit_variables(
-          variables, avsegformer.variable_shapes(model), "variables")
-  except errors.InputError as e:    # checkpoint.CheckpointError, .pth errors
-    raise PredictError(str(e)) from None
-  variables = avsegformer.cast_weights(
-      jax.device_put({k: variables[k] for k in ("params", "batch_stats")
-                      if k in variables}), config.model.dtype)
+  return info, wave
+
+
+class Predictor:
+  """The model and its variables, loaded once for any number of videos (the
+  forward compiles once per window shape, not once per video)."""
+
+  def __init__(self, config, *, checkpoint_dir=None, variables=None):
+    try:
+      model = avsegformer.build_model(config)
+      avsegformer.check_platform(config, jax.default_backend())
+    except ValueError as e:
+      raise PredictError(str(e)) from None
+    try:
+      if variables is None:
+        variables = pretrained.load_model_variables(checkpoint_dir, config)
+      else:
+        variables = checkpoint.fit_variables(
+            variables, avsegformer.variable_shapes(model), "variables")
+    except errors.InputError as e:  # checkpoint.CheckpointError, .pth errors
+      raise PredictError(str(e)) from None
+    self.config = config
+    self.variables = avsegformer.cast_weights(
+        jax.device_put({k: variables[k] for k in ("params", "batch_stats")
+                        if k in variables}), config.model.dtype)
+    self.forward = _make_forward(model, config.model.num_classes)
+
+  def __call__(self, video: str, out_dir: str, *, fps: float = 1.0,
+               every_frame: bool = False, batch_clips: int = 1,
+               progress: bool = True, opened=None) -> dict:
+    """Runs the model over the video; returns the summary also written to
+    OUT/predictions.json. Raises PredictError for unusable inputs."""
+    info, wave = opened or _open(video, fps, every_frame, batch_clips)
+    return _run(self.config, self.forward, self.variables, video, out_dir,
+                info, wave, fps, every_frame, batch_clips, progress)
+
+
+def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
+            variables=None, fps: float = 1.0, every_frame: bool = False,
+            batch_clips: int = 1, progress: bool = True) -> dict:
+  """One video (`Predictor` for several); the video is checked before the
+  model loads."""
+  opened = _open(video, fps, every_frame, batch_clips)
+  return Predictor(config, checkpoint_dir=checkpoint_dir,
+                   variables=variables)(
+                       video, out_dir, fps=fps, every_frame=every_frame,
+                       batch_clips=batch_clips, progress=progress,
+                       opened=opened)
+
+
+def _run(config, forward, variables, video, out_dir, info, wave, fps,
+         every_frame, batch_clips, progress) -> dict:
   t_win, size = config.data.num_frames, config.data.image_size
   num_classes = config.model.num_classes
   avsbench = video_io.avsbench_mode(fps, every_frame)
   aligner = AudioAligner(wave, t_win, avsbench, PAD_MODES.get(config.task,
                                                               "repeat_last"))
-  forward = _make_forward(model, num_classes)
   rate = info.rate if every_frame else fractions.Fraction(fps).limit_denominator(1001)
   for sub in ("masks", "overlays"):
     os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
@@ -245,13 +279,88 @@ def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
   return summary
 
 
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv",
+                  ".wmv", ".mpg", ".mpeg", ".ts", ".3gp", ".ogv")
+
+
+def expand_videos(spec: str) -> list[str]:
+  """`--video`: files, directories (their videos) and glob patterns, comma
+  separated, in that order, each group sorted."""
+  out = []
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    if os.path.isdir(part):
+      found = sorted(os.path.join(part, n) for n in os.listdir(part)
+                     if n.lower().endswith(VIDEO_SUFFIXES))
+    elif glob.has_magic(part):
+      found = sorted(glob.glob(part))
+    else:
+      found = [part]                 # a missing one is reported as such
+    if not found:
+      raise PredictError(f"{part}: no videos ({', '.join(VIDEO_SUFFIXES)})")
+    out += [f for f in found if f not in out]
+  if not out:
+    raise PredictError("--video names no video")
+  return out
+
+
+def output_dirs(videos: list[str], out_dir: str) -> list[str]:
+  """OUT itself for one video; OUT/<name> for each of several (name_2, ...
+  where two are called alike)."""
+  if len(videos) == 1:
+    return [out_dir]
+  seen, dirs = collections.Counter(), []
+  for v in videos:
+    stem = os.path.splitext(os.path.basename(v))[0] or "video"
+    seen[stem] += 1
+    dirs.append(os.path.join(out_dir, stem if seen[stem] == 1
+                             else f"{stem}_{seen[stem]}"))
+  return dirs
+
+
+def predict_videos(config, videos: list[str], out_dir: str, *,
+                   checkpoint_dir=None, variables=None, fps: float = 1.0,
+                   every_frame: bool = False, batch_clips: int = 1,
+                   progress: bool = True, report=print):
+  """Every video with one model (loaded with the first usable video): a
+  video that cannot be used is reported and skipped, not the end of the
+  others; a checkpoint that cannot be used ends them all.
+  Returns (summaries, [(video, reason)] of those skipped)."""
+  kw = dict(fps=fps, every_frame=every_frame, batch_clips=batch_clips)
+  predictor, done, skipped = None, [], []
+  for video, out in zip(videos, output_dirs(videos, out_dir)):
+    try:
+      opened = _open(video, **kw)
+    except PredictError as e:
+      if len(videos) == 1:
+        raise
+      report(f"skipped {video}: {e}")
+      skipped.append((video, str(e)))
+      continue
+    if predictor is None:
+      predictor = Predictor(config, checkpoint_dir=checkpoint_dir,
+                            variables=variables)
+    done.append(predictor(video, out, opened=opened, progress=progress, **kw))
+    report(_summary_line(done[-1], out))
+  return done, skipped
+
+
+def _summary_line(s: dict, out: str) -> str:
+  model_fps = s["frames_per_s_model"]
+  return (f"{s['num_frames']} frames ({s['sampling']}) -> {out}: "
+          f"{s['frames_per_s_end_to_end']:.2f} frames/s end to end"
+          + (f", {model_fps:.2f} frames/s in the model" if model_fps else "")
+          + f" (first call incl. compile {s['first_call_s']:.1f} s)")
+
+
 def _define_flags():
   """Defines the CLI flags; at import they would collide with other CLIs'."""
   config_flags.DEFINE_config_file("config", None, "Model config.",
                                   lock_config=True)
   flags.DEFINE_string("checkpoint", None, "Model export, training workdir "
                       "(or WORKDIR/checkpoints/<step>) or released .pth.")
-  flags.DEFINE_string("video", None, "Input video (mp4, webm, mkv, ...).")
+  flags.DEFINE_string("video", None, "Input video (mp4, webm, mkv, ...); "
+                      "several: comma-separated files, directories, globs "
+                      "(then OUT/<name>/ each).")
   flags.DEFINE_string("out", None, "Output directory.")
   flags.DEFINE_float("fps", 1.0, "Sampled frames per second (1: AVSBench).")
   flags.DEFINE_bool("every_frame", False, "Run on every frame.")
@@ -269,16 +378,17 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   compile_cache.enable(f.xla_cache_dir)
   try:
-    s = predict(f.config, f.video, f.out, checkpoint_dir=f.checkpoint,
-                fps=f.fps, every_frame=f.every_frame,
-                batch_clips=f.batch_clips)
+    videos = expand_videos(f.video)
+    _, skipped = predict_videos(
+        f.config, videos, f.out, checkpoint_dir=f.checkpoint, fps=f.fps,
+        every_frame=f.every_frame, batch_clips=f.batch_clips,
+        report=lambda line: print(line, flush=True))
   except PredictError as e:
     errors.exit_with("predict", e)
-  model_fps = s["frames_per_s_model"]
-  print(f"{s['num_frames']} frames ({s['sampling']}) -> {f.out}: "
-        f"{s['frames_per_s_end_to_end']:.2f} frames/s end to end"
-        + (f", {model_fps:.2f} frames/s in the model" if model_fps else "")
-        + f" (first call incl. compile {s['first_call_s']:.1f} s)")
+  if skipped:
+    errors.exit_with("predict", PredictError(
+        f"{len(skipped)} of {len(videos)} videos skipped (see above): "
+        f"{', '.join(v for v, _ in skipped)}"), code=1)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,21 @@ def test_cli_error_is_one_line(tmp_path):
   assert r.returncode == 2
   assert "predict: error:" in r.stderr and "missing.webm: no such file" in r.stderr
   assert "Traceback" not in r.stderr
+  # Several videos: each one that cannot be used is skipped and named, the
+  # run ends with status 1 and a one-line count.
+  r = subprocess.run(
+      [sys.executable, "-m", "avsegformer_jax.predict",
+       "--config=configs/demo.py", f"--checkpoint={tmp_path}",
+       f"--video={tmp_path / 'a.webm'},{tmp_path / 'b.mp4'}",
+       f"--out={tmp_path / 'o'}"],
+      cwd=root, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1, r.stderr
+  assert f"skipped {tmp_path / 'b.mp4'}: {tmp_path / 'b.mp4'}: no such file" \
+      in r.stdout
+  assert r.stderr.strip().endswith(
+      f"predict: error: 2 of 2 videos skipped (see above): "
+      f"{tmp_path / 'a.webm'}, {tmp_path / 'b.mp4'}")
+  assert "Traceback" not in r.stderr
 
 
 # ---------------------------------------------- sampling and alignment --
@@ -253,6 +268,40 @@ def test_every_frame_output_rate(tmp_path, stub_model):
     assert c.streams.video[0].average_rate == 10
     assert sum(1 for _ in c.decode(video=0)) == 25
     assert c.streams.audio[0].sample_rate == 48000
+
+
+def test_several_videos_one_model(tmp_path, video, monkeypatch, stub_model):
+  """A directory of videos: each to OUT/<name>/, one model and one forward
+  for all, a video without audio skipped with its reason (not the end of
+  the others), names alike kept apart."""
+  made = []
+  monkeypatch.setattr(predict, "_make_forward",
+                      lambda *a: made.append(a) or _stub_forward(*a))
+  d = tmp_path / "in"
+  d.mkdir()
+  os.symlink(video.path, d / "a.mp4")
+  synthetic_video.write(d / "a.webm", size=32, schedule=((0, 2.0),))
+  synthetic_video.write(d / "mute.mp4", size=32, schedule=((0, 2.0),),
+                        with_audio=False)
+  (d / "notes.txt").write_text("not a video")
+  videos = predict.expand_videos(f"{d}, {d / 'a*.mp4'}")
+  assert videos == [str(d / n) for n in ("a.mp4", "a.webm", "mute.mp4")]
+  lines = []
+  done, skipped = predict.predict_videos(
+      _config(), videos, str(tmp_path / "out"), variables=stub_model,
+      progress=False, report=lines.append)
+  assert len(made) == 1
+  assert [s["num_frames"] for s in done] == [12, 2]
+  assert [(v, r.split(";")[0]) for v, r in skipped] == [
+      (str(d / "mute.mp4"), f"{d / 'mute.mp4'}: no audio track")]
+  for name, n in (("a", 12), ("a_2", 2)):
+    got = json.loads((tmp_path / "out" / name / "predictions.json").read_text())
+    assert got["num_frames"] == n
+  assert lines[1].startswith(f"2 frames (avsbench_1fps) -> {tmp_path / 'out' / 'a_2'}:")
+  assert lines[2].startswith(f"skipped {d / 'mute.mp4'}: ")
+  assert lines[0].startswith(f"12 frames (avsbench_1fps) -> {tmp_path / 'out' / 'a'}:")
+  with pytest.raises(predict.PredictError, match=r"nothing\*\.mp4: no videos"):
+    predict.expand_videos(str(tmp_path / "nothing*.mp4"))
 
 
 # ---------------------------------------------------------- end to end --
