@@ -6,6 +6,8 @@
 
 CKPT is a model export (`avsegformer_jax.convert`), a training workdir (or
 one of its steps) or a released `.pth` (converted on each run).
+FILE may be several: comma-separated files, directories (their videos) and
+globs, run with one model (`Predictor`) into OUT/<name>/ each.
 Frames are sampled as AVSBench extracts them (`--fps=1`, see video_io), at
 another rate, or all of them; each sampled frame gets one 0.96 s log-mel
 example:
