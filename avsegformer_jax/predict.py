@@ -178,8 +178,8 @@ class Predictor:
     """Runs the model over the video; returns the summary also written to
     OUT/predictions.json. Raises PredictError for unusable inputs."""
     info, wave = opened or _open(video, fps, every_frame, batch_clips)
-    return _run(self.config, self.forward, self.variables, video, out_dir,
-                info, wave, fps, every_frame, batch_clips, progress)
+    return _run(self, video, out_dir, info, wave, fps, every_frame,
+                batch_clips, progress)
 
 
 def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
@@ -195,8 +195,10 @@ def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
                        opened=opened)
 
 
-def _run(config, forward, variables, video, out_dir, info, wave, fps,
-         every_frame, batch_clips, progress) -> dict:
+def _run(predictor: Predictor, video, out_dir, info, wave, fps, every_frame,
+         batch_clips, progress) -> dict:
+  config, forward, variables = (predictor.config, predictor.forward,
+                                predictor.variables)
   t_win, size = config.data.num_frames, config.data.image_size
   num_classes = config.model.num_classes
   avsbench = video_io.avsbench_mode(fps, every_frame)

@@ -164,11 +164,15 @@ def _check_finite(pending, step):
           "or use float32 (model.dtype) and resume from it.")
 
 
-def _resume_hint(changes, workdir, step) -> str:
-  return (checkpoint.model_changes(changes) +
-          "Resume with the config it was trained with, or start a new "
-          "workdir from these weights: --config.pretrained.checkpoint="
+def _start_anew(workdir, step) -> str:
+  return ("start a new workdir from these weights: "
+          "--config.pretrained.checkpoint="
           f"{files.join(workdir, 'checkpoints', str(step))}")
+
+
+def _resume_hint(changes, workdir, step) -> str:
+  return (checkpoint.model_changes(changes) + "Resume with the config it "
+          f"was trained with, or {_start_anew(workdir, step)}")
 
 
 def _check_batch(meta, global_batch, workdir, step):
@@ -179,9 +183,8 @@ def _check_batch(meta, global_batch, workdir, step):
     raise errors.InputError(
         f"{workdir}: its run trains {before} clips per step (train."
         f"batch_size), this config {global_batch}: resume with "
-        f"--config.train.batch_size={before}, or start a new workdir from "
-        "its weights: --config.pretrained.checkpoint="
-        f"{files.join(workdir, 'checkpoints', str(step))}")
+        f"--config.train.batch_size={before}, or "
+        f"{_start_anew(workdir, step)}")
 
 
 def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
