@@ -58,6 +58,15 @@ def test_builder_is_found_by_tfds_folder_convention():
   assert [c.name for c in avsb.Builder.BUILDER_CONFIGS] == list(TASKS)
 
 
+def test_a_builder_before_its_data_leaves_no_temp_folder(tmp_path, monkeypatch):
+  tmp = tmp_path / "tmp"
+  tmp.mkdir()
+  monkeypatch.setattr("tempfile.tempdir", str(tmp))
+  builder = avsb.Builder(config="s4", data_dir=str(tmp_path / "data"))
+  assert not builder.is_prepared()
+  assert list(tmp.iterdir()) == []
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_features_flags_and_labels_match_the_synthesized_truth(built, task):
   truth, data_dir, _ = built[task]

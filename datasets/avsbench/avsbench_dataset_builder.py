@@ -91,7 +91,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     t = raw.TASKS[self.builder_config.name].num_frames
-    return self.dataset_info_from_configs(
+    info = self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
             "clip_id": tfds.features.Text(),
             "category": tfds.features.Text(),
@@ -105,6 +105,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         homepage="http://www.avlbench.opennlplab.cn",
         metadata=tfds.core.MetadataDict(),
     )
+    # Not in TFDS's bucket: its lookup, made for every builder whose data is
+    # not there yet, only leaves an empty /tmp/tmp*tfds folder behind.
+    info.initialize_from_bucket = lambda: None
+    return info
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     task = self.builder_config.name
