@@ -13,11 +13,12 @@
 # deviceless compile that takes 132 s on 2 cores).
 #   wave 1: where the S4 train step's time goes (`benchmarks.profile`:
 #           XLA's trace, each kernel charged to its module; PVTv2-B5 and
-#           ResNet-50, 16 clips, remat), and PVTv2-B5 without remat; beside
-#           them the GPU path of the parity tests (pytest, tests_gpu.txt)
+#           ResNet-50, 16 clips, remat); beside them the GPU path of the
+#           parity tests (pytest, tests_gpu.txt)
 #   wave 2: the eval step's profile (32 clips), cuDNN attention alone at
-#           inference; the train step at 64 clips, and at 16 with while
-#           loops in CUDA graphs (XLA command buffers)
+#           inference; the train step with while loops in CUDA graphs (XLA
+#           command buffers)
+#   both:   the PVTv2-B5 train step unrolled (the default config's layout)
 #   last:   the input pipeline, frame 0 only (if time is left)
 # What the first two GPU sessions measured (inference, the train-step A/B of
 # rbg / hash / cuDNN / Triton MSDA, AVSS batch 4, the MSDA cores, the
@@ -68,7 +69,7 @@ trap pack EXIT
   echo "cpus $(nproc)"; } 2>&1 | tee "$WORK/device.txt"
 
 M="-m benchmarks.model --scan true --dtypes bfloat16"
-S4P=s4_pvt2_224 S4R=s4_res50_224 B=16 BE=32 BL=64
+S4P=s4_pvt2_224 S4R=s4_res50_224 B=16 BE=32
 PSIZES=224,512 PWORKERS=0,4,8 PIPE_S=90 ATTN=cudnn TESTS_S=240
 # (test_deformable_attention_pallas.py's other tests run Pallas' interpreter,
 # meant for CPU: on a GPU they crawl, and stopped the 2026-11-27 run.)
@@ -78,7 +79,7 @@ TESTS=(tests/test_avsegformer.py tests/test_deformable_attention.py
        $PT::test_compiles_to_triton_kernels_for_an_h100
        tests/test_losses.py tests/test_audio.py tests/test_dropout.py)
 if [ "${SMOKE:-0}" = 1 ]; then     # (cuDNN attention: GPUs only)
-  S4P=tiny_pvt2 S4R=tiny_res50 B=2 BE=2 BL=4 ATTN=xla
+  S4P=tiny_pvt2 S4R=tiny_res50 B=2 BE=2 ATTN=xla
   TESTS=(tests/test_deformable_attention_pallas.py)
   PSIZES=32 PWORKERS=0
 fi
@@ -104,32 +105,34 @@ gpu_tests &
 # Wave 1 (the questions the H200 run of 2026-11-27 left, benchmarks/README.md
 # "GPU table"): where the default S4 train step's time goes (80 ms there,
 # 2.4x its roofline bound: slow kernels, or a device idle between them?),
-# the same for ResNet-50, and the PVTv2-B5 step without remat (bounded slower
-# by the roofline, never measured). One compile per process.
+# and the same for ResNet-50.
+# Across both waves: the PVTv2-B5 step with its layers unrolled, as the
+# default config trains (model.scan_layers=False; every GPU figure so far
+# was scanned). Deviceless H100, 2-core VM, 2026-11-28: unrolled 30.0 ms by
+# the roofline, 10,787 launches, plan 4.03 GiB, XLA compile 199 s; scanned
+# 32.3 ms, 11,972, 4.32 GiB, 48 s. Without while loops XLA's command
+# buffers (CUDA graphs) can hold the whole step: if launch gaps are what
+# the scanned step loses, this row shows it. Its compile (~4x the scanned
+# one's; the 11-27 H200 took 107 s for a scanned one under contention) gets
+# both waves' time. One compile per process.
 P="-m benchmarks.profile --dtype bfloat16 --scan true --steps 3 --top 40"
+XLA_FLAGS=$CUBLAS section train_s4_pvt2_unrolled 480 -m benchmarks.model \
+  --scan false --dtypes bfloat16 --configs $S4P --remat true \
+  --phases unfrozen --batch $B --steps 5 &
 XLA_FLAGS=$CUBLAS section profile_train_s4_pvt2 300 $P --config $S4P \
-  --remat true --phase unfrozen --batch $B &
+  --remat true --phase unfrozen --batch $B & W=($!)
 XLA_FLAGS=$CUBLAS section profile_train_s4_res50 300 $P --config $S4R \
-  --remat true --phase unfrozen --batch $B &
-XLA_FLAGS=$CUBLAS section train_s4_pvt2_noremat 300 $M --configs $S4P \
-  --remat false --phases unfrozen --batch $B --steps 5 &
-wait
+  --remat true --phase unfrozen --batch $B & W+=($!)
+wait "${W[@]}"
 # Wave 2: inference: its profile, and cuDNN attention alone (with the
 # Triton MSDA it gave +9% frames/s on 2026-11-27: the MSDA's share is the
-# rest). The default train step at 64 clips: if the 47 ms the 16-clip step
-# spends over its roofline bound is a fixed cost per step (launch gaps), it
-# takes ~121 + 47 = 170 ms, MFU ~11%; if its kernels run below their roofs,
-# ~4 x 80 = 320 ms, MFU ~6%. Deviceless plan on the 2-core VM (2026-11-28):
-# 10.9 GiB, roofline 121 ms (16 clips: 4.3 GiB, 32 ms).
+# rest); the default train step with the scanned layers' while loops (and
+# conds) recorded into CUDA graphs too (XLA's command buffers hold fusions
+# and library calls by default): ~12,000 kernel launches a step.
 section profile_eval_s4_pvt2 150 $P --config $S4P --remat false \
   --phase eval --batch $BE &
 section eval_b32_cudnn 150 $M --configs $S4P --attention_impl $ATTN \
   --phases eval --eval_batch $BE --steps 10 &
-XLA_FLAGS=$CUBLAS section train_s4_pvt2_remat_b64 220 $M --configs $S4P \
-  --remat true --phases unfrozen --batch $BL --steps 5 &
-# Beside them: the default train step with the scanned layers' while loops
-# (and conds) recorded into CUDA graphs too (XLA's command buffers hold
-# fusions and library calls by default): ~12,500 kernel launches a step.
 XLA_FLAGS="$CUBLAS --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
   section train_s4_pvt2_remat_cmdbuf 220 $M --configs $S4P --remat true \
   --phases unfrozen --batch $B --steps 5 &
