@@ -127,7 +127,7 @@ def plan_row(name, dtype, remat, scan, batch, eval_batch, phases, mesh,
                   f"{phase}_roofline_mfu": mflops / t["s"] / est["peak_flops"],
                   f"{phase}_roofline_parts": {
                       g: round(c["s"] * 1e3, 3)
-                      for g, c in list(est["groups"].items())[:12]}})
+                      for g, c in est["groups"].items()}})
     row.update({f"{phase}_plan_{k}_bytes": v for k, v in plan.items()})
 
   if "eval" in phases:

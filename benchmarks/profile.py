@@ -12,7 +12,8 @@ train or eval step on random data). It is traced with `jax.profiler`
 matched to its HLO instruction in the compiled step (the event's `hlo_op`)
 and that instruction's `op_name` metadata: the flax module path, whether
 JAX's transpose emitted it (`bwd`), a rematerialised forward (`remat`) or
-the forward (`fwd`), and outside the model (`step`: loss, optimizer). It
+the forward (`fwd`), and outside the model (`step`: loss, optimizer);
+unrolled layers count as their scanned layer (`block3_12` as `block3`). It
 prints, per step: the wall time, the device's busy time (the union of its
 kernels' intervals) and so the share it sat idle between kernels (launches,
 while-loop trips, host work), then kernel time by component, by kind (GEMM,
@@ -129,19 +130,21 @@ def component(op_name: str, depth: int, model: str = "AVSegFormer") -> str:
   if not op_name or op_name.startswith("(no metadata)"):
     return op_name or "(no metadata)"
   tokens = op_name.split("/")
-  model_at = next((i for i, t in enumerate(tokens) if model in t), None)
-  if model_at is None:
+  at = [i for i, t in enumerate(tokens) if model in t]
+  if not at:
     return "step " + (_RNG.search(op_name) and "rng" or "(outside the model)")
   how = ("remat" if "rematted_computation" in tokens else    # in the bwd
-         "bwd" if "transpose(" in tokens[model_at] else "fwd")
+         "bwd" if "transpose(" in tokens[at[0]] else "fwd")
   path = []
-  for t in tokens[model_at + 1:-1]:        # the last token is the primitive
+  # After the model's last mention: an unrolled rematerialised layer's
+  # names repeat the path to it. The last token is the primitive.
+  for t in tokens[at[-1] + 1:-1]:
     if _RNG.match(t):
       path.append("rng")
       break
     if t in _PLUMBING or re.fullmatch(r"[\w\-]+\(.*\)|branch_\d+_fun", t):
       continue                    # jvp(Net), jit(f), transpose(...), cond
-    path.append(t)
+    path.append(roofline.LAYER_INDEX.sub("", t))   # as scanned layers
   return f"{how} {'/'.join(path[:depth]) or '(model top level)'}"
 
 

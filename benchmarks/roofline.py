@@ -55,6 +55,8 @@ _SLICES = {"dynamic-slice", "slice"}
 NAME_PLUMBING = frozenset({"while", "body", "closed_call", "checkpoint",
                            "rematted_computation", "eval_jaxpr"})
 _GROUP_SKIP = NAME_PLUMBING | {"remat"}
+# An unrolled layer's index (`block3_12`, `layers_4`); profile.py too.
+LAYER_INDEX = re.compile(r"_\d+$")
 # Instructions inside a fusion that move or index data but compute nothing
 # per element (dots and convolutions are FLOPs, counted apart).
 _NO_ALU = {"parameter", "constant", "broadcast", "bitcast", "reshape", "slice",
@@ -318,14 +320,18 @@ def _fused_alu(name, comps, alu):
 
 def _group(ins, depth):
   """Model part from the op name: 'backbone' or 'head/transformer/encoder'
-  (+ ' bwd' under transpose), 'optimizer' for what is outside the model."""
+  (+ ' bwd' under transpose), 'optimizer' for what is outside the model.
+  Layer indices go (block3_12 -> block3: unrolled layers group as scanned
+  ones do), and the path is read after the model's last mention (an
+  unrolled rematerialised layer's names repeat the path to it)."""
   m = re.search(r'op_name="([^"]*)"', ins.attrs)
   name = m.group(1) if m else ""
   bwd = "transpose(" in name
   parts = [p for p in re.sub(r"\w+\(|\)", "", name).split("/")
            if p and p not in _GROUP_SKIP]
   if "AVSegFormer" in parts:
-    parts = parts[parts.index("AVSegFormer") + 1:]
+    parts = parts[len(parts) - parts[::-1].index("AVSegFormer"):]
+    parts = [LAYER_INDEX.sub("", p) for p in parts]
     key = "/".join(parts[:depth]) if parts else "model"
   else:
     key = "(no metadata)" if not name else "outside the model (loss, optimizer)"

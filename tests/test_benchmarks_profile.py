@@ -149,3 +149,16 @@ def test_jax_0_12_scanned_remat_names():
   name = ("jit(train_step)/transpose(jvp(AVSegFormer))/backbone/while/body/"
           "eval_jaxpr/checkpoint/block3/mlp/fc1/dot_general")
   assert profile.component(name, 3) == "bwd backbone/block3/mlp"
+
+
+def test_unrolled_remat_names():
+  """Unrolled, rematerialised layers repeat the model's path in their op
+  names and carry their index: grouped as the scanned layer."""
+  head = ("jit(train_step)/transpose(jvp(AVSegFormer))/backbone/"
+          "jvp(AVSegFormer)/backbone/checkpoint/")
+  assert profile.component(head + "rematted_computation/block3_12/mlp/fc1/"
+                           "dot_general", 3) == "remat backbone/block3/mlp"
+  assert profile.component(head + "block3_12/mlp/fc1/transpose/dot_general",
+                           3) == "bwd backbone/block3/mlp"
+  assert profile.component("jit(train_step)/jvp(AVSegFormer)/head/"
+                           "in_proj_0_0/add", 3) == "fwd head/in_proj_0"

@@ -243,3 +243,23 @@ def test_scanned_remat_name_stack_of_jax_0_12():
   comps, _ = roofline.parse("ENTRY %main () -> bf16[8] {\n  " + line + "\n}\n")
   ins = comps["main"][0]
   assert roofline._group(ins, 2) == "backbone/block3 bwd"
+
+
+def test_unrolled_layers_group_as_scanned_ones():
+  """An unrolled, rematerialised layer's op names repeat the model's path
+  (`.../backbone/jvp(AVSegFormer)/backbone/...`) and carry the layer index:
+  both go, so the parts read as the scanned step's."""
+  names = {
+      "bwd": "jit(train_step)/transpose(jvp(AVSegFormer))/backbone/"
+             "jvp(AVSegFormer)/backbone/checkpoint/block3_12/mlp/fc1/dot_general",
+      "fwd": "jit(train_step)/jvp(AVSegFormer)/head/transformer/encoder/"
+             "jvp(AVSegFormer)/head/transformer/encoder/checkpoint/layers_4/"
+             "self_attn/dot_general"}
+  groups = {}
+  for how, name in names.items():
+    line = (f'%f = bf16[8]{{0}} fusion(%a), kind=kLoop, calls=%c, '
+            f'metadata={{op_name="{name}"}}')
+    comps, _ = roofline.parse("ENTRY %main () -> bf16[8] {\n  " + line + "\n}\n")
+    groups[how] = roofline._group(comps["main"][0], 4)
+  assert groups == {"bwd": "backbone/block3/mlp/fc1 bwd",
+                    "fwd": "head/transformer/encoder/layers"}
