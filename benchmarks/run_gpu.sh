@@ -116,7 +116,7 @@ gpu_tests &
 # one's; the 11-27 H200 took 107 s for a scanned one under contention) gets
 # both waves' time. One compile per process.
 P="-m benchmarks.profile --dtype bfloat16 --scan true --steps 3 --top 40"
-XLA_FLAGS=$CUBLAS section train_s4_pvt2_unrolled 480 -m benchmarks.model \
+XLA_FLAGS=$CUBLAS section train_s4_pvt2_unrolled 500 -m benchmarks.model \
   --scan false --dtypes bfloat16 --configs $S4P --remat true \
   --phases unfrozen --batch $B --steps 5 &
 XLA_FLAGS=$CUBLAS section profile_train_s4_pvt2 300 $P --config $S4P \
