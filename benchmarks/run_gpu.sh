@@ -103,7 +103,7 @@ with common.compiling():
 }
 gpu_tests &
 # Wave 1 (the questions the H200 run of 2026-11-27 left, benchmarks/README.md
-# "GPU table"): where the default S4 train step's time goes (80 ms there,
+# "GPU table"): where the scanned S4 train step's time goes (80 ms there,
 # 2.4x its roofline bound: slow kernels, or a device idle between them?),
 # and the same for ResNet-50.
 # Across both waves: the PVTv2-B5 step with its layers unrolled, as the
@@ -126,8 +126,8 @@ XLA_FLAGS=$CUBLAS section profile_train_s4_res50 300 $P --config $S4R \
 wait "${W[@]}"
 # Wave 2: inference: its profile, and cuDNN attention alone (with the
 # Triton MSDA it gave +9% frames/s on 2026-11-27: the MSDA's share is the
-# rest); the default train step with the scanned layers' while loops (and
-# conds) recorded into CUDA graphs too (XLA's command buffers hold fusions
+# rest); the scanned train step with its layers' while loops (and conds)
+# recorded into CUDA graphs too (XLA's command buffers hold fusions
 # and library calls by default): ~12,000 kernel launches a step.
 section profile_eval_s4_pvt2 150 $P --config $S4P --remat false \
   --phase eval --batch $BE &
