@@ -16,8 +16,8 @@
 #           ResNet-50, 16 clips, remat); beside them the GPU path of the
 #           parity tests (pytest, tests_gpu.txt)
 #   wave 2: the eval step's profile (32 clips), cuDNN attention alone at
-#           inference; the train step with while loops in CUDA graphs (XLA
-#           command buffers)
+#           inference, the eval step unrolled; the train step with while
+#           loops in CUDA graphs (XLA command buffers)
 #   both:   the PVTv2-B5 train step unrolled (the default config's layout)
 #   last:   the input pipeline, frame 0 only (if time is left)
 # What the first two GPU sessions measured (inference, the train-step A/B of
@@ -133,6 +133,10 @@ section profile_eval_s4_pvt2 150 $P --config $S4P --remat false \
   --phase eval --batch $BE &
 section eval_b32_cudnn 150 $M --configs $S4P --attention_impl $ATTN \
   --phases eval --eval_batch $BE --steps 10 &
+# The eval step unrolled, as evaluation and predict run it by default: the
+# same roofline as scanned (57 ms), 1,613 launches against 2,948.
+section eval_b32_unrolled 150 -m benchmarks.model --scan false \
+  --dtypes bfloat16 --configs $S4P --phases eval --eval_batch $BE --steps 10 &
 XLA_FLAGS="$CUBLAS --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
   section train_s4_pvt2_remat_cmdbuf 220 $M --configs $S4P --remat true \
   --phases unfrozen --batch $B --steps 5 &
