@@ -212,7 +212,8 @@ def torch_to_flax(state_dict: Mapping[str, Any], config, *,
 
 
 def main(argv=None):
-  """`python -m avsegformer_jax.convert --config=... --checkpoint=X.pth --out=DIR`."""
+  """`python -m avsegformer_jax.convert --config=... --checkpoint=X.pth
+  --out=DIR`, or `--checkpoint=<ours> --out=X.pth` (export_pth)."""
   from avsegformer_jax import pretrained
   return pretrained.cli_main(argv)
 

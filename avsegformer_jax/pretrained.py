@@ -5,7 +5,9 @@ pretrained parts the original starts training from.
   --checkpoint=FILE.pth --out=DIR` turns a released AVSegFormer `.pth` (the
   original model's state_dict) into an orbax checkpoint of model variables
   that `main.py --mode=eval` and `predict` read, and reports which torch keys
-  it used and which it knowingly dropped (convert.KNOWN_UNUSED).
+  it used and which it knowingly dropped (convert.KNOWN_UNUSED). With
+  `--out=FILE.pth` it goes back: any checkpoint of the model -> the
+  original's state dict (export_pth).
 * `load_pretrained(config, variables)` applies `config.pretrained`:
   - `checkpoint`: a released AVSegFormer `.pth`, or one of ours (an export,
     a workdir's best checkpoint, or WORKDIR/checkpoints/<step>): every
@@ -235,8 +237,12 @@ def _define_flags():
   config_flags.DEFINE_config_file(
       "config", None, "Model config, e.g. configs/s4.py:pvt2.",
       lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "Released AVSegFormer .pth file.")
-  flags.DEFINE_string("out", None, "Directory for the orbax checkpoint.")
+  flags.DEFINE_string("checkpoint", None,
+                      "A released AVSegFormer .pth; with --out=FILE.pth any "
+                      "checkpoint of the model (export, workdir, step).")
+  flags.DEFINE_string("out", None,
+                      "Directory for the orbax checkpoint, or FILE.pth: the "
+                      "original's state dict (export_pth).")
   flags.DEFINE_bool("list_keys", False, "Print every used / unused key.")
   flags.mark_flags_as_required(["config", "checkpoint", "out"])
 
@@ -248,10 +254,22 @@ def _run(argv) -> int | str:
   f = flags.FLAGS
   if not f["verbosity"].present:       # orbax's INFO lines only with --v=0
     logging.set_verbosity(logging.WARNING)
+  to_pth = f.out.endswith((".pth", ".pt"))
   try:
-    report = convert_checkpoint(f.config, f.checkpoint, f.out)
-  except (torch_io.TorchFileError, ConversionError, OSError) as e:
+    if to_pth:
+      from avsegformer_jax import export_pth
+      done = export_pth.export(f.config, f.checkpoint, f.out)
+    else:
+      report = convert_checkpoint(f.config, f.checkpoint, f.out)
+  except (torch_io.TorchFileError, ConversionError, OSError,
+          checkpoint.CheckpointError) as e:
     return f"convert: {e}"            # absl prints it and exits 1
+  if to_pth:
+    print(f"exported {f.checkpoint} -> {os.path.abspath(f.out)}: "
+          f"{done['tensors']} tensors, the original's state dict "
+          f"({done['unused_zeros']} it holds but never uses, as zeros); "
+          "load with model.load_state_dict(torch.load(f))")
+    return 0
   print(f"converted {f.checkpoint} -> {files.absolute(f.out)}")
   print(format_report(report, list_keys=f.list_keys))
   return 0

@@ -15,6 +15,11 @@ has it (a separate venv is enough: `python3.11 -m venv /tmp/tv &&
 2. Here, without torch: `torch_io.load_state_dict` reads both; every array
    must equal the synthetic weights bit for bit.
 3. `convert.torch_to_flax` -> the model on the golden's inputs -> compare.
+4. Back: those variables -> `export_pth` -> a `.pth` that torch, in its own
+   interpreter, loads with `torch.load(weights_only=True)`: every tensor must
+   equal the synthetic weights (the original's never-used ones: zeros).
+   `--keep_export=FILE` keeps it, for the original's own parity run:
+   `benchmarks/original/time_original.py --mode=parity --weights=FILE`.
 tests/test_torch_io.py runs the same function when torch (or $TORCH_PYTHON)
 is available.
 """
@@ -47,6 +52,24 @@ print(torch.__version__)
 """
 
 
+_LOADER = r"""
+import sys, numpy as np, torch
+sd = torch.load(sys.argv[1], weights_only=True)
+assert type(sd).__name__ == "OrderedDict", type(sd)
+np.savez(sys.argv[2], **{k: v.numpy() for k, v in sd.items()})
+print(torch.__version__)
+"""
+
+
+def read_with_torch(pth, workdir, torch_python=None):
+  """{name: array} as torch.load(weights_only=True) reads `pth`."""
+  npz = os.path.join(workdir, "torch_read.npz")
+  subprocess.run([torch_python or sys.executable, "-c", _LOADER, pth, npz],
+                 check=True, capture_output=True, text=True)
+  with np.load(npz) as f:
+    return {k: f[k] for k in f.files}
+
+
 def write_with_torch(workdir, seed, torch_python=None):
   """(zip path, legacy path, torch version) written by real torch."""
   zip_path = os.path.join(workdir, "s4_res50_zip.pth")
@@ -58,7 +81,7 @@ def write_with_torch(workdir, seed, torch_python=None):
   return zip_path, legacy_path, out.stdout.strip().splitlines()[-1]
 
 
-def roundtrip(workdir, torch_python=None, verbose=False):
+def roundtrip(workdir, torch_python=None, verbose=False, keep_export=None):
   """Max abs errors against the golden (plus sizes and timings)."""
   sys.path.insert(0, REPO)
   sys.path.insert(0, os.path.join(HERE, "reference"))
@@ -106,6 +129,18 @@ def roundtrip(workdir, torch_python=None, verbose=False):
                     g["vggish"]),
       "max_abs_pred_ref": float(np.abs(g["pred"]).max()),
   }
+  from avsegformer_jax import export_pth
+  pth = keep_export or os.path.join(workdir, "export.pth")
+  export_pth.save(pth, export_pth.state_dict(variables, config))
+  back = read_with_torch(pth, workdir, torch_python)
+  if sorted(back) != sorted(ref):
+    raise AssertionError(f"export: keys differ: {set(back) ^ set(ref)}")
+  for k, v in ref.items():
+    want = np.zeros_like(v) if convert.is_known_unused(k) else v
+    if back[k].dtype != v.dtype or back[k].shape != v.shape or (
+        not np.array_equal(back[k], want)):
+      raise AssertionError(f"export: {k} as torch reads it differs")
+  info["export_tensors"] = len(back)
   if verbose:
     print({k: (round(v, 3) if isinstance(v, float) else v)
            for k, v in info.items()})
@@ -116,9 +151,12 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--torch_python", default=None,
                       help="an interpreter with torch (default: this one)")
+  parser.add_argument("--keep_export", default=None,
+                      help="where to keep the exported .pth (step 4)")
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as d:
-    errs = roundtrip(d, args.torch_python, verbose=True)
+    errs = roundtrip(d, args.torch_python, verbose=True,
+                     keep_export=args.keep_export)
   print(errs)
   ok = (errs["pred"] <= 1e-4 and errs["mask_feature"] <= 1e-4
         and errs["vggish"] <= 1e-5)

@@ -14,10 +14,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 
-from avsegformer_jax import (avsegformer, checkpoint, convert, layers,
-                             pretrained, pvt_v2, resnet, vggish)
+from avsegformer_jax import (avsegformer, checkpoint, convert, export_pth,
+                             layers, pretrained, pvt_v2, resnet, vggish)
 from avsegformer_jax.convert import ConversionError
 from configs import tiny
 
@@ -295,31 +294,11 @@ def test_no_pretrained_fields_is_identity():
 
 
 # ------------------------------------------------- released checkpoint CLI --
-def flax_to_torch(variables):
-  """The original's state dict for a variable tree (the converter's inverse:
-  names by its own hint, MHA q/k/v merged into in_proj_*)."""
-  sd, qkv = {}, {}
-  for key, a in traverse_util.flatten_dict(variables).items():
-    a = np.asarray(a)
-    if key[-2] in ("q_proj", "k_proj", "v_proj"):
-      parent = convert._torch_name_hint(key[:-2] + ("x",))[:-2]
-      qkv.setdefault((parent, key[-1]), {})[key[-2]] = a
-      continue
-    name = convert._torch_name_hint(key)
-    if key[-1] == "kernel":
-      a = a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T
-    sd[name] = a
-  for (parent, leaf), d in qkv.items():
-    if len(d) < 3:              # a lone q_proj (the mixer): not an in_proj
-      for n, a in d.items():
-        sd[f"{parent}.{n}.{'weight' if leaf == 'kernel' else leaf}"] = (
-            a.T if leaf == "kernel" else a)
-      continue
-    parts = [d[n].T if leaf == "kernel" else d[n]
-             for n in ("q_proj", "k_proj", "v_proj")]
-    sd[f"{parent}.in_proj_{'weight' if leaf == 'kernel' else 'bias'}"] = (
-        np.concatenate(parts, 0))
-  return sd
+def flax_to_torch(variables, config=None):
+  """The original's state dict for a tiny pvt2 model's variables, less what
+  the original holds but never uses (export_pth, tests/test_export_pth.py)."""
+  sd = export_pth.state_dict(variables, config or config_with("pvt2"))
+  return {k: v for k, v in sd.items() if not convert.is_known_unused(k)}
 
 
 def test_convert_cli_writes_an_export_that_loads_back(tmp_path, capsys):

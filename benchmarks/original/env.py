@@ -57,8 +57,11 @@ def load_config(src, backbone):
   return _attrs({k: v for k, v in d.items() if not k.startswith("__")})
 
 
-def build(src, reference, backbone, seed=0):
-  """(model, config) with shared/reference's synthetic weights of `seed`."""
+def build(src, reference, backbone, seed=0, weights=None):
+  """(model, config) with shared/reference's synthetic weights of `seed`, or
+  with the state dict in `weights` (a `.pth`, e.g. one that
+  `avsegformer_jax.convert --out=X.pth` exported), loaded as the original's
+  test scripts do: `torch.load`, strict `load_state_dict`."""
   import numpy as np
   import torch
   from model import build_model              # the original's
@@ -70,6 +73,9 @@ def build(src, reference, backbone, seed=0):
   # (AVSegFormer(freeze_audio_backbone=True), forward under no_grad).
   m["vggish"] = dict(m["vggish"], freeze_audio_extractor=False)
   model = build_model(**m)
+  if weights:
+    model.load_state_dict(torch.load(weights, weights_only=True), strict=True)
+    return model, cfg
   sd = synth_state_dict(os.path.join(reference, KEYS[backbone]), seed=seed)
   model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
                          for k, v in sd.items()}, strict=True)

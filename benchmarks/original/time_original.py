@@ -17,7 +17,8 @@ Protocol: float32, `torch.set_num_threads(2)`, B = 1 clip, T = 5 frames,
   backward, its AdamW step; frozen is the original's `freeze_backbone(True)`
   (`requires_grad=False` only, batch norm stays in train mode).
 - `parity`: the golden inputs (T = 2) against shared/reference's stored
-  outputs, to show this is the code the goldens came from.
+  outputs, to show this is the code the goldens came from; with
+  `--weights=X.pth`, the weights from that file (an export of ours).
 
 Prints each call's seconds, the median, the peak RSS and one JSON line.
 """
@@ -42,7 +43,8 @@ def _peak_rss_mib():
 def _parity(args):
   import numpy as np
   import torch
-  model, _ = env.build(args.src, args.reference, args.backbone)
+  model, _ = env.build(args.src, args.reference, args.backbone,
+                       weights=args.weights)
   model.eval()
   g = np.load(os.path.join(args.reference, "goldens",
                            f"model_s4_{args.backbone}.npz"))
@@ -65,6 +67,10 @@ def main():
   p.add_argument("--backbone", choices=sorted(env.CONFIGS), required=True)
   p.add_argument("--mode", choices=["eval", "train_frozen", "train_unfrozen",
                                     "parity"], required=True)
+  p.add_argument("--weights", default=None,
+                 help="a .pth to load instead of the synthetic weights (parity "
+                 "of an export: the golden's weights through our convert "
+                 "and export_pth)")
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--frames", type=int, default=5)
   p.add_argument("--size", type=int, default=224)
