@@ -255,6 +255,10 @@ def _run(argv) -> int | str:
   if not f["verbosity"].present:       # orbax's INFO lines only with --v=0
     logging.set_verbosity(logging.WARNING)
   to_pth = f.out.endswith((".pth", ".pt"))
+  if not to_pth and files.is_dir(f.checkpoint):
+    return (f"convert: {f.checkpoint}: a directory, and --out=DIR takes a "
+            "released .pth; to write a checkpoint of ours in the original's "
+            "format, give --out=FILE.pth")
   try:
     if to_pth:
       from avsegformer_jax import export_pth

@@ -167,3 +167,10 @@ def test_convert_cli_exports_a_workdir_checkpoint(tmp_path, capsys):
                          f"--out={tmp_path / 'x.pth'}"])
   assert "nope: no such checkpoint" in str(e.value.code)
   assert not (tmp_path / "x.pth").exists()
+  with pytest.raises(SystemExit) as e:      # ours, but --out=DIR
+    pretrained.cli_main(["convert", f"--config={TINY}:pvt2",
+                         f"--checkpoint={tmp_path / 'export'}",
+                         f"--out={tmp_path / 'again'}"])
+  assert "export: a directory, and --out=DIR takes a released .pth; to " \
+         "write a checkpoint of ours in the original's format, give " \
+         "--out=FILE.pth" in str(e.value.code)
