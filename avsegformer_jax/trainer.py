@@ -333,14 +333,17 @@ def evaluate_checkpoint(config, workdir: str, checkpoint_dir: str, split: str,
                         *, shuffle_audio=False, source=None) -> dict:
   """`main.py --mode=eval`: scores a checkpoint (ours, or a released `.pth`)
   and writes eval_results.json and, for `eval.num_visualize` clips, masks
-  and overlays."""
+  and overlays (`visualizations/<split>`; with shuffled audio
+  `eval_results_shuffled_audio.json`, `visualizations/<split>_shuffled_audio`)."""
   files.makedirs(workdir)
   mesh = train.make_mesh()
   model = avsegformer.build_model(config)
   from avsegformer_jax import pretrained  # pylint: disable=g-import-not-at-top
   variables = pretrained.load_model_variables(checkpoint_dir, config)
   steps = train.Steps(model, config, mesh)
-  vis = files.join(workdir, "visualizations", split)
+  # Apart: the shuffled-audio control must not overwrite the true overlays.
+  vis = files.join(workdir, "visualizations",
+                   f"{split}_shuffled_audio" if shuffle_audio else split)
   res = evaluate(config, steps, variables, split, shuffle_audio=shuffle_audio,
                  vis_dir=vis, num_visualize=config.eval.num_visualize,
                  source=source)

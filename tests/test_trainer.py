@@ -268,3 +268,39 @@ def test_rerunning_a_finished_run_changes_nothing(reference_run, tmp_path):
   _assert_same_params(full, again, atol=0)
   assert again["miou"] == full["miou"]
   assert max(_losses(wd)) == 6 and len(_losses(wd)) == 6   # no step logged
+
+
+def test_shuffled_audio_eval_keeps_the_true_audio_overlays(tmp_path):
+  """`--mode=eval --shuffle_audio` (and the demo's audio control, which runs
+  both) writes its masks and overlays apart: before, the shuffled run
+  overwrote the true-audio ones, which then showed another clip's sound."""
+  sys.path.insert(0, os.path.dirname(__file__))
+  import jax
+  from avsegformer_jax import avsegformer, checkpoint, trainer
+  from train_driver import synthetic_source, tiny_config
+  config = tiny_config()
+  config.eval.num_visualize = 2
+  model = avsegformer.build_model(config)
+  checkpoint.save_variables(tmp_path / "export", avsegformer.init_variables(
+      model, jax.random.PRNGKey(0), 32))
+  source = synthetic_source(4, 2, 32, 1)
+  vis = tmp_path / "wd" / "visualizations"
+
+  def files(d):
+    return {os.path.relpath(p, d): os.stat(p).st_mtime_ns
+            for p in glob.glob(str(d / "*" / "*.png"))}
+
+  trainer.evaluate_checkpoint(config, str(tmp_path / "wd"),
+                              str(tmp_path / "export"), "validation",
+                              source=source)
+  true = files(vis / "validation")
+  assert sorted({k.split(os.sep)[0] for k in true}) == ["clip0", "clip1"]
+  time.sleep(0.01)
+  trainer.evaluate_checkpoint(config, str(tmp_path / "wd"),
+                              str(tmp_path / "export"), "validation",
+                              source=source, shuffle_audio=True)
+  assert files(vis / "validation") == true           # not rewritten
+  assert sorted(files(vis / "validation_shuffled_audio")) == sorted(true)
+  assert sorted(os.listdir(tmp_path / "wd")) == [
+      "eval_results.json", "eval_results_shuffled_audio.json",
+      "visualizations"]
