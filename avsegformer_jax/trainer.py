@@ -332,24 +332,25 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
 def evaluate_checkpoint(config, workdir: str, checkpoint_dir: str, split: str,
                         *, shuffle_audio=False, source=None) -> dict:
   """`main.py --mode=eval`: scores a checkpoint (ours, or a released `.pth`)
-  and writes eval_results.json and, for `eval.num_visualize` clips, masks
-  and overlays (`visualizations/<split>`; with shuffled audio
-  `eval_results_shuffled_audio.json`, `visualizations/<split>_shuffled_audio`)."""
+  and writes `eval_results_<split>.json` and, for `eval.num_visualize`
+  clips, masks and overlays in `visualizations/<split>` (with shuffled
+  audio: `<split>_shuffled_audio` in both names)."""
   files.makedirs(workdir)
   mesh = train.make_mesh()
   model = avsegformer.build_model(config)
   from avsegformer_jax import pretrained  # pylint: disable=g-import-not-at-top
   variables = pretrained.load_model_variables(checkpoint_dir, config)
   steps = train.Steps(model, config, mesh)
-  # Apart: the shuffled-audio control must not overwrite the true overlays.
-  vis = files.join(workdir, "visualizations",
-                   f"{split}_shuffled_audio" if shuffle_audio else split)
+  # One name per split and audio: evaluating the test split after the
+  # validation one, or the shuffled-audio control after the true audio,
+  # must not overwrite the other's results or overlays.
+  name = f"{split}_shuffled_audio" if shuffle_audio else split
+  vis = files.join(workdir, "visualizations", name)
   res = evaluate(config, steps, variables, split, shuffle_audio=shuffle_audio,
                  vis_dir=vis, num_visualize=config.eval.num_visualize,
                  source=source)
   res["checkpoint"] = files.absolute(checkpoint_dir)
   if _is_main():
-    name = "eval_results_shuffled_audio.json" if shuffle_audio else \
-        "eval_results.json"
-    files.write_text(files.join(workdir, name), json.dumps(res, indent=2))
+    files.write_text(files.join(workdir, f"eval_results_{name}.json"),
+                     json.dumps(res, indent=2))
   return res

@@ -270,10 +270,11 @@ def test_rerunning_a_finished_run_changes_nothing(reference_run, tmp_path):
   assert max(_losses(wd)) == 6 and len(_losses(wd)) == 6   # no step logged
 
 
-def test_shuffled_audio_eval_keeps_the_true_audio_overlays(tmp_path):
+def test_evaluations_keep_their_results_and_overlays_apart(tmp_path):
   """`--mode=eval --shuffle_audio` (and the demo's audio control, which runs
   both) writes its masks and overlays apart: before, the shuffled run
-  overwrote the true-audio ones, which then showed another clip's sound."""
+  overwrote the true-audio ones, which then showed another clip's sound.
+  Each split keeps its own results file too."""
   sys.path.insert(0, os.path.dirname(__file__))
   import jax
   from avsegformer_jax import avsegformer, checkpoint, trainer
@@ -301,6 +302,13 @@ def test_shuffled_audio_eval_keeps_the_true_audio_overlays(tmp_path):
                               source=source, shuffle_audio=True)
   assert files(vis / "validation") == true           # not rewritten
   assert sorted(files(vis / "validation_shuffled_audio")) == sorted(true)
+  trainer.evaluate_checkpoint(config, str(tmp_path / "wd"),
+                              str(tmp_path / "export"), "test",
+                              source=source)
   assert sorted(os.listdir(tmp_path / "wd")) == [
-      "eval_results.json", "eval_results_shuffled_audio.json",
-      "visualizations"]
+      "eval_results_test.json", "eval_results_validation.json",
+      "eval_results_validation_shuffled_audio.json", "visualizations"]
+  assert sorted(os.listdir(vis)) == [
+      "test", "validation", "validation_shuffled_audio"]
+  with open(tmp_path / "wd" / "eval_results_validation.json") as f:
+    assert json.load(f)["split"] == "validation"
