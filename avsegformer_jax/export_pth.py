@@ -192,10 +192,10 @@ def save(path: str, sd: Mapping[str, np.ndarray]) -> None:
   for k, a in arrays.items():
     if a.dtype not in _STORAGE:
       raise ExportError(f"{k}: dtype {a.dtype} has no torch storage here")
-  body = b"\x80\x02ccollections\nOrderedDict\n)R("
-  for i, (k, a) in enumerate(arrays.items()):
-    body += _str(k) + _tensor_pickle(str(i), a)
-  body += b"u."
+  body = b"".join(
+      [b"\x80\x02ccollections\nOrderedDict\n)R("]
+      + [_str(k) + _tensor_pickle(str(i), a)
+         for i, (k, a) in enumerate(arrays.items())] + [b"u."])
   archive = "archive"                 # the records' folder, any name
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
