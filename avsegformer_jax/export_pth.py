@@ -1,8 +1,8 @@
 """Flax variables -> the original's state dict, saved as a `.pth` it loads.
 
 Why: a model trained or fine-tuned here should go back to the original's
-code (its `scripts/*/test.py` do `model.load_state_dict(torch.load(f))`,
-strict) and to anyone who holds torch checkpoints. `convert`'s inverse:
+code (its `scripts/*/test.py` read a checkpoint with torch.load and a
+strict `load_state_dict`) and to anyone who holds torch checkpoints. `convert`'s inverse:
 
   kernel [kh, kw, I, O] -> weight [O, I, kh, kw]     (conv)
   kernel [I, O]         -> weight [O, I], or [O, I, 1, 1] where the original
@@ -19,7 +19,7 @@ reference state-dict lists of all six released models).
 
 The file is torch's zip format (what `torch.save` writes since 1.6: a
 protocol-2 pickle of an OrderedDict of tensors, one storage per tensor),
-spelled without torch; `torch.load(f, weights_only=True)` reads it.
+spelled without torch; torch.load reads it with `weights_only=True`.
 """
 from __future__ import annotations
 

@@ -272,7 +272,8 @@ def _run(argv) -> int | str:
     print(f"exported {f.checkpoint} -> {os.path.abspath(f.out)}: "
           f"{done['tensors']} tensors, the original's state dict "
           f"({done['unused_zeros']} it holds but never uses, as zeros); "
-          "load with model.load_state_dict(torch.load(f, weights_only=True))")
+          "in torch: torch.load with weights_only=True, then "
+          "model.load_state_dict")
     return 0
   print(f"converted {f.checkpoint} -> {files.absolute(f.out)}")
   print(format_report(report, list_keys=f.list_keys))
