@@ -181,7 +181,8 @@ def build_model(config, axis_name: str | None = None) -> AVSegFormer:
       dropout_impl=dropout.check_impl(mc.get("dropout_impl", "bernoulli")),
       parent=None)
   return AVSegFormer(backbone=backbone,
-                     vggish=vggish.VGGish(dtype=dtype, parent=None),
+                     vggish=vggish.VGGish(fc_dim=mc.get("vggish_fc_dim", 4096),
+                                          dtype=dtype, parent=None),
                      head=head, embed_dim=mc.embed_dim, dtype=dtype)
 
 

@@ -114,6 +114,11 @@ def load_vggish(path: str, variables):
   if _file_kind(sd) != "vggish":
     raise ConversionError(f"{path}: not a VGGish state dict (no 'features.*' "
                           f"keys; first keys: {list(sd)[:4]})")
+  ours = variables["params"]["vggish"]["embeddings_0"]["kernel"].shape[-1]
+  theirs = getattr(sd.get("embeddings.0.weight"), "shape", (ours,))[0]
+  if theirs != ours:
+    raise ConversionError(f"{path}: VGGish's hidden FCs are {theirs} wide, "
+                          f"the model's {ours} (model.vggish_fc_dim)")
   return _load_into(variables, "vggish", sd, path, VGGISH_UNUSED, "VGGish")
 
 

@@ -21,6 +21,9 @@ HE = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 class VGGish(nn.Module):
+  # The two hidden FCs' width: 4096 in the release (50M of its 72M weights).
+  # Only tests narrow it, where no released weights are loaded.
+  fc_dim: int = 4096
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -38,7 +41,7 @@ class VGGish(nn.Module):
                                 kernel_init=HE, name=f"features_{idx}")(x))
         idx += 2                             # conv, ReLU
     x = x.reshape(x.shape[0], -1)                              # [N, 12288]
-    for i, width in ((0, 4096), (2, 4096), (4, 128)):
+    for i, width in ((0, self.fc_dim), (2, self.fc_dim), (4, 128)):
       x = nn.relu(layers.dense(width, dtype=self.dtype, kernel_init=HE,
                                name=f"embeddings_{i}")(x))
     return x

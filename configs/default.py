@@ -31,6 +31,7 @@ def get_config():
   m.num_queries = 300
   m.learnable_queries = True     # Table 2: learnable queries on/off
   m.mixer = "cha"                # cha | cra | none (Table 2 / Fig. 4)
+  m.vggish_fc_dim = 4096         # VGGish's hidden FCs (the release's; tests narrow it)
   m.head_mlp_dim = 2048          # the 300->2048->2048->256 MLP over the query axis
   m.dropout = 0.1                # encoder / decoder dropout (train only)
   # On the decoder's attention maps; unset: model.dropout (as the original). 0 lets

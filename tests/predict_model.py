@@ -114,7 +114,7 @@ def train(cfg, steps, batch=12, lr=1e-3, seed=0, bank=8, log=print):
   frozen = {k: v for k, v in params.items() if k not in TRAINED}
   trainable = {k: params[k] for k in TRAINED}
   mels = np.stack([example(rng, c) for c in CLASSES for _ in range(bank)])
-  emb_bank = jax.jit(lambda p, x: vggish.VGGish().apply({"params": p}, x))(
+  emb_bank = jax.jit(lambda p, x: model.vggish.apply({"params": p}, x))(
       frozen["vggish"], mels).reshape(len(CLASSES), bank, -1)
   tx = optax.adamw(lr, weight_decay=0.01)
   opt = tx.init(trainable)

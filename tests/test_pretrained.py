@@ -108,19 +108,21 @@ def torchvggish(seed=0):
 
 
 @functools.lru_cache(maxsize=None)
-def _model_shapes(backbone, scan):
+def _model_shapes(backbone, scan, vggish_fc_dim):
   if scan:      # the backbone alone: tracing a second whole model is slow
     module = pvt_v2.PyramidVisionTransformerV2("b0", scan_layers=True)
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
     return {"params": {"backbone": jax.eval_shape(
         module.init, jax.random.PRNGKey(0), x)["params"]}}
   return avsegformer.variable_shapes(
-      avsegformer.build_model(config_with(backbone)))
+      avsegformer.build_model(config_with(backbone,
+                                          vggish_fc_dim=vggish_fc_dim)))
 
 
 def zeros_like_model(config):
   """Variables of the model, as zeros (cheap: no init compute)."""
-  shapes = _model_shapes(config.model.backbone, config.model.scan_layers)
+  shapes = _model_shapes(config.model.backbone, config.model.scan_layers,
+                         config.model.vggish_fc_dim)
   return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
@@ -265,6 +267,11 @@ def test_vggish_torchvggish_names(tmp_path):
   sd = torchvggish()
   config = config_with("pvt2")
   config.pretrained.vggish = write_pth(tmp_path / "vggish-10086976.pth", sd)
+  with pytest.raises(ConversionError, match=r"vggish-10086976\.pth: VGGish's "
+                     r"hidden FCs are 4096 wide, the model's 128 "
+                     r"\(model\.vggish_fc_dim\)"):
+    pretrained.load_pretrained(config, zeros_like_model(config))
+  config.model.vggish_fc_dim = 4096          # the release's (tiny: 128)
   before = zeros_like_model(config)
   v = pretrained.load_pretrained(config, before)
   p = v["params"]["vggish"]
