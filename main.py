@@ -47,7 +47,7 @@ def _demo_data(config, workdir):
   """The synthetic AVSBench, written and prepared into the workdir once (by
   process 0 of a multi-process run, while the others wait for it)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from avsegformer_jax import multihost  # pylint: disable=g-import-not-at-top
   from datasets.avsbench import prepare, synthesize  # pylint: disable=g-import-not-at-top
   s = config.data.synthetic
   raw = os.path.join(workdir, "synthetic_raw")
@@ -56,8 +56,7 @@ def _demo_data(config, workdir):
     synthesize.synthesize(config.task, raw, num_videos=s.num_videos,
                           seed=s.seed, size=s.size)
     prepare.prepare(config.task, raw, config.data.data_dir)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("avsegformer_jax demo data")
+  multihost.sync_processes("demo data")     # however long process 0 takes
 
 
 def main(argv):

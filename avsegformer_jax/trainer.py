@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from avsegformer_jax import (avsegformer, checkpoint, errors, files, metrics,
-                             train, visualize)
+                             multihost, train, visualize)
 
 
 class NonFiniteLossError(errors.ReportedError, RuntimeError):
@@ -195,6 +195,7 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
   from datasets import input_pipeline  # pylint: disable=g-import-not-at-top
   files.makedirs(workdir)
   mesh = train.make_mesh()
+  multihost.connect(mesh)
   model = avsegformer.build_model(config, axis_name=train.AXIS)
   t = config.train
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep,
@@ -337,6 +338,7 @@ def evaluate_checkpoint(config, workdir: str, checkpoint_dir: str, split: str,
   audio: `<split>_shuffled_audio` in both names)."""
   files.makedirs(workdir)
   mesh = train.make_mesh()
+  multihost.connect(mesh)
   model = avsegformer.build_model(config)
   from avsegformer_jax import pretrained  # pylint: disable=g-import-not-at-top
   variables = pretrained.load_model_variables(checkpoint_dir, config)

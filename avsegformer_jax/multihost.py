@@ -1,0 +1,56 @@
+"""Keeping several JAX processes (`jax.distributed`) in step without timing out.
+
+On CPU, JAX's collectives (gloo) build a device group's communicator at the
+group's first collective, and give up when a peer process joins more than 30 s
+after the first one (`Gloo context initialization failed: DEADLINE_EXCEEDED:
+GetKeyValue() timed out`; the limit is gloo's, not configurable from JAX).
+Later collectives on the group wait for a late peer without that limit. Two
+things make a peer that late: compiling the first train step (it took one
+process of a two-process CPU run 30 s longer than the other on a loaded
+2-core machine), and process-local work before a collective barrier (process 0
+writing the demo dataset while the others wait in `sync_global_devices`).
+
+So barriers go through the coordination service (a timeout we choose, no
+collective), and `connect` builds the communicators of a mesh, and of the
+per-device groups that `sync_global_devices` and orbax's barriers use, while
+the processes are in step. On GPUs and TPUs it costs one tiny program.
+"""
+from __future__ import annotations
+
+import itertools
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax import lax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+_BARRIERS = itertools.count()       # ids must be new; every process counts alike
+
+
+def sync_processes(name: str, timeout_s: int = 3600) -> None:
+  """Returns once every process has called it with the same `name`; waits up
+  to `timeout_s` for the last one (a crashed process is reported sooner by
+  the coordination service's heartbeat)."""
+  if jax.process_count() > 1:
+    ocp.multihost.get_barrier_sync_fn()(
+        key=f"avsegformer_jax/{name}/{next(_BARRIERS)}",
+        timeout_ms=timeout_s * 1000)
+
+
+def connect(mesh: Mesh) -> None:
+  """Builds the communicators of `mesh` (all its devices: the steps' group)
+  and of `sync_global_devices` now, with the processes in step; a no-op for
+  one process."""
+  if jax.process_count() == 1:
+    return
+  sync_processes("connect")
+  spec = P(mesh.axis_names)              # [devices] over every mesh axis
+  count = jax.jit(jax.shard_map(lambda x: lax.psum(x, mesh.axis_names),
+                                mesh=mesh, in_specs=spec, out_specs=P()))
+  ones = np.ones((len(mesh.local_devices),), np.int32)
+  n = int(count(jax.make_array_from_process_local_data(
+      NamedSharding(mesh, spec), ones, (mesh.size,)))[0])
+  assert n == mesh.size, (n, mesh.size)
+  multihost_utils.sync_global_devices("avsegformer_jax connect")
