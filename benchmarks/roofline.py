@@ -144,6 +144,22 @@ def parse(text):
   return comps, entry
 
 
+def _trip_count(comps, loop) -> int:
+  """XLA:GPU's `known_trip_count`; else (XLA:TPU gives none) the N of a
+  condition `counter < N` with a constant N: JAX's scans count 0..N-1."""
+  n = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attrs)
+  if n:
+    return int(n.group(1))
+  cond = {i.name: i for i in comps.get(loop.attr("condition"), ())}
+  root = next((i for i in cond.values() if i.root), None)
+  if root is not None and root.opcode == "compare" and "direction=LT" in \
+      root.attrs:
+    c = cond.get(root.operands[-1])
+    if c is not None and c.opcode == "constant" and c.args.isdigit():
+      return int(c.args)
+  return 1
+
+
 def _multipliers(comps, entry):
   """How many times each non-fused computation runs per step."""
   mult = collections.Counter()
@@ -153,8 +169,7 @@ def _multipliers(comps, entry):
     mult[name] += k
     for ins in comps.get(name, ()):
       if ins.opcode == "while":
-        n = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
-        stack.append((ins.attr("body"), k * (int(n.group(1)) if n else 1)))
+        stack.append((ins.attr("body"), k * _trip_count(comps, ins)))
       elif ins.opcode in ("call", "async-start"):
         stack.append((ins.attr("to_apply") or ins.attr("calls"), k))
       elif ins.opcode == "conditional":
