@@ -124,6 +124,32 @@ def test_impls_agree_on_values_and_gradients():
     assert err <= 1e-2 * np.abs(np.asarray(out32)).max(), (impl, err)
 
 
+def test_dense_gradient_at_pixel_centres():
+  """At whole-pixel coordinates (the encoder's locations at init: reference
+  points at pixel centres, offsets of whole pixels) "dense" differentiates
+  as grid_sample and the gathers do: -1 on the pixel at floor(x), +1 on the
+  next. A tent max(0, 1 - |x - j|) would give 0 on one side there."""
+  shapes = ((4, 5), (2, 3))
+  s = sum(h * w for h, w in shapes)
+  r = np.random.RandomState(3)
+  # Pixel centres from one outside each edge to one past it, per level.
+  sizes = np.asarray([[w, h] for h, w in shapes], np.float32)   # [nL, 2]
+  pix = r.randint(-1, 7, (1, 6, 2, 2, 3, 2)).astype(np.float32)
+  loc = jnp.asarray((pix + 0.5) / sizes[None, None, None, :, None, :])
+  value = jnp.asarray(r.standard_normal((1, s, 2, 3)), jnp.float32)
+  aw = jnp.asarray(r.uniform(0, 1, (1, 6, 2, 2, 3)), jnp.float32)
+
+  def grads(impl):
+    f = lambda v, l, a: jnp.sum(da.ms_deform_attn_core(v, shapes, l, a, impl)
+                                ** 2)
+    with jax.default_matmul_precision("highest"):
+      return jax.jit(jax.grad(f, (0, 1, 2)))(value, loc, aw)
+  want = grads("gather4")
+  assert np.abs(np.asarray(want[1])).max() > 0.1        # not a trivial case
+  for got, ref, name in zip(grads("dense"), want, ("value", "loc", "weights")):
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
 def test_taps_branches_per_platform_agree():
   """`taps` sums its taps in one loop on CPU and as one gather + reduction
   elsewhere (XLA:GPU splits the 48-tap loop into a multi-output fusion that
@@ -212,11 +238,13 @@ def test_taps_backward_keeps_no_forward_taps():
   assert temp < 1.6 * taps_bytes, (temp, taps_bytes)
 
 
-def test_auto_lowers_to_the_platforms_core():
-  """"auto" (the default) is "gather4" when lowered for TPU and "taps" for
-  CPU and GPU: the lowered program has the chosen core's gathers and
-  scatters and no others, so the other branch costs nothing (XLA:TPU pads the taps table's [M, 48, 32]
-  gather to 128 lanes: 28x the memory, minutes to compile)."""
+def test_auto_lowers_to_the_platforms_core(monkeypatch):
+  """"auto" (the default) is "taps" when lowered for CPU and GPU, and for
+  TPU "dense" up to DENSE_MAX_PAIRS (query, pixel) pairs per head, then
+  "gather4": the lowered program has the chosen core's gathers and scatters
+  and no others, so the other branches cost nothing (XLA:TPU pads the taps
+  table's [M, 48, 32] gather to 128 lanes: 28x the memory, minutes to
+  compile)."""
   shapes = ((6, 5), (3, 3), (2, 1))
   s = sum(h * w for h, w in shapes)
   value = jnp.zeros((2, s, 3, 4), jnp.bfloat16)
@@ -229,8 +257,11 @@ def test_auto_lowers_to_the_platforms_core():
     text = f.trace(value, loc, aw).lower(
         lowering_platforms=(platform,)).as_text()
     return [text.count(f"stablehlo.{op}") for op in ("gather", "scatter")]
-  for platform, core in (("tpu", "gather4"), ("cuda", "taps"),
+  for platform, core in (("tpu", "dense"), ("cuda", "taps"),
                          ("cpu", "taps")):
     assert ops("auto", platform) == ops(core, platform), platform
+  assert ops("dense", "tpu") == [0, 0]
   assert ops("gather4", "tpu") != ops("taps", "tpu")
+  monkeypatch.setattr(da, "DENSE_MAX_PAIRS", 7 * s - 1)
+  assert ops("auto", "tpu") == ops("gather4", "tpu") != [0, 0]
   assert da.DEFAULT_IMPL == "auto"
