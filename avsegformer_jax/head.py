@@ -132,7 +132,12 @@ class UpsampledConv(nn.Module):
   ran at 85-115 GFLOP/s, the same FLOPs at 56x56 with 512 outputs at about
   twice that, and the 4x larger upsampled map is never written (S4 head, 5
   frames at 224, bfloat16, upsampling + conv + ReLU: 175-188 -> 82-93 ms,
-  2-core Xeon). GPUs and TPUs keep upsample-then-conv (not measured there).
+  2-core Xeon). On TPU, by XLA:TPU's cost model (v5e, 20 frames, with the
+  ReLU), forward 17.2 -> 7.2 ms, forward+backward 29.2 -> 6.6 ms
+  (benchmarks/tpu_cost.py), so TPUs take it too. GPUs keep
+  upsample-then-conv until measured: the H100 roofline halves the bytes
+  (80 frames: forward+backward 2.7 -> 1.5 ms) but quadruples the kernels
+  (11 -> 50), and launches are what it leaves out.
   """
   features: int
   scale: int
@@ -161,7 +166,7 @@ class UpsampledConv(nn.Module):
           "klcf,pka,qlb->abcpqf", kernel.astype(jnp.float32), taps, taps,
           precision=lax.Precision.HIGHEST).reshape(3, 3, c, -1)
       return _upsampled_conv(v, kernel, phase_kernel.astype(v.dtype), s)
-    y = lax.platform_dependent(x, cpu=phased, default=plain)
+    y = lax.platform_dependent(x, cpu=phased, tpu=phased, default=plain)
     return y + bias
 
 
