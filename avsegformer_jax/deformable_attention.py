@@ -1,8 +1,10 @@
 """Multi-scale deformable attention (Deformable DETR, Zhu et al. 2020), pure JAX.
 
 AVSegFormer's encoder (paper Sec. "Transformer Encoder") uses it over the
-stride 8/16/32 features. No custom kernel: bilinear sampling is written as
-gathers so it compiles everywhere (CPU, GPU, TPU) and differentiates.
+stride 8/16/32 features. Bilinear sampling is written as gathers, or (for
+TPU, where gathers are slow) as dense interpolation matrices on the MXU, so
+it compiles everywhere (CPU, GPU, TPU) and differentiates; a Triton kernel
+is an option on GPUs.
 
 Semantics of the original (`ms_deform_attn_core_pytorch`): grid_sample with
 zero padding and align_corners=False, i.e. pixel = location * size - 0.5;

@@ -46,7 +46,7 @@ def get_config():
   m.remat = False                # rematerialise transformer / backbone blocks
   m.remat_policy = "full"        # full: recompute all | dots: keep weight GEMMs' outputs
   m.scan_layers = False          # nn.scan over repeated identical layers
-  m.msda_impl = "auto"           # MSDA core: auto (taps; gather4 on TPU) | taps | rows | fused | gather4 | pallas (GPU)
+  m.msda_impl = "auto"           # MSDA core: auto (taps; TPU: dense to 320 px, then gather4) | taps | rows | fused | gather4 | dense | pallas (GPU)
   m.attention_impl = "xla"       # dense attention: xla | cudnn (flash attention; bf16 on NVIDIA GPUs; H200: train 33% slower)
 
   # ----------------------------------------------------------------- data --
