@@ -8,6 +8,10 @@
 # Further arguments go to main.py, e.g. --config.model.scan_layers=True:
 # XLA:TPU compiles the PVTv2-B5 train step 2.6x faster with the layers
 # scanned, in 12% less memory (benchmarks/README.md, "TPU without a TPU").
+# With more than ~2 clips per chip add --config.model.remat=True (S4
+# PVTv2-B5 at 4 clips per v5e chip needs 21 GB without it, 2.7 GB with),
+# and --config.train.prng_impl=rbg (~5% faster by XLA:TPU's cost model:
+# benchmarks/README.md, "TPU step time without a TPU").
 #
 # The workdir and data_dir must be on storage every host reaches: gs:// URLs
 # work (orbax writes checkpoints there itself, our logs and results go
