@@ -49,7 +49,9 @@ class DepthwiseConv(nn.Module):
   multiply-adds: the same parameters as `nn.Conv(feature_group_count=C)`
   (kernel [k,k,1,C], bias [C]), but XLA's CPU backend runs grouped
   convolutions slowly (its filter gradient about 20x slower than this),
-  while the shifted form fuses into one loop on every backend."""
+  while the shifted form fuses into one loop on CPU and GPU. TPUs run the
+  grouped convolution itself (`_grouped_depthwise`) from GROUPED_MIN_BATCH
+  images up, where XLA:TPU's cost model has it faster."""
   kernel_size: int = 3
   dtype: Dtype = jnp.float32
   kernel_init: Any = xavier_uniform
@@ -59,8 +61,11 @@ class DepthwiseConv(nn.Module):
     k, c = self.kernel_size, x.shape[-1]
     kernel = self.param("kernel", self.kernel_init, (k, k, 1, c))
     bias = self.param("bias", nn.initializers.zeros, (c,))
-    return _shifted_depthwise(x.astype(self.dtype), kernel.astype(self.dtype),
-                              bias.astype(self.dtype))
+    tpu = (_grouped_depthwise if x.shape[0] >= GROUPED_MIN_BATCH
+           else _shifted_depthwise)
+    return jax.lax.platform_dependent(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        bias.astype(self.dtype), tpu=tpu, default=_shifted_depthwise)
 
 
 class PatchConv(nn.Module):
@@ -149,6 +154,25 @@ def _depthwise_forward(x, kernel, bias):
                                     default=_depthwise_sum)
 
 
+# Below 8 images XLA:TPU's grouped convolution is the slower one (v5e cost
+# model: 1.5-2.7x the shifted form's time forward at 1-6 images).
+GROUPED_MIN_BATCH = 8
+
+
+def _grouped_depthwise(x, kernel, bias):
+  """XLA's grouped convolution, for TPUs: by XLA:TPU's cost model (v5e,
+  bf16, with a GELU) 2-4x the shifted form's speed forward+backward from 8
+  images up (stage 3, 14 x 14 x 1280: 8 images 0.25 -> 0.07 ms, 40 images
+  1.30 -> 0.32; stage 1, 56 x 56 x 256, 40 images 4.87 -> 1.49 ms);
+  benchmarks/tpu_cost.py."""
+  k = kernel.shape[0]
+  y = jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), [(k // 2, k // 2)] * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=x.shape[-1])
+  return y + bias
+
+
 @jax.custom_vjp
 def _shifted_depthwise(x, kernel, bias):
   """Residuals: x, not its k*k shifted windows (plain autodiff keeps all
@@ -194,7 +218,8 @@ _depthwise_bwd_cpu = functools.partial(_depthwise_bwd_direct,
 
 
 def _shifted_depthwise_bwd(res, g):
-  # Chosen when the step is lowered; TPUs keep autodiff's backward.
+  # Chosen when the step is lowered; TPUs keep autodiff's backward (where
+  # DepthwiseConv itself runs `_grouped_depthwise`).
   return jax.lax.platform_dependent(
       *res, g, cpu=_depthwise_bwd_cpu, tpu=_depthwise_bwd_autodiff,
       default=_depthwise_bwd_direct)

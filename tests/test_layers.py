@@ -212,6 +212,41 @@ def test_cpu_fence_is_the_function():
   assert layers.cpu_fence(fn, empty, 1.0).shape == (0, 3)
 
 
+def test_depthwise_conv_is_the_grouped_conv_on_tpu():
+  """TPUs run XLA's grouped convolution from GROUPED_MIN_BATCH images up
+  (faster there by XLA:TPU's cost model), CPU and GPU the shifted sums: the
+  same values and gradients, and each platform's lowering holds only its
+  own."""
+  r = np.random.RandomState(6)
+  x = jnp.asarray(r.standard_normal((2, 6, 5, 8)), jnp.float32)
+  kernel = jnp.asarray(r.standard_normal((3, 3, 1, 8)), jnp.float32)
+  bias = jnp.asarray(r.standard_normal(8), jnp.float32)
+  g = jnp.asarray(r.standard_normal((2, 6, 5, 8)), jnp.float32)
+
+  def vjp(fn):
+    out, back = jax.vjp(fn, x, kernel, bias)
+    return (out,) + back(g)
+  with jax.default_matmul_precision("highest"):
+    for a, b in zip(vjp(layers._grouped_depthwise),
+                    vjp(layers._shifted_depthwise)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+  conv = layers.DepthwiseConv(3)
+  params = conv.init(jax.random.PRNGKey(0), x)["params"]
+  f = jax.jit(jax.grad(lambda p, x: jnp.sum(conv.apply({"params": p}, x)),
+                       (0, 1)))
+
+  def grouped_convs(platform, n):
+    x_n = jnp.zeros((n,) + x.shape[1:])
+    text = f.trace(params, x_n).lower(
+        lowering_platforms=(platform,)).as_text()
+    return text.count("feature_group_count = 8")
+  big = layers.GROUPED_MIN_BATCH
+  assert grouped_convs("tpu", big) >= 1
+  assert grouped_convs("tpu", big - 1) == 0
+  assert grouped_convs("cpu", big) == grouped_convs("cuda", big) == 0
+
+
 def test_depthwise_conv_backward_keeps_only_its_input():
   """The kernel gradient needs the 9 shifted windows of x; they are rebuilt
   in the backward, so the residuals are x-sized once, not nine times."""
