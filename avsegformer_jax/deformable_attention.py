@@ -127,7 +127,8 @@ def _dense_core(value, spatial_shapes, sampling_locations, attention_weights):
     pix = np.arange(h * w)
     kx = _tent(loc[..., 0] * w - 0.5, pix % w)                    # [B,nH,Lq,nP,hw]
     ky = _tent(loc[..., 1] * h - 0.5, pix // w)
-    aw = attention_weights[:, :, :, lvl].astype(jnp.float32).transpose(0, 2, 1, 3)
+    aw = attention_weights[:, :, :, lvl].astype(jnp.float32)
+    aw = aw.transpose(0, 2, 1, 3)                                 # [B,nH,Lq,nP]
     m = jnp.sum(aw[..., None] * kx * ky, axis=3).astype(value.dtype)
     term = jnp.einsum("bhqs,bshd->bqhd", m, v,
                       preferred_element_type=jnp.float32)
@@ -143,6 +144,8 @@ DENSE_MAX_PAIRS = 4_500_000
 def _auto_tpu(lq, spatial_shapes) -> str:
   s = sum(h * w for h, w in spatial_shapes)
   return "dense" if lq * s <= DENSE_MAX_PAIRS else "gather4"
+
+
 # Core implementations: per level with the samplers above, or all levels at
 # once from value viewed as a [B*S*nH, D] table with the bilinear and
 # attention weights folded together ("rows": one gather + weighted sum;
@@ -150,12 +153,12 @@ def _auto_tpu(lq, spatial_shapes) -> str:
 # times them; "taps" is the fastest on CPU (forward 4x "rows") and GPU
 # (bf16 forward+backward 9x "gather4"). On TPU the 48-tap table gathers are
 # the worst: XLA:TPU materialises [M, 48, 32] padded to 128 lanes and takes
-# minutes to compile them (benchmarks/README.md), so "auto", the default,
-# is "gather4" there and "taps" elsewhere, chosen when the step is lowered.
-# "pallas" (deformable_attention_pallas.py): one Triton kernel per pass that
-# never writes the taps to HBM; GPUs only, opt-in until measured on one.
-# "dense" (`_dense_core`): the taps as dense matrices times value, no gathers;
-# on TPU "auto" takes it up to DENSE_MAX_PAIRS (224: yes, 512: no).
+# minutes to compile them (benchmarks/README.md). "dense" (`_dense_core`):
+# the taps as dense matrices times value, no gathers. So "auto", the
+# default, is "taps" on CPU and GPU and, on TPU, "dense" up to
+# DENSE_MAX_PAIRS (224: yes, 512: no), then "gather4"; chosen when the step
+# is lowered. "pallas" (deformable_attention_pallas.py): one Triton kernel
+# per pass that never writes the taps to HBM; GPUs only, opt-in.
 IMPLS = ("auto", "gather4", "fused", "rows", "taps", "pallas", "dense")
 DEFAULT_IMPL = "auto"
 AUTO = {"tpu": _auto_tpu, "default": "taps"}
