@@ -115,16 +115,13 @@ def estimate(text: str, target: str = "v5e", depth: int = 3) -> dict:
                                          key=lambda x: -x[1]["s"])})
 
 
-def report(est, model_flops=None, peak_flops=None, top=12) -> str:
+def report(est, top=12) -> str:
   t = est["total"]
   lines = [f"XLA:TPU cost model ({est['target']}): {t['s'] * 1e3:.2f} ms per "
            f"step over {int(t['kernels'])} kernels, "
            f"{t.get('unestimated_s', 0) * 1e3:.2f} ms of it in kernels "
            f"without an estimate (tiled bytes / HBM bandwidth); async DMAs "
            f"beside them {t.get('async_s', 0) * 1e3:.2f} ms"]
-  if model_flops and peak_flops:
-    lines.append(f"model FLOPs {model_flops / 1e12:.2f} T: MFU "
-                 f"{model_flops / t['s'] / peak_flops:.1%} at that time")
   lines.append(f"{'part':<48} {'ms':>7} {'share':>6} {'unestimated ms':>14} "
                f"{'kernels':>7}")
   for g, c in list(est["groups"].items())[:top]:
