@@ -141,6 +141,38 @@ def _dense_core(value, spatial_shapes, sampling_locations, attention_weights):
 DENSE_MAX_PAIRS = 4_500_000
 
 
+def _dense_grouped(value, spatial_shapes, sampling_locations,
+                   attention_weights):
+  """`_dense_core` whose backward takes the frames in groups of at most
+  DENSE_MAX_PAIRS (query, pixel) pairs, one group after another (`lax.map`).
+
+  XLA:TPU splits the backward's reductions over [B, nH, Lq, nP, hw] into
+  more kernels the more frames there are, each rebuilding the tents (v5e,
+  224, forward+backward: 0.62 ms a frame up to 4 frames, 1.84 at 40; in
+  groups of 4, 0.62). Autodiff of a map would stack every group's tents
+  for the backward (26.8 GB at 40 frames); here each group's are rebuilt.
+  """
+  def core(v, loc, aw):
+    return _dense_core(v, spatial_shapes, loc, aw)
+  b, lq = sampling_locations.shape[:2]
+  most = max(1, DENSE_MAX_PAIRS // (lq * sum(h * w for h, w in spatial_shapes)))
+  group = max(k for k in range(1, min(b, most) + 1) if b % k == 0)
+  if group == b:
+    return core(value, sampling_locations, attention_weights)
+
+  def backward(inputs, g):
+    def one(args):
+      *primals, cotangent = args
+      return jax.vjp(core, *primals)[1](cotangent)
+    split = lambda x: x.reshape((b // group, group) + x.shape[1:])
+    grads = jax.lax.map(one, tuple(map(split, inputs + (g,))))
+    return tuple(x.reshape((b,) + x.shape[2:]) for x in grads)
+
+  grouped = jax.custom_vjp(core)
+  grouped.defvjp(lambda *a: (core(*a), a), backward)
+  return grouped(value, sampling_locations, attention_weights)
+
+
 def _auto_tpu(lq, spatial_shapes) -> str:
   s = sum(h * w for h, w in spatial_shapes)
   return "dense" if lq * s <= DENSE_MAX_PAIRS else "gather4"
@@ -153,8 +185,9 @@ def _auto_tpu(lq, spatial_shapes) -> str:
 # times them; "taps" is the fastest on CPU (forward 4x "rows") and GPU
 # (bf16 forward+backward 9x "gather4"). On TPU the 48-tap table gathers are
 # the worst: XLA:TPU materialises [M, 48, 32] padded to 128 lanes and takes
-# minutes to compile them (benchmarks/README.md). "dense" (`_dense_core`):
-# the taps as dense matrices times value, no gathers. So "auto", the
+# minutes to compile them (benchmarks/README.md). "dense" (`_dense_core`,
+# backward in groups of frames): the taps as dense matrices times value, no
+# gathers. So "auto", the
 # default, is "taps" on CPU and GPU and, on TPU, "dense" up to
 # DENSE_MAX_PAIRS (224: yes, 512: no), then "gather4"; chosen when the step
 # is lowered. "pallas" (deformable_attention_pallas.py): one Triton kernel
@@ -297,8 +330,8 @@ def ms_deform_attn_core(value, spatial_shapes: Sequence[tuple[int, int]],
   b, _, nh, d = value.shape
   _, lq, _, nl, npts, _ = sampling_locations.shape
   if impl == "dense":
-    return _dense_core(value, spatial_shapes, sampling_locations,
-                       attention_weights)
+    return _dense_grouped(value, spatial_shapes, sampling_locations,
+                          attention_weights)
   if impl in ("rows", "taps"):
     table, row, wgt = _table_rows(value, spatial_shapes, sampling_locations,
                                   attention_weights)

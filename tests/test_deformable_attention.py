@@ -150,6 +150,36 @@ def test_dense_gradient_at_pixel_centres():
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("frames,per_group,groups", [(6, 2, 3), (5, 2, 5)])
+def test_dense_backward_takes_frames_in_groups(monkeypatch, frames,
+                                               per_group, groups):
+  """Past DENSE_MAX_PAIRS (query, pixel) pairs, "dense"'s backward loops over
+  groups of frames (a divisor of the batch: 5 frames at 2 a group go one by
+  one) with the gradients of all frames at once; the forward stays whole."""
+  shapes = ((6, 5), (3, 3), (2, 1))
+  s = sum(h * w for h, w in shapes)
+  r = np.random.RandomState(4)
+  value = jnp.asarray(r.standard_normal((frames, s, 3, 4)), jnp.float32)
+  loc = jnp.asarray(r.uniform(-0.3, 1.3, (frames, 7, 3, 3, 2, 2)),
+                    jnp.float32)
+  aw = jnp.asarray(r.uniform(0, 1, (frames, 7, 3, 3, 2)), jnp.float32)
+  ct = jnp.asarray(r.standard_normal((frames, 7, 12)), jnp.float32)
+  f = lambda v, l, a: jnp.sum(da.ms_deform_attn_core(v, shapes, l, a, "dense")
+                              * ct)
+  def grads():              # a new function each time: traced afresh
+    with jax.default_matmul_precision("highest"):
+      return jax.jit(jax.grad(lambda *a: f(*a), (0, 1, 2)))(value, loc, aw)
+  want = grads()
+  monkeypatch.setattr(da, "DENSE_MAX_PAIRS", per_group * 7 * s + 1)
+  got = grads()
+  for g, w, name in zip(got, want, ("value", "loc", "weights")):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=name)
+  loops = re.findall(r"scan\[.*?length=(\d+)", str(jax.make_jaxpr(
+      jax.grad(f, (0, 1, 2)))(value, loc, aw)), re.S)
+  assert loops == [str(groups)]
+  assert "scan" not in str(jax.make_jaxpr(f)(value, loc, aw))
+
+
 def test_taps_branches_per_platform_agree():
   """`taps` sums its taps in one loop on CPU and as one gather + reduction
   elsewhere (XLA:GPU splits the 48-tap loop into a multi-output fusion that
