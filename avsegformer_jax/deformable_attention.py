@@ -19,7 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 
 from avsegformer_jax import dots, layers
 
@@ -405,7 +404,5 @@ class MSDeformAttn(nn.Module):
     self.sow("intermediates", "sampling_locations", locations)
     self.sow("intermediates", "attention_probs", attn)
     out = ms_deform_attn_core(value, spatial_shapes, locations, attn,
-                              self.impl)                          # [B,Lq,C]
-    # Kept by remat: the core's taps or tents cost far more than [B,Lq,C].
-    out = checkpoint_name(out, layers.REMAT_KEEP)
+                              self.impl)
     return layers.dense(self.d_model, dtype=self.dtype, name="output_proj")(out)
