@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from avsegformer_jax import dots, layers
 
@@ -116,8 +117,6 @@ def _dense_core(value, spatial_shapes, sampling_locations, attention_weights):
   cost model, 4.6x faster than "gather4" forward+backward at 224 (Lq = S =
   1029) and 4x slower at 512 (5376), hence `_auto_tpu`.
   """
-  b, _, nh, d = value.shape
-  lq = sampling_locations.shape[1]
   out, start = None, 0
   for lvl, (h, w) in enumerate(spatial_shapes):
     v = value[:, start:start + h * w]                             # [B,hw,nH,D]
@@ -133,7 +132,7 @@ def _dense_core(value, spatial_shapes, sampling_locations, attention_weights):
     term = jnp.einsum("bhqs,bshd->bqhd", m, v,
                       preferred_element_type=jnp.float32)
     out = term if out is None else out + term
-  return out.astype(value.dtype).reshape(b, lq, nh * d)
+  return out.astype(value.dtype)                                  # [B,Lq,nH,D]
 
 
 # Above this many (query, pixel) pairs per head, "dense" does more work on TPU
@@ -151,14 +150,20 @@ def _dense_grouped(value, spatial_shapes, sampling_locations,
   224, forward+backward: 0.62 ms a frame up to 4 frames, 1.84 at 40; in
   groups of 4, 0.62). Autodiff of a map would stack every group's tents
   for the backward (26.8 GB at 40 frames); here each group's are rebuilt.
+
+  Remat keeps the output (REMAT_KEEP), else a rematerialised layer builds
+  the tents three times (v5e AVSS step: 926 -> 834 ms). The name is not on
+  the branch's output: there remat would keep the output of every
+  platform's branch, and XLA:GPU then writes `taps`' gathers out (+9%).
   """
   def core(v, loc, aw):
     return _dense_core(v, spatial_shapes, loc, aw)
   b, lq = sampling_locations.shape[:2]
+  kept = lambda out: checkpoint_name(out, layers.REMAT_KEEP).reshape(b, lq, -1)
   most = max(1, DENSE_MAX_PAIRS // (lq * sum(h * w for h, w in spatial_shapes)))
   group = max(k for k in range(1, min(b, most) + 1) if b % k == 0)
   if group == b:
-    return core(value, sampling_locations, attention_weights)
+    return kept(core(value, sampling_locations, attention_weights))
 
   def backward(inputs, g):
     def one(args):
@@ -170,7 +175,7 @@ def _dense_grouped(value, spatial_shapes, sampling_locations,
 
   grouped = jax.custom_vjp(core)
   grouped.defvjp(lambda *a: (core(*a), a), backward)
-  return grouped(value, sampling_locations, attention_weights)
+  return kept(grouped(value, sampling_locations, attention_weights))
 
 
 def _auto_tpu(lq, spatial_shapes) -> str:

@@ -379,8 +379,10 @@ class MultiheadAttention(nn.Module):
 # of its weight GEMMs (no batch dimensions: not the attention maps) and
 # recomputes the rest (norms, activations, attention), which on a GPU is
 # memory traffic saved rather than FLOPs spent (benchmarks/README.md). Both
-# keep the dropout masks (`Dropout`).
+# keep the dropout masks (`Dropout`) and what is named REMAT_KEEP: outputs
+# small next to the work that makes them (TPU's deformable-attention core).
 REMAT_POLICIES = ("full", "dots")
+REMAT_KEEP = "remat_keep"
 
 
 def remat_module(module_cls, mode, *, prevent_cse: bool = True):
@@ -390,12 +392,13 @@ def remat_module(module_cls, mode, *, prevent_cse: bool = True):
   cp = jax.checkpoint_policies
   if mode is True or mode == "full":
     return nn.remat(module_cls, prevent_cse=prevent_cse,
-                    policy=cp.save_only_these_names(DROPOUT_MASK))
+                    policy=cp.save_only_these_names(DROPOUT_MASK, REMAT_KEEP))
   if mode == "dots":
     return nn.remat(module_cls, prevent_cse=prevent_cse,
                     policy=cp.save_from_both_policies(
                         cp.dots_with_no_batch_dims_saveable,
-                        cp.save_only_these_names(DROPOUT_MASK, WEIGHT_DOT)))
+                        cp.save_only_these_names(DROPOUT_MASK, WEIGHT_DOT,
+                                                 REMAT_KEEP)))
   raise ValueError(f"remat mode must be one of {REMAT_POLICIES}, got {mode!r}")
 
 

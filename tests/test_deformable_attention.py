@@ -5,12 +5,13 @@ in Pallas' interpreter elsewhere (tests/test_deformable_attention_pallas.py
 has the rest of its tests)."""
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from avsegformer_jax import convert, dots
+from avsegformer_jax import convert, dots, layers
 from avsegformer_jax import deformable_attention as da
 from avsegformer_jax import deformable_attention_pallas
 
@@ -79,6 +80,51 @@ def test_module_matches_golden(g):
   err = np.abs(np.asarray(out) - g["output"]).max()
   assert loc_err <= 1e-5 and aw_err <= 1e-6, (loc_err, aw_err)
   assert err <= 2e-5, err
+
+
+class _Sampler(nn.Module):
+  """MSDeformAttn over fixed maps (remat traces every call argument)."""
+  impl: str
+
+  @nn.compact
+  def __call__(self, query, ref, feats):
+    return da.MSDeformAttn(32, 3, 4, 2, impl=self.impl)(
+        query, ref, feats, ((6, 5), (3, 3), (2, 1)))
+
+
+@pytest.mark.parametrize("mode", ["full", "dots"])
+@pytest.mark.parametrize("impl", ["dense", "auto", "taps"])
+def test_remat_keeps_the_dense_core_output(capsys, impl, mode):
+  """Rematerialised, "dense" (TPU's core) keeps its [B, Lq, nH, D] output
+  (named REMAT_KEEP) instead of building its tents again; under "auto" that
+  is the TPU branch's value ([.., nH, D]), not the branch output ([.., C]),
+  which remat would keep on every platform (XLA:GPU then writes `taps`'
+  gathers out); "taps" keeps nothing. Gradients as without remat."""
+  r = np.random.RandomState(5)
+  query = jnp.asarray(r.standard_normal((2, 7, 32)), jnp.float32)
+  ref = jnp.asarray(r.uniform(0, 1, (2, 7, 3, 2)), jnp.float32)
+  feats = jnp.asarray(r.standard_normal((2, 41, 32)), jnp.float32)
+  params = _Sampler(impl).init(jax.random.PRNGKey(0), query, ref, feats)
+
+  def kept_and_grads(remat):
+    m = layers.remat_module(_Sampler, remat)(impl)
+    loss = lambda p, q, x: jnp.sum(jnp.sin(m.apply(p, q, ref, x)))
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(loss, params, query, feats)
+    kept = [l for l in capsys.readouterr().out.splitlines()
+            if "avsegformer_jax" in l]              # made inside the module
+    return kept, jax.grad(loss, (0, 1, 2))(params, query, feats)
+  kept, grads = kept_and_grads(mode)
+  # Under "auto" the TPU branch's name is a residual output of the cond.
+  core = [l for l in kept if "named 'remat_keep'" in l or "of cond" in l]
+  if impl == "taps":
+    assert core == [] and (mode == "dots" or kept == []), kept
+  else:
+    assert len(core) == 1 and core[0].startswith("f32[2,7,4,8]"), kept
+    assert mode == "dots" or kept == core, kept
+  _, want = kept_and_grads(False)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
+                                                       atol=1e-6), grads, want)
 
 
 def test_init_gives_directional_offsets():
