@@ -152,7 +152,7 @@ def _dense_grouped(value, spatial_shapes, sampling_locations,
   for the backward (26.8 GB at 40 frames); here each group's are rebuilt.
 
   Remat keeps the output (REMAT_KEEP), else a rematerialised layer builds
-  the tents three times (v5e AVSS step: 926 -> 834 ms). The name is not on
+  the tents three times (v5e AVSS step: 926 -> 835 ms). The name is not on
   the branch's output: there remat would keep the output of every
   platform's branch, and XLA:GPU then writes `taps`' gathers out (+9%).
   """
@@ -191,12 +191,12 @@ def _auto_tpu(lq, spatial_shapes) -> str:
 # (bf16 forward+backward 9x "gather4"). On TPU the 48-tap table gathers are
 # the worst: XLA:TPU materialises [M, 48, 32] padded to 128 lanes and takes
 # minutes to compile them (benchmarks/README.md). "dense" (`_dense_core`,
-# backward in groups of frames): the taps as dense matrices times value, no
-# gathers. So "auto", the
-# default, is "taps" on CPU and GPU and, on TPU, "dense" up to
-# DENSE_MAX_PAIRS (224: yes, 512: no), then "gather4"; chosen when the step
-# is lowered. "pallas" (deformable_attention_pallas.py): one Triton kernel
-# per pass that never writes the taps to HBM; GPUs only, opt-in.
+# backward in groups of frames: `_dense_grouped`): the taps as dense
+# matrices times value, no gathers. So "auto", the default, is "taps" on CPU
+# and GPU and, on TPU, "dense" up to DENSE_MAX_PAIRS (224: yes, 512: no),
+# then "gather4"; chosen when the step is lowered. "pallas"
+# (deformable_attention_pallas.py): one Triton kernel per pass that never
+# writes the taps to HBM; GPUs only, opt-in.
 IMPLS = ("auto", "gather4", "fused", "rows", "taps", "pallas", "dense")
 DEFAULT_IMPL = "auto"
 AUTO = {"tpu": _auto_tpu, "default": "taps"}
