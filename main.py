@@ -16,12 +16,10 @@ import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from avsegformer_jax import compile_cache   # os only: no JAX import yet
+from avsegformer_jax import compile_cache, errors  # no JAX import yet
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
-                                          lock_config=True)
+_CONFIG = errors.define_config_flag("Config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs, results.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
 _CHECKPOINT = flags.DEFINE_string(
@@ -63,7 +61,6 @@ def main(argv):
   """Bad input (a missing dataset or checkpoint, a diverged loss) ends with
   one line naming it and status 2, not a traceback; a preemption notice
   (SIGTERM) with a saved checkpoint and status 143."""
-  from avsegformer_jax import errors  # pylint: disable=g-import-not-at-top
   try:
     _main(argv)
   except errors.ReportedError as e:
@@ -86,10 +83,14 @@ def _main(argv):
   compile_cache.enable(_XLA_CACHE.value)
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  from avsegformer_jax import trainer  # pylint: disable=g-import-not-at-top
+  from avsegformer_jax import checkpoint, files, trainer  # pylint: disable=g-import-not-at-top
   config, workdir = _CONFIG.value, _WORKDIR.value
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(),
                jax.process_count(), jax.devices())
+  source = _CHECKPOINT.value or workdir
+  if _MODE.value == "eval" and not files.exists(source):
+    # before the demo's data is written for nothing
+    raise checkpoint.CheckpointError(f"{source}: no such checkpoint")
   with config.unlocked():
     if config.data.get("synthetic") and config.data.synthetic.enabled:
       _demo_data(config, workdir)
@@ -101,8 +102,7 @@ def _main(argv):
       print(json.dumps(res, indent=2))
   else:
     split = _SPLIT.value or config.data.eval_split
-    res = trainer.evaluate_checkpoint(config, workdir,
-                                      _CHECKPOINT.value or workdir, split,
+    res = trainer.evaluate_checkpoint(config, workdir, source, split,
                                       shuffle_audio=_SHUFFLED.value)
     print(json.dumps({k: v for k, v in res.items()
                       if not k.endswith("per_class")}, indent=2))

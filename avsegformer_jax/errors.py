@@ -35,3 +35,31 @@ def exit_with(prog: str, err: BaseException, code: int = 2):
   import sys  # pylint: disable=g-import-not-at-top
   print(f"{prog}: error: {err}", file=sys.stderr)
   raise SystemExit(code)
+
+
+
+
+def define_config_flag(help_text: str, lock_config: bool = True):
+  """`--config` as ml_collections defines it, except that a config file it
+  cannot read is a flag error naming the file (ml_collections defers that
+  error to the config's first use: a traceback from inside the library)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  holder = config_flags.DEFINE_config_file("config", None, help_text,
+                                           lock_config=lock_config)
+  parser = flags.FLAGS["config"].parser
+
+  class Parser(type(parser)):          # its parser, with the error made eager
+
+    def parse(self, path):
+      config = super().parse(path)
+      try:
+        getattr(config, "get")         # the deferred error raises on access
+      except OSError as e:
+        cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
+        raise ValueError(f"cannot load this config file ({cause}); give one "
+                         "such as configs/s4.py:pvt2") from None
+      return config
+
+  parser.__class__ = Parser
+  return holder

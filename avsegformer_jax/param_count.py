@@ -17,9 +17,8 @@ import math
 import jax
 from absl import app, flags
 from flax import traverse_util
-from ml_collections import config_flags
 
-from avsegformer_jax import avsegformer
+from avsegformer_jax import avsegformer, errors
 
 
 
@@ -59,6 +58,6 @@ def main(argv):
 if __name__ == "__main__":
   # Flags are defined here, not at import: the library modules share absl's
   # global flag registry, and two `--config` definitions collide.
-  config_flags.DEFINE_config_file("config", None, "Model config file.")
+  errors.define_config_flag("Model config file.")
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -39,7 +39,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 from PIL import Image
 from tqdm import tqdm
 
@@ -358,8 +357,7 @@ def _summary_line(s: dict, out: str) -> str:
 
 def _define_flags():
   """Defines the CLI flags; at import they would collide with other CLIs'."""
-  config_flags.DEFINE_config_file("config", None, "Model config.",
-                                  lock_config=True)
+  errors.define_config_flag("Model config.")
   flags.DEFINE_string("checkpoint", None, "Model export, training workdir "
                       "(or WORKDIR/checkpoints/<step>) or released .pth.")
   flags.DEFINE_string("video", None, "Input video (mp4, webm, mkv, ...); "

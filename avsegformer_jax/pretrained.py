@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from avsegformer_jax import (avsegformer, checkpoint, convert, files,
+from avsegformer_jax import (avsegformer, checkpoint, convert, errors, files,
                              torch_io, xla_cpu)
 from avsegformer_jax.convert import ConversionError
 
@@ -236,12 +236,9 @@ def convert_checkpoint(config, checkpoint: str, out: str) -> dict:
 
 def _define_flags():
   from absl import flags
-  from ml_collections import config_flags
   if "config" in flags.FLAGS:        # a second in-process call (tests)
     return
-  config_flags.DEFINE_config_file(
-      "config", None, "Model config, e.g. configs/s4.py:pvt2.",
-      lock_config=True)
+  errors.define_config_flag("Model config, e.g. configs/s4.py:pvt2.")
   flags.DEFINE_string("checkpoint", None,
                       "A released AVSegFormer .pth; with --out=FILE.pth any "
                       "checkpoint of the model (export, workdir, step).")

@@ -47,6 +47,15 @@ def test_main_without_a_prepared_dataset(tmp_path):
           f"--manual_dir=RAW_AVSBENCH --data_dir={data}") in last
 
 
+def test_main_eval_of_a_missing_checkpoint_stops_before_any_work(tmp_path):
+  r = _run("main.py", "--config=configs/demo.py", f"--workdir={tmp_path}/w",
+           "--mode=eval", f"--checkpoint={tmp_path}/missing")
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert r.stderr.strip().splitlines()[-1] == (
+      f"main.py: error: {tmp_path}/missing: no such checkpoint")
+  assert not (tmp_path / "w").exists()      # the demo's data not written
+
+
 def test_prepare_without_the_download(tmp_path):
   (tmp_path / "raw").mkdir()
   r = _run("-m", "datasets.avsbench.prepare", "--config=ms3",
@@ -70,3 +79,25 @@ def test_main_reports_a_preemption_with_status_143():
                       "after saving its checkpoint in /runs/x; run the same "
                       "command to resume\n")
   assert not issubclass(errors.Preempted, errors.ReportedError)  # no error
+
+
+@pytest.mark.parametrize("cli", [
+    ("main.py", "--workdir=/nonexistent/w"),
+    ("main.py", "--workdir=/nonexistent/w", "--config.train.batch_size=4"),
+    ("-m", "avsegformer_jax.predict", "--checkpoint=x", "--video=x",
+     "--out=/nonexistent/p"),
+    ("-m", "avsegformer_jax.convert", "--checkpoint=x", "--out=/nonexistent/o"),
+    ("-m", "avsegformer_jax.param_count")],
+    ids=["main", "main_override", "predict", "convert", "param_count"])
+def test_an_unreadable_config_file_is_named_at_flag_parsing(tmp_path, cli):
+  """ml_collections defers an unreadable config file's error to its first
+  use (an override flag's parsing, or the CLI's), where it surfaced as a
+  traceback from inside the library; each CLI stops on it before any work."""
+  missing = tmp_path / "configs" / "s4_typo.py"
+  r = _run(*cli, f"--config={missing}:pvt2")
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert r.stderr.splitlines()[0] == (
+      f"FATAL Flags parsing error: flag --config={missing}:pvt2: cannot load "
+      f"this config file ([Errno 2] No such file or directory: '{missing}'); "
+      "give one such as configs/s4.py:pvt2")
