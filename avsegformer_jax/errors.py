@@ -39,27 +39,58 @@ def exit_with(prog: str, err: BaseException, code: int = 2):
 
 
 
+
 def define_config_flag(help_text: str, lock_config: bool = True):
-  """`--config` as ml_collections defines it, except that a config file it
-  cannot read is a flag error naming the file (ml_collections defers that
-  error to the config's first use: a traceback from inside the library)."""
+  """`--config` as ml_collections defines it, except that an unreadable
+  config file and an override of a field the config lacks are flag errors
+  that name them. (ml_collections defers the first to the config's first
+  use and raises the second from inside its parsing: both were tracebacks
+  from inside the library.)"""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   holder = config_flags.DEFINE_config_file("config", None, help_text,
                                            lock_config=lock_config)
-  parser = flags.FLAGS["config"].parser
+  flag = flags.FLAGS["config"]
 
-  class Parser(type(parser)):          # its parser, with the error made eager
+  class ConfigFlag(type(flag)):        # the same flag, its errors named
 
-    def parse(self, path):
-      config = super().parse(path)
+    def _parse(self, argument):
       try:
-        getattr(config, "get")         # the deferred error raises on access
+        config = super()._parse(argument)
+        getattr(config, "get")          # a deferred load error raises here
+        return config
       except OSError as e:
         cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
-        raise ValueError(f"cannot load this config file ({cause}); give one "
-                         "such as configs/s4.py:pvt2") from None
-      return config
+        error = (f"cannot load this config file ({cause}); give one such as "
+                 "configs/s4.py:pvt2")
+      except (KeyError, AttributeError):  # an override's missing field
+        import sys  # pylint: disable=g-import-not-at-top
+        error = _unknown_override(self.parser.parse(argument), sys.argv)
+      raise flags.IllegalFlagValueError(
+          f"flag --{self.name}={argument}: {error}") from None
 
-  parser.__class__ = Parser
+  flag.__class__ = ConfigFlag
   return holder
+
+
+def _unknown_override(config, argv) -> str:
+  """Names the first `--config.a.b` in argv that `config` has no field for,
+  with the closest names (ml_collections' own error only says `'b'`)."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  for arg in argv:
+    m = re.match(r"--?(?:no)?config\.([^=]+)", arg)
+    if not m:
+      continue
+    node, done = config, []
+    for part in m.group(1).split("."):
+      where = ".".join(done) or "the config"
+      if not hasattr(node, "keys"):
+        return f"--config.{m.group(1)}: {where} is a value, not a group"
+      if part not in node.keys():
+        close = difflib.get_close_matches(part, list(node.keys()), n=3)
+        hint = (f"did you mean {' or '.join(close)}?" if close else
+                f"it has {', '.join(sorted(node.keys()))}")
+        return f"--config.{m.group(1)}: {where} has no field {part!r}; {hint}"
+      node, done = node[part], done + [part]
+  return "an override names a field the config does not have"

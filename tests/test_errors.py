@@ -81,23 +81,44 @@ def test_main_reports_a_preemption_with_status_143():
   assert not issubclass(errors.Preempted, errors.ReportedError)  # no error
 
 
-@pytest.mark.parametrize("cli", [
-    ("main.py", "--workdir=/nonexistent/w"),
-    ("main.py", "--workdir=/nonexistent/w", "--config.train.batch_size=4"),
-    ("-m", "avsegformer_jax.predict", "--checkpoint=x", "--video=x",
-     "--out=/nonexistent/p"),
-    ("-m", "avsegformer_jax.convert", "--checkpoint=x", "--out=/nonexistent/o"),
-    ("-m", "avsegformer_jax.param_count")],
+@pytest.mark.parametrize("prog,args", [
+    (["main.py"], ["--workdir=/nonexistent/w"]),
+    (["main.py"], ["--workdir=/nonexistent/w", "--config.train.batch_size=4"]),
+    (["-m", "avsegformer_jax.predict"],
+     ["--checkpoint=x", "--video=x", "--out=/nonexistent/p"]),
+    (["-m", "avsegformer_jax.convert"],
+     ["--checkpoint=x", "--out=/nonexistent/o"]),
+    (["-m", "avsegformer_jax.param_count"], [])],
     ids=["main", "main_override", "predict", "convert", "param_count"])
-def test_an_unreadable_config_file_is_named_at_flag_parsing(tmp_path, cli):
+def test_an_unreadable_config_file_is_named_at_flag_parsing(tmp_path, prog,
+                                                            args):
   """ml_collections defers an unreadable config file's error to its first
   use (an override flag's parsing, or the CLI's), where it surfaced as a
   traceback from inside the library; each CLI stops on it before any work."""
   missing = tmp_path / "configs" / "s4_typo.py"
-  r = _run(*cli, f"--config={missing}:pvt2")
+  r = _run(*prog, f"--config={missing}:pvt2", *args)
   assert r.returncode == 1, r.stderr[-3000:]
   assert "Traceback" not in r.stderr, r.stderr[-3000:]
   assert r.stderr.splitlines()[0] == (
       f"FATAL Flags parsing error: flag --config={missing}:pvt2: cannot load "
       f"this config file ([Errno 2] No such file or directory: '{missing}'); "
       "give one such as configs/s4.py:pvt2")
+
+
+@pytest.mark.parametrize("override,error", [
+    ("--config.trian.batch_size=3",
+     "--config.trian.batch_size: the config has no field 'trian'; did you "
+     "mean train?"),
+    ("--config.model.rematt=True",
+     "--config.model.rematt: model has no field 'rematt'; did you mean remat?"),
+    ("--noconfig.data.xyz",
+     "--config.data.xyz: data has no field 'xyz'; it has "),
+    ("--config.train.batch_size.x=3",
+     "--config.train.batch_size.x: train.batch_size is a value, not a group")])
+def test_an_override_of_a_missing_field_is_named(override, error):
+  r = _run("main.py", "--config=configs/demo.py", "--workdir=/nonexistent/w",
+           "--config.train.batch_size=4", override)
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert r.stderr.splitlines()[0].startswith(
+      f"FATAL Flags parsing error: flag --config=configs/demo.py: {error}")
