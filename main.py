@@ -91,6 +91,7 @@ def _main(argv):
   if _MODE.value == "eval" and not files.exists(source):
     # before the demo's data is written for nothing
     raise checkpoint.CheckpointError(f"{source}: no such checkpoint")
+  files.make_output_dir(workdir, "the workdir")
   with config.unlocked():
     if config.data.get("synthetic") and config.data.synthetic.enabled:
       _demo_data(config, workdir)

@@ -33,6 +33,17 @@ def makedirs(path) -> None:
   epath.Path(absolute(path)).mkdir(parents=True, exist_ok=True)
 
 
+def make_output_dir(path, what: str) -> None:
+  """makedirs for a folder the user named: one that cannot be made (a file
+  in its path, no permission, a read-only disk) is bad input, reported
+  before any work (not a traceback from wherever it is first written)."""
+  try:
+    makedirs(path)
+  except OSError as e:
+    from avsegformer_jax import errors  # pylint: disable=g-import-not-at-top
+    raise errors.InputError(f"{path}: cannot create {what} ({e})") from None
+
+
 def write_text(path, text: str) -> None:
   epath.Path(absolute(path)).write_text(text)
 

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from avsegformer_jax import audio as audio_lib
 from avsegformer_jax import (avsegformer, checkpoint, compile_cache, errors,
-                             pretrained, video_io, visualize, xla_cpu)
+                             files, pretrained, video_io, visualize, xla_cpu)
 
 PAD_MODES = {"s4": "repeat_last", "ms3": "repeat_last", "avss": "zero_pad"}
 
@@ -329,6 +329,7 @@ def predict_videos(config, videos: list[str], out_dir: str, *,
   others; a checkpoint that cannot be used ends them all.
   Returns (summaries, [(video, reason)] of those skipped)."""
   kw = dict(fps=fps, every_frame=every_frame, batch_clips=batch_clips)
+  files.make_output_dir(out_dir, "the output directory")
   predictor, done, skipped = None, [], []
   for video, out in zip(videos, output_dirs(videos, out_dir)):
     try:
@@ -385,7 +386,7 @@ def main(argv):
         f.config, videos, f.out, checkpoint_dir=f.checkpoint, fps=f.fps,
         every_frame=f.every_frame, batch_clips=f.batch_clips,
         report=lambda line: print(line, flush=True))
-  except PredictError as e:
+  except errors.InputError as e:       # PredictError, an unwritable --out
     errors.exit_with("predict", e)
   if skipped:
     errors.exit_with("predict", PredictError(

@@ -122,3 +122,26 @@ def test_an_override_of_a_missing_field_is_named(override, error):
   assert "Traceback" not in r.stderr, r.stderr[-3000:]
   assert r.stderr.splitlines()[0].startswith(
       f"FATAL Flags parsing error: flag --config=configs/demo.py: {error}")
+
+
+@pytest.mark.parametrize("prog,args,what", [
+    (["main.py", "--config=configs/tiny.py"], ["--workdir={out}"],
+     "the workdir"),
+    (["-m", "avsegformer_jax.predict", "--config=configs/tiny.py"],
+     ["--checkpoint={tmp}", "--video={tmp}/v.mp4", "--out={out}"],
+     "the output directory"),
+    (["-m", "datasets.avsbench.synthesize"],
+     ["--task=s4", "--out={out}"], "the output folder"),
+    (["-m", "datasets.avsbench.prepare"],
+     ["--config=s4", "--manual_dir={tmp}", "--data_dir={out}"], "the data dir"),
+], ids=["main.py", "predict", "synthesize", "prepare"])
+def test_an_output_folder_that_cannot_be_made_is_named(request, tmp_path,
+                                                        prog, args, what):
+  (tmp_path / "v.mp4").write_bytes(b"not read: the output folder comes first")
+  out = tmp_path / "v.mp4" / "out"               # under a file: ENOTDIR
+  r = _run(*prog, *(a.format(tmp=tmp_path, out=out) for a in args))
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert r.stderr.strip().splitlines()[-1] == (
+      f"{request.node.callspec.id}: error: {out}: cannot create {what} "
+      f"([Errno 20] Not a directory: '{out}')")

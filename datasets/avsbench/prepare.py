@@ -14,7 +14,7 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from avsegformer_jax import errors
+from avsegformer_jax import errors, files
 
 from . import raw
 from .avsbench_dataset_builder import Builder
@@ -56,6 +56,7 @@ def main(argv=None) -> None:
   p.add_argument("--overwrite", action="store_true", help="rebuild even if already prepared")
   a = p.parse_args(argv)
   try:
+    files.make_output_dir(a.data_dir, "the data dir")
     path = prepare(a.config, a.manual_dir, a.data_dir,
                    skip_bad_clips=a.skip_bad_clips or None,
                    num_workers=a.num_workers, overwrite=a.overwrite)

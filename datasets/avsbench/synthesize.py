@@ -33,6 +33,8 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
+from avsegformer_jax import errors, files
+
 from . import raw
 
 # shape, RGB colour, tone (Hz), AM rate (Hz), S4 category, AVSS label
@@ -242,7 +244,7 @@ def _split_names(n: int) -> list[str]:
   n_val = max(1, int(round(n * SPLIT_FRACTIONS["val"])))
   n_test = max(1, int(round(n * SPLIT_FRACTIONS["test"])))
   if n - n_val - n_test < 1:
-    raise ValueError(f"need at least 3 videos (one per split), got {n}")
+    raise errors.InputError(f"need at least 3 videos (one per split), got {n}")
   return ["train"] * (n - n_val - n_test) + ["val"] * n_val + ["test"] * n_test
 
 
@@ -310,7 +312,11 @@ def main(argv=None) -> None:
   p.add_argument("--size", type=int, default=96, help="frame height in px (AVSS width = 4/3 of it)")
   p.add_argument("--overwrite", action="store_true")
   a = p.parse_args(argv)
-  r = synthesize(a.task, a.out, a.videos, a.seed, a.size, overwrite=a.overwrite)
+  try:
+    files.make_output_dir(a.out, "the output folder")
+    r = synthesize(a.task, a.out, a.videos, a.seed, a.size, overwrite=a.overwrite)
+  except errors.InputError as e:
+    errors.exit_with("synthesize", e)
   print(f"wrote {sum(r.num_clips.values())} {a.task} clips {r.num_clips} to {r.task_dir}")
 
 
