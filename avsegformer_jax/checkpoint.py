@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from typing import Any
 
 import jax
@@ -39,6 +40,40 @@ CONFIG_FILE = "config.json"
 
 class CheckpointError(errors.InputError):
   pass
+
+
+_AGAIN = ("; move it away to resume from the checkpoint before it, or train "
+          "in a new workdir")
+
+
+def _read(restore, where: str, what_next: str):
+  """`restore()`, with a checkpoint whose files cannot be read (truncated,
+  deleted halfway, not orbax's) named in a CheckpointError, with the first
+  error in the chain (orbax wraps TensorStore's in a bare Exception)."""
+  try:
+    return restore()
+  except Exception as e:  # pylint: disable=broad-except
+    root = e
+    while root.__cause__ or root.__context__:
+      root = root.__cause__ or root.__context__
+    _drop_closed_loop_reports()
+    cause = (str(root).strip().splitlines() or [""])[0][:300]
+    raise CheckpointError(f"{where}: cannot be read ({type(root).__name__}: "
+                          f"{cause}){what_next}") from e
+
+
+def _drop_closed_loop_reports():
+  """After a failed read, TensorStore's other pending reads call back into
+  orbax's closed event loop from their threads, and each one printed a
+  traceback ("Event loop is closed") around our one-line error."""
+  previous = sys.unraisablehook
+
+  def hook(report):
+    if not (isinstance(report.exc_value, RuntimeError)
+            and str(report.exc_value) == "Event loop is closed"):
+      previous(report)
+
+  sys.unraisablehook = hook
 
 
 def _abs(path) -> str:
@@ -178,15 +213,17 @@ class Checkpointer:
                    metrics={"miou": float(meta["miou"])}, force=True)
 
   def restore_meta(self, step: int) -> dict[str, Any]:
-    return self.latest.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return _read(lambda: self.latest.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"], f"{self.latest.directory}/"
+                 f"{step}", _AGAIN)
 
   def restore(self, step: int, state_target, hint: str = ""):
     """Restores into `state_target` (arrays on one device), through
     `fit_tree` when the checkpoint's tree differs (another scan_layers, or
     a CheckpointError with `hint`)."""
     where = f"{self.latest.directory}/{step}"
-    saved = self.latest.item_metadata(step)["state"].tree
+    saved = _read(lambda: self.latest.item_metadata(step)["state"].tree,
+                  where, _AGAIN)
     same = {k: tuple(m.shape) for k, m in _flat(saved).items()} == {
         k: tuple(np.shape(x)) for k, x in _flat(state_target).items()}
     if same:
@@ -196,8 +233,8 @@ class Checkpointer:
       state = ocp.args.StandardRestore(jax.tree_util.tree_map(
           lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
           saved))
-    out = self.latest.restore(step, args=ocp.args.Composite(
-        state=state, meta=ocp.args.JsonRestore()))
+    out = _read(lambda: self.latest.restore(step, args=ocp.args.Composite(
+        state=state, meta=ocp.args.JsonRestore())), where, _AGAIN)
     if same:
       return out["state"], out["meta"]
     return fit_tree(state_target, out["state"], where, hint), out["meta"]
@@ -221,7 +258,7 @@ def save_variables(directory, variables, info: dict[str, Any] | None = None):
 
 def _restore_tree(path):
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(path)
+    return _read(lambda: ckptr.restore(path), path, "")
 
 
 def load_variables(directory, prefer: str = "best") -> dict[str, Any]:
