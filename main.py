@@ -87,9 +87,10 @@ def _main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(),
                jax.process_count(), jax.devices())
+  # Bad settings and inputs before the demo's data is written for nothing.
+  trainer.check_config(config, training=_MODE.value == "train")
   source = _CHECKPOINT.value or workdir
   if _MODE.value == "eval" and not files.exists(source):
-    # before the demo's data is written for nothing
     raise checkpoint.CheckpointError(f"{source}: no such checkpoint")
   files.make_output_dir(workdir, "the workdir")
   with config.unlocked():

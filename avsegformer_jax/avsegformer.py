@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from avsegformer_jax import deformable_attention, dropout, layers
+from avsegformer_jax import deformable_attention, dropout, errors, layers, mixer
 from avsegformer_jax.head import AVSegHead
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -82,7 +82,7 @@ def _remat(mc):
   """False, or the rematerialisation mode of `model.remat_policy`."""
   policy = mc.get("remat_policy", "full")
   if policy not in layers.REMAT_POLICIES:
-    raise ValueError(f"model.remat_policy must be one of "
+    raise errors.ConfigError(f"model.remat_policy must be one of "
                      f"{layers.REMAT_POLICIES}, got {policy!r}")
   return policy if mc.remat else False
 
@@ -91,10 +91,10 @@ def _attention_impl(mc) -> str:
   """`model.attention_impl`, checked against the compute dtype."""
   impl = mc.get("attention_impl", "xla")
   if impl not in layers.ATTENTION_IMPLS:
-    raise ValueError(f"model.attention_impl must be one of "
+    raise errors.ConfigError(f"model.attention_impl must be one of "
                      f"{layers.ATTENTION_IMPLS}, got {impl!r}")
   if impl == "cudnn" and mc.dtype == "float32":
-    raise ValueError("model.attention_impl='cudnn' needs 16-bit compute "
+    raise errors.ConfigError("model.attention_impl='cudnn' needs 16-bit compute "
                      "(model.dtype='bfloat16'): cuDNN's flash attention has "
                      "no float32 kernel")
   return impl
@@ -113,13 +113,32 @@ def check_platform(config, platform: str) -> None:
   inside jax)."""
   mc = _model_config(config)
   if _attention_impl(mc) == "cudnn" and platform != "gpu":
-    raise ValueError("model.attention_impl='cudnn' (cuDNN flash attention) "
+    raise errors.ConfigError("model.attention_impl='cudnn' (cuDNN flash attention) "
                      f"runs on NVIDIA GPUs only, and this run's devices are "
                      f"{platform!r}: use model.attention_impl='xla'")
   if mc.get("msda_impl", "auto") == "pallas" and platform != "gpu":
-    raise ValueError("model.msda_impl='pallas' (a Triton kernel) runs on "
+    raise errors.ConfigError("model.msda_impl='pallas' (a Triton kernel) runs on "
                      f"GPUs only, and this run's devices are {platform!r}: "
                      "use model.msda_impl='auto'")
+
+
+def check_config(config, platform: str) -> None:
+  """A full config's model and input settings, checked before any work: a
+  bad one otherwise fails inside a traced step (or, as a negative learning
+  rate, not at all). Raises ConfigError naming the field."""
+  build_model(config)                  # model.* choices but the mixer's
+  mixer.check_kind(config.model.mixer)  # (met when the head is traced)
+  check_platform(config, platform)
+  size, mc = config.data.image_size, config.model
+  if size < 32 or size % 4:
+    # The head's masks are 4x its stride-4 features: other sizes come back
+    # rounded up to a multiple of 4, and no longer match their labels.
+    raise errors.ConfigError(
+        f"data.image_size must be a multiple of 4 and at least 32, got {size}")
+  for field, value in (("data.num_frames", config.data.num_frames),
+                       ("model.num_classes", mc.num_classes)):
+    if value < 1:
+      raise errors.ConfigError(f"{field} must be at least 1, got {value}")
 
 
 def build_backbone(mc, dtype, axis_name=None):
@@ -132,14 +151,14 @@ def build_backbone(mc, dtype, axis_name=None):
     from avsegformer_jax import pvt_v2
     variant = mc.get("pvt_variant", "b5")
     if variant not in pvt_v2.VARIANTS:
-      raise ValueError(f"model.pvt_variant must be one of "
+      raise errors.ConfigError(f"model.pvt_variant must be one of "
                        f"{sorted(pvt_v2.VARIANTS)}, got {variant!r}")
     module = pvt_v2.PyramidVisionTransformerV2(
         variant=variant, drop_path_rate=mc.drop_path, dtype=dtype,
         remat=_remat(mc), scan_layers=mc.scan_layers,
         attention_impl=_attention_impl(mc), parent=None)
     return module, tuple(pvt_v2.VARIANTS[variant]["embed_dims"])
-  raise ValueError(f"model.backbone must be 'res50' or 'pvt2', got "
+  raise errors.ConfigError(f"model.backbone must be 'res50' or 'pvt2', got "
                    f"{mc.backbone!r}")
 
 
@@ -152,15 +171,15 @@ def build_model(config, axis_name: str | None = None) -> AVSegFormer:
   from avsegformer_jax import vggish
   mc = _model_config(config)
   if mc.dtype not in DTYPES:
-    raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, "
+    raise errors.ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, "
                      f"got {mc.dtype!r}")
   dtype = DTYPES[mc.dtype]
   if mc.get("msda_impl", deformable_attention.DEFAULT_IMPL) not in \
       deformable_attention.IMPLS:
-    raise ValueError(f"model.msda_impl must be one of "
+    raise errors.ConfigError(f"model.msda_impl must be one of "
                      f"{deformable_attention.IMPLS}, got {mc.msda_impl!r}")
   if mc.embed_dim % 32 or mc.embed_dim % mc.num_heads:
-    raise ValueError("model.embed_dim must be a multiple of 32 (GroupNorm "
+    raise errors.ConfigError("model.embed_dim must be a multiple of 32 (GroupNorm "
                      f"groups) and of num_heads, got {mc.embed_dim}")
   backbone, _ = build_backbone(mc, dtype, axis_name)
   head = AVSegHead(

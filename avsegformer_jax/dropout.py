@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from avsegformer_jax import errors
+
 DROPOUT_IMPLS = ("bernoulli", "hash")
 DROPOUT_MASK = "dropout_mask"        # the name remat policies save
 
@@ -131,7 +133,7 @@ hash_dropout.defvjp(_hash_dropout_fwd, _hash_dropout_bwd)
 
 def check_impl(impl: str) -> str:
   if impl not in DROPOUT_IMPLS:
-    raise ValueError(f"model.dropout_impl must be one of {DROPOUT_IMPLS}, "
+    raise errors.ConfigError(f"model.dropout_impl must be one of {DROPOUT_IMPLS}, "
                      f"got {impl!r}")
   return impl
 

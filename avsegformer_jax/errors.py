@@ -14,6 +14,11 @@ class InputError(ReportedError, ValueError):
   ValueError, so callers that catch ValueError still do."""
 
 
+class ConfigError(InputError):
+  """A config value the run cannot work with, named by its field (checked
+  before any work, not met inside a traced step)."""
+
+
 class Preempted(Exception):
   """Not an error: training stopped on a preemption notice (SIGTERM) after
   saving the checkpoint of `step`; the same command resumes from it."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from avsegformer_jax import layers
+from avsegformer_jax import errors, layers
 
 
 def dice_per_frame(logits, target):
@@ -52,6 +52,15 @@ def mix_per_frame(mask_feature, foreground, fn=dice_per_frame):
   return fn(m, foreground)
 
 
+LOSSES = ("dice", "bce", "ce")
+
+
+def check_loss(loss_type) -> None:
+  if loss_type not in LOSSES:
+    raise errors.ConfigError(f"train.loss must be one of {LOSSES}, got "
+                             f"{loss_type!r}")
+
+
 def per_frame_losses(logits, mask_feature, labels, loss_type: str):
   """(main loss [N], mix loss [N]) for logits [N,H,W,C] and labels [N,H,W]."""
   if loss_type == "ce":       # AVSS: mix term is Dice on (label > 0)
@@ -62,7 +71,8 @@ def per_frame_losses(logits, mask_feature, labels, loss_type: str):
     fn = dice_per_frame if loss_type == "dice" else bce_per_frame
     fg = labels.astype(jnp.float32)
     return fn(logits[..., 0], fg), mix_per_frame(mask_feature, fg, fn)
-  raise ValueError(f"train.loss must be 'dice', 'bce' or 'ce', got {loss_type!r}")
+  check_loss(loss_type)
+  raise AssertionError(loss_type)        # LOSSES and the branches above
 
 
 def weighted_mean(values, weights):

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from avsegformer_jax import attention, layers
+from avsegformer_jax import attention, errors, layers
 
 
 class ChannelAttentionMixer(nn.Module):
@@ -83,11 +83,19 @@ class CrossAttentionMixer(nn.Module):
     return feature_map + x.reshape(n, h, w, c)
 
 
+MIXERS = ("cha", "cra", "none")
+
+
+def check_kind(kind) -> None:
+  if kind not in MIXERS + ("", None):
+    raise errors.ConfigError(f"model.mixer must be one of {MIXERS}, got "
+                             f"{kind!r}")
+
+
 def build_mixer(kind: str, dim: int, num_heads: int, dtype, name: str):
+  check_kind(kind)
   if kind == "cha":
     return ChannelAttentionMixer(dim, num_heads, dtype=dtype, name=name)
   if kind == "cra":
     return CrossAttentionMixer(dim, num_heads, dtype=dtype, name=name)
-  if kind in ("none", "", None):
-    return None
-  raise ValueError(f"model.mixer must be 'cha', 'cra' or 'none', got {kind!r}")
+  return None

@@ -154,7 +154,7 @@ class Predictor:
   def __init__(self, config, *, checkpoint_dir=None, variables=None):
     try:
       model = avsegformer.build_model(config)
-      avsegformer.check_platform(config, jax.default_backend())
+      avsegformer.check_config(config, jax.default_backend())
     except ValueError as e:
       raise PredictError(str(e)) from None
     try:

@@ -25,7 +25,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from avsegformer_jax import avsegformer, losses, metrics, visualize
+from avsegformer_jax import avsegformer, errors, losses, metrics, visualize
 
 AXIS = "data"
 # Parameter groups: VGGish is always frozen (never differentiated, no state);
@@ -158,7 +158,7 @@ PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 def prng_impl(config) -> str:
   impl = config.train.get("prng_impl", "threefry2x32")
   if impl not in PRNG_IMPLS:
-    raise ValueError(f"train.prng_impl must be one of {PRNG_IMPLS}, "
+    raise errors.ConfigError(f"train.prng_impl must be one of {PRNG_IMPLS}, "
                      f"got {impl!r}")
   return impl
 

@@ -20,8 +20,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from avsegformer_jax import (avsegformer, checkpoint, errors, files, metrics,
-                             multihost, train, visualize)
+from avsegformer_jax import (avsegformer, checkpoint, errors, files, losses,
+                             metrics, multihost, train, visualize)
 
 
 class NonFiniteLossError(errors.ReportedError, RuntimeError):
@@ -187,12 +187,34 @@ def _check_batch(meta, global_batch, workdir, step):
         f"{_start_anew(workdir, step)}")
 
 
+def check_config(config, training: bool) -> None:
+  """The model's and inputs' settings (`avsegformer.check_config`) and, to
+  train, the run's: each bad one a ConfigError before any work."""
+  avsegformer.check_config(config, jax.default_backend())
+  t = config.train
+  if training:
+    losses.check_loss(t.loss)
+    train.prng_impl(config)
+  given = [("eval.batch_size", config.eval.batch_size, 1)]
+  if training:
+    given += [("train.batch_size", t.batch_size, 1),
+              ("train.num_epochs", t.num_epochs, 1)]
+  for field, value, least in given:
+    if value < least:
+      raise errors.ConfigError(f"{field} must be at least {least}, got "
+                               f"{value}")
+  if training and not t.learning_rate > 0:
+    raise errors.ConfigError(
+        f"train.learning_rate must be > 0, got {t.learning_rate}")
+
+
 def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
   """Trains with per-epoch validation; returns the last validation scores.
 
   `source_fn(split)` replaces the TFDS data sources (tests, demos).
   """
   from datasets import input_pipeline  # pylint: disable=g-import-not-at-top
+  check_config(config, training=True)
   files.makedirs(workdir)
   mesh = train.make_mesh()
   multihost.connect(mesh)
@@ -336,6 +358,7 @@ def evaluate_checkpoint(config, workdir: str, checkpoint_dir: str, split: str,
   and writes `eval_results_<split>.json` and, for `eval.num_visualize`
   clips, masks and overlays in `visualizations/<split>` (with shuffled
   audio: `<split>_shuffled_audio` in both names)."""
+  check_config(config, training=False)
   files.makedirs(workdir)
   mesh = train.make_mesh()
   multihost.connect(mesh)

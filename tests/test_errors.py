@@ -145,3 +145,36 @@ def test_an_output_folder_that_cannot_be_made_is_named(request, tmp_path,
   assert r.stderr.strip().splitlines()[-1] == (
       f"{request.node.callspec.id}: error: {out}: cannot create {what} "
       f"([Errno 20] Not a directory: '{out}')")
+
+
+@pytest.mark.parametrize("field,value,error", [
+    ("train.batch_size", 0, "train.batch_size must be at least 1, got 0"),
+    ("eval.batch_size", 0, "eval.batch_size must be at least 1, got 0"),
+    ("train.num_epochs", 0, "train.num_epochs must be at least 1, got 0"),
+    ("train.learning_rate", -1e-4, "train.learning_rate must be > 0"),
+    ("train.loss", "iou", "train.loss must be one of ('dice', 'bce', 'ce')"),
+    ("train.prng_impl", "philox", "train.prng_impl must be one of")])
+def test_a_run_setting_that_cannot_work_is_named(field, value, error):
+  """A batch of 0 divided by zero in the pipeline and a negative learning
+  rate trained uphill without a word; the loss and bit generator were met
+  inside the traced step."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  trainer.check_config(config, training=True)
+  group, name = field.split(".")
+  config[group][name] = value
+  with pytest.raises(errors.ConfigError) as e:
+    trainer.check_config(config, training=True)
+  assert str(e.value).startswith(error), e.value
+  if group == "train":                            # evaluation does not mind
+    trainer.check_config(config, training=False)
+
+
+def test_main_checks_the_config_before_the_demo_writes_data(tmp_path):
+  r = _run("main.py", "--config=configs/demo.py", f"--workdir={tmp_path}/w",
+           "--config.data.image_size=70")
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert r.stderr.strip().splitlines()[-1] == (
+      "main.py: error: data.image_size must be a multiple of 4 and at least "
+      "32, got 70")
+  assert not (tmp_path / "w" / "synthetic_raw").exists()

@@ -104,6 +104,35 @@ def test_bad_config_values_are_named():
     build_model(config)
 
 
+@pytest.mark.parametrize("field,value,error", [
+    ("data.image_size", 70, "data.image_size must be a multiple of 4 and at "
+     "least 32, got 70"),
+    ("data.image_size", 28, "data.image_size must be a multiple of 4 and at "
+     "least 32, got 28"),
+    ("data.num_frames", 0, "data.num_frames must be at least 1, got 0"),
+    ("model.num_classes", 0, "model.num_classes must be at least 1, got 0"),
+    ("model.mixer", "xyz", "model.mixer must be one of ('cha', 'cra', "
+     "'none'), got 'xyz'"),
+    ("model.dtype", "fp16", "model.dtype must be one of"),
+    ("model.attention_impl", "cudnn", "model.attention_impl='cudnn' needs "
+     "16-bit compute")])
+def test_check_config_names_what_would_fail_in_a_traced_step(field, value,
+                                                             error):
+  """Before any work, as a ConfigError (main.py and predict report those in
+  one line): a 70 px input came back as 72 px logits and failed in the loss
+  against 70 px labels, a bad mixer only when the head was traced."""
+  from avsegformer_jax import errors  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config("pvt2")
+  avsegformer.check_config(config, "cpu")
+  config.data.image_size = 100                  # not a multiple of 32: fine
+  avsegformer.check_config(config, "cpu")
+  group, name = field.split(".")
+  config[group][name] = value
+  with pytest.raises(errors.ConfigError) as e:
+    avsegformer.check_config(config, "cpu")
+  assert str(e.value).startswith(error), e.value
+
+
 def test_cudnn_attention_option(cudnn_as_xla):
   """model.attention_impl='cudnn' reaches every dense attention (PVTv2
   blocks, query generator, decoder) and gives the XLA path's logits;
