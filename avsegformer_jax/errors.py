@@ -2,7 +2,12 @@
 as one line (`prog: error: ...`, status 2; `convert` keeps absl's
 `convert: ...`, status 1). Anything else is a bug and keeps its traceback.
 `Preempted` is no error: main.py prints it and exits with SIGTERM's 143.
+`define_config_flag` makes a bad `--config` (or override) absl's one-line
+flag error, status 1.
 """
+import difflib
+import re
+import sys
 
 
 class ReportedError(Exception):
@@ -37,12 +42,8 @@ PREEMPTED_STATUS = 143
 
 def exit_with(prog: str, err: BaseException, code: int = 2):
   """Print `prog: error: message` to stderr and exit (argparse's form)."""
-  import sys  # pylint: disable=g-import-not-at-top
   print(f"{prog}: error: {err}", file=sys.stderr)
   raise SystemExit(code)
-
-
-
 
 
 def define_config_flag(help_text: str, lock_config: bool = True):
@@ -69,7 +70,6 @@ def define_config_flag(help_text: str, lock_config: bool = True):
         error = (f"cannot load this config file ({cause}); give one such as "
                  "configs/s4.py:pvt2")
       except (KeyError, AttributeError):  # an override's missing field
-        import sys  # pylint: disable=g-import-not-at-top
         error = _unknown_override(self.parser.parse(argument), sys.argv)
       raise flags.IllegalFlagValueError(
           f"flag --{self.name}={argument}: {error}") from None
@@ -81,8 +81,6 @@ def define_config_flag(help_text: str, lock_config: bool = True):
 def _unknown_override(config, argv) -> str:
   """Names the first `--config.a.b` in argv that `config` has no field for,
   with the closest names (ml_collections' own error only says `'b'`)."""
-  import difflib  # pylint: disable=g-import-not-at-top
-  import re  # pylint: disable=g-import-not-at-top
   for arg in argv:
     m = re.match(r"--?(?:no)?config\.([^=]+)", arg)
     if not m:
