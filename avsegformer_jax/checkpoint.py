@@ -44,35 +44,45 @@ class CheckpointError(errors.InputError):
 
 _AGAIN = ("; move it away to resume from the checkpoint before it, or train "
           "in a new workdir")
+_SAVE_AGAIN = ("; the checkpoints before it are intact: free space (or fix "
+               "the folder) and run the same command to resume from them")
 
 
-def _read(restore, where: str, what_next: str):
+def _read(restore, where: str, what_next: str, failed: str = "be read"):
   """`restore()`, with a checkpoint whose files cannot be read (truncated,
-  deleted halfway, not orbax's) named in a CheckpointError, with the first
-  error in the chain (orbax wraps TensorStore's in a bare Exception)."""
+  deleted halfway, not orbax's) or written (a full disk) named in a
+  CheckpointError, with the first error in the chain (orbax wraps
+  TensorStore's in a bare Exception)."""
+  _drop_closed_loop_reports()
   try:
     return restore()
   except Exception as e:  # pylint: disable=broad-except
     root = e
     while root.__cause__ or root.__context__:
       root = root.__cause__ or root.__context__
-    _drop_closed_loop_reports()
-    cause = (str(root).strip().splitlines() or [""])[0][:300]
-    raise CheckpointError(f"{where}: cannot be read ({type(root).__name__}: "
-                          f"{cause}){what_next}") from e
+    cause = (str(root).strip().splitlines() or [""])[0]
+    if len(cause) > 300:              # TensorStore's reason is at its end
+      cause = f"{cause[:140]} ... {cause[-150:]}"
+    raise CheckpointError(f"{where}: cannot {failed} ({type(root).__name__}"
+                          f": {cause}){what_next}") from e
 
 
 def _drop_closed_loop_reports():
-  """After a failed read, TensorStore's other pending reads call back into
-  orbax's closed event loop from their threads, and each one printed a
-  traceback ("Event loop is closed") around our one-line error."""
+  """Once one read or write of a checkpoint fails, TensorStore's others call
+  back into orbax's closed event loop from their threads, and each printed
+  a traceback ("Event loop is closed") around our one-line error. Installed
+  once, before the first checkpoint I/O (a failed save prints them before
+  it returns); any other report goes to the hook before it."""
   previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_reports", False):
+    return
 
   def hook(report):
     if not (isinstance(report.exc_value, RuntimeError)
             and str(report.exc_value) == "Event loop is closed"):
       previous(report)
 
+  hook.drops_closed_loop_reports = True
   sys.unraisablehook = hook
 
 
@@ -200,17 +210,20 @@ class Checkpointer:
     return self.latest.latest_step()
 
   def save(self, step: int, state, meta: dict[str, Any]):
-    self.latest.save(step, args=ocp.args.Composite(
+    _read(lambda: self.latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                     force=True)
+                                   force=True),
+          f"{self.latest.directory}/{step}", _SAVE_AGAIN, "be saved")
 
   def save_best(self, step: int, variables, meta: dict[str, Any]):
     """Offer `variables` to the best manager; kept only if its mIoU is best."""
     if self.best is None:
       return
-    self.best.save(step, args=ocp.args.Composite(
+    _read(lambda: self.best.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)),
-                   metrics={"miou": float(meta["miou"])}, force=True)
+                                 metrics={"miou": float(meta["miou"])},
+                                 force=True),
+          f"{self.best.directory}/{step}", _SAVE_AGAIN, "be saved")
 
   def restore_meta(self, step: int) -> dict[str, Any]:
     return _read(lambda: self.latest.restore(step, args=ocp.args.Composite(

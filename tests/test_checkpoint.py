@@ -221,3 +221,18 @@ def test_a_failed_read_leaves_no_tracebacks_behind(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.startswith(f"{tmp_path}/variables: cannot be read"), r.stdout
   assert "Event loop is closed" not in r.stderr, r.stderr[-3000:]
+
+
+def test_a_checkpoint_that_cannot_be_saved_is_named(tmp_path):
+  """A save that fails (here the folder became a file; in a run, a full
+  disk) is one CheckpointError saying the earlier ones are intact, not
+  orbax's traceback from its writer threads."""
+  ckpt = checkpoint.Checkpointer(tmp_path, keep_best=False)
+  ckpt.save(1, _variables(1), {"step": 1})
+  shutil.rmtree(tmp_path / "checkpoints")
+  (tmp_path / "checkpoints").write_text("not a folder")
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=rf"^{tmp_path}/checkpoints/2: cannot be saved \("
+                     r"NotADirectoryError: .*\); the checkpoints before it "
+                     "are intact"):
+    ckpt.save(2, _variables(2), {"step": 2})
