@@ -121,6 +121,7 @@ class ClipLoader:
   shuffle: bool
   seed: int
   audio_perm: np.ndarray | None = None   # shuffled-audio control
+  where: str = "the prepared dataset"     # named when a record is unreadable
 
   def _order(self, epoch: int) -> np.ndarray:
     if not self.shuffle:
@@ -145,8 +146,17 @@ class ClipLoader:
           f"clip {_text(ex['clip_id'])!r} (example {idx}): {key}[{j}] cannot "
           f"be decoded ({e}); prepare the dataset again") from e
 
+  def _read(self, idx: int):
+    try:
+      return self.source[idx]
+    except RuntimeError as e:     # array_record: a truncated / corrupt file
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise PipelineError(
+          f"example {idx} of {self.where} cannot be read ({first}); prepare "
+          "it again (datasets.avsbench.prepare --overwrite)") from e
+
   def load(self, idx: int, valid: bool = True):
-    ex = self.source[idx]
+    ex = self._read(idx)
     t, s = self.num_frames, self.image_size
     frames = np.zeros((t, s, s, 3), np.uint8)
     masks = np.zeros((t, s, s), np.uint8)
@@ -166,7 +176,7 @@ class ClipLoader:
           "dataset is inconsistent; prepare it again")
     audio = np.asarray(ex["log_mel"], np.float32)
     if self.audio_perm is not None:
-      audio = np.asarray(self.source[int(self.audio_perm[idx])]["log_mel"],
+      audio = np.asarray(self._read(int(self.audio_perm[idx]))["log_mel"],
                          np.float32)
     w = np.float32(valid)
     return {
@@ -243,7 +253,9 @@ def create_dataset(config, split: str, *, train: bool, num_epochs: int = 1,
       crop=train and config.task == "avss", num_clips=n, global_batch=gb,
       local_batch=lb, process_index=pi, batches_per_epoch=bpe, shuffle=train,
       seed=seed,
-      audio_perm=_derangement(n, seed + 1) if shuffle_audio else None)
+      audio_perm=_derangement(n, seed + 1) if shuffle_audio else None,
+      where=f"{config.data.name}/{config.task} split {split!r} in "
+      f"{config.data.data_dir or 'the TFDS data dir'}")
   ds = grain.MapDataset.range(num_epochs * bpe * lb).map(loader).batch(lb)
   if start_batch:
     ds = ds[start_batch:]

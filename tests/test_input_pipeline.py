@@ -325,6 +325,22 @@ def test_bad_examples_are_named(data_dir):
     next(iter(ds))
 
 
+def test_a_corrupt_prepared_file_is_named(data_dir, tmp_path):
+  """array_record raises a bare RuntimeError from inside grain for a
+  truncated shard: the error names the split, its data_dir and what to do."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  copy = tmp_path / "tfds"
+  shutil.copytree(data_dir / "avsbench" / "s4", copy / "avsbench" / "s4")
+  (shard,) = (copy / "avsbench" / "s4").glob("*/avsbench-train.array_record*")
+  shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+  c = make_config("s4", copy)
+  with pytest.raises(ip.PipelineError,
+                     match=rf"^example \d+ of avsbench/s4 split 'train' in "
+                     rf"{copy} cannot be read \((Corrupted|Invalid) "
+                     r"Riegeli/records file: .*\); prepare it again"):
+    batches(c, "train", True)
+
+
 def test_missing_dataset_names_the_data_dir(tmp_path):
   c = make_config("s4", tmp_path / "nowhere")
   with pytest.raises(ip.PipelineError, match="nowhere"):
