@@ -96,6 +96,13 @@ def initial_variables(config, model, rng, with_pretrained: bool = True):
   return variables
 
 
+def _close(data_iter):
+  """Stops a grain iterator's worker processes now, not by grain's exit-time
+  finalizer, which raced with them and printed a traceback after an error's
+  line (2 of 7 runs ended on a corrupt record with data.num_workers=2)."""
+  getattr(data_iter, "close", lambda: None)()
+
+
 def evaluate(config, steps: train.Steps, variables, split: str, *,
              shuffle_audio: bool = False, vis_dir: str | None = None,
              num_visualize: int = 0, source=None, desc="eval") -> dict:
@@ -107,16 +114,21 @@ def evaluate(config, steps: train.Steps, variables, split: str, *,
   variables = avsegformer.cast_weights(
       train.replicate(variables, steps.mesh), config.model.dtype)
   total, per_batch = None, []
-  for batch in tqdm(ds, total=info["batches_per_epoch"], desc=desc,
-                    disable=not _is_main(), leave=False):
-    stats, logits = steps.eval(variables, train.shard_batch(batch, steps.mesh))
-    stats = jax.tree_util.tree_map(np.asarray, stats)
-    total = stats if total is None else jax.tree_util.tree_map(
-        np.add, total, stats)
-    if config.task != "avss":
-      per_batch.append(metrics.binary_scores(stats))
-    if vis_dir and num_visualize:
-      _visualise(config, batch, logits, vis_dir, num_visualize)
+  data = iter(ds)
+  try:
+    for batch in tqdm(data, total=info["batches_per_epoch"], desc=desc,
+                      disable=not _is_main(), leave=False):
+      stats, logits = steps.eval(variables,
+                                 train.shard_batch(batch, steps.mesh))
+      stats = jax.tree_util.tree_map(np.asarray, stats)
+      total = stats if total is None else jax.tree_util.tree_map(
+          np.add, total, stats)
+      if config.task != "avss":
+        per_batch.append(metrics.binary_scores(stats))
+      if vis_dir and num_visualize:
+        _visualise(config, batch, logits, vis_dir, num_visualize)
+  finally:
+    _close(data)
   if config.task == "avss":
     # The original accumulates AVSS statistics over the whole split, so its
     # number is already dataset-level.
@@ -336,10 +348,7 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
         break
   finally:
     notice.close()
-    # Its worker processes stopped now, not by grain's exit-time finalizer,
-    # which raced with them and printed a traceback after an error's line
-    # (2 of 7 runs ended on a corrupt record with data.num_workers=2).
-    getattr(data_iter, "close", lambda: None)()
+    _close(data_iter)
   pbar.close()
   ckpt.close()
   if writer is not None:
