@@ -63,11 +63,12 @@ def test_one_vs_four_devices(reference_run, tmp_path):
   # Gradients are not smooth everywhere (ReLU, the floor in bilinear
   # sampling): parameters one round-off apart can sit on either side of a
   # kink, which moved one step's norm by 3e-4 (relative) when the frames
-  # started to be normalised by XLA instead of numpy. A shard counted twice
-  # or missed moves it by tens of percent.
+  # started to be normalised by XLA instead of numpy, and the last step's by
+  # 2.1e-3 on Python 3.13 with jax 0.12. A shard counted twice or missed
+  # moves it by tens of percent.
   g1, g4 = _losses(d1 / "wd", "grad_norm"), _losses(tmp_path / "wd", "grad_norm")
   np.testing.assert_allclose([g4[s] for s in sorted(g4)],
-                             [g1[s] for s in sorted(g1)], rtol=2e-3)
+                             [g1[s] for s in sorted(g1)], rtol=1e-2)
   # Metrics threshold the logits: parameters that differ by float32 round-off
   # (~2e-7 here) could flip a pixel sitting at 0, which moves the mIoU by
   # ~1e-4; a shard counted twice or missed moves it by far more.
