@@ -82,8 +82,9 @@ def _remat(mc):
   """False, or the rematerialisation mode of `model.remat_policy`."""
   policy = mc.get("remat_policy", "full")
   if policy not in layers.REMAT_POLICIES:
-    raise errors.ConfigError(f"model.remat_policy must be one of "
-                     f"{layers.REMAT_POLICIES}, got {policy!r}")
+    raise errors.ConfigError(
+        f"model.remat_policy must be one of "
+        f"{layers.REMAT_POLICIES}, got {policy!r}")
   return policy if mc.remat else False
 
 
@@ -91,12 +92,14 @@ def _attention_impl(mc) -> str:
   """`model.attention_impl`, checked against the compute dtype."""
   impl = mc.get("attention_impl", "xla")
   if impl not in layers.ATTENTION_IMPLS:
-    raise errors.ConfigError(f"model.attention_impl must be one of "
-                     f"{layers.ATTENTION_IMPLS}, got {impl!r}")
+    raise errors.ConfigError(
+        f"model.attention_impl must be one of "
+        f"{layers.ATTENTION_IMPLS}, got {impl!r}")
   if impl == "cudnn" and mc.dtype == "float32":
-    raise errors.ConfigError("model.attention_impl='cudnn' needs 16-bit compute "
-                     "(model.dtype='bfloat16'): cuDNN's flash attention has "
-                     "no float32 kernel")
+    raise errors.ConfigError(
+        "model.attention_impl='cudnn' needs 16-bit compute "
+        "(model.dtype='bfloat16'): cuDNN's flash attention has "
+        "no float32 kernel")
   return impl
 
 
@@ -113,13 +116,15 @@ def check_platform(config, platform: str) -> None:
   inside jax)."""
   mc = _model_config(config)
   if _attention_impl(mc) == "cudnn" and platform != "gpu":
-    raise errors.ConfigError("model.attention_impl='cudnn' (cuDNN flash attention) "
-                     f"runs on NVIDIA GPUs only, and this run's devices are "
-                     f"{platform!r}: use model.attention_impl='xla'")
+    raise errors.ConfigError(
+        "model.attention_impl='cudnn' (cuDNN flash attention) "
+        f"runs on NVIDIA GPUs only, and this run's devices are "
+        f"{platform!r}: use model.attention_impl='xla'")
   if mc.get("msda_impl", "auto") == "pallas" and platform != "gpu":
-    raise errors.ConfigError("model.msda_impl='pallas' (a Triton kernel) runs on "
-                     f"GPUs only, and this run's devices are {platform!r}: "
-                     "use model.msda_impl='auto'")
+    raise errors.ConfigError(
+        "model.msda_impl='pallas' (a Triton kernel) runs on "
+        f"GPUs only, and this run's devices are {platform!r}: "
+        "use model.msda_impl='auto'")
 
 
 def check_config(config, platform: str) -> None:
@@ -151,15 +156,17 @@ def build_backbone(mc, dtype, axis_name=None):
     from avsegformer_jax import pvt_v2
     variant = mc.get("pvt_variant", "b5")
     if variant not in pvt_v2.VARIANTS:
-      raise errors.ConfigError(f"model.pvt_variant must be one of "
-                       f"{sorted(pvt_v2.VARIANTS)}, got {variant!r}")
+      raise errors.ConfigError(
+          f"model.pvt_variant must be one of "
+          f"{sorted(pvt_v2.VARIANTS)}, got {variant!r}")
     module = pvt_v2.PyramidVisionTransformerV2(
         variant=variant, drop_path_rate=mc.drop_path, dtype=dtype,
         remat=_remat(mc), scan_layers=mc.scan_layers,
         attention_impl=_attention_impl(mc), parent=None)
     return module, tuple(pvt_v2.VARIANTS[variant]["embed_dims"])
-  raise errors.ConfigError(f"model.backbone must be 'res50' or 'pvt2', got "
-                   f"{mc.backbone!r}")
+  raise errors.ConfigError(
+      f"model.backbone must be 'res50' or 'pvt2', got "
+      f"{mc.backbone!r}")
 
 
 def build_model(config, axis_name: str | None = None) -> AVSegFormer:
@@ -171,16 +178,19 @@ def build_model(config, axis_name: str | None = None) -> AVSegFormer:
   from avsegformer_jax import vggish
   mc = _model_config(config)
   if mc.dtype not in DTYPES:
-    raise errors.ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, "
-                     f"got {mc.dtype!r}")
+    raise errors.ConfigError(
+        f"model.dtype must be one of {sorted(DTYPES)}, "
+        f"got {mc.dtype!r}")
   dtype = DTYPES[mc.dtype]
   if mc.get("msda_impl", deformable_attention.DEFAULT_IMPL) not in \
       deformable_attention.IMPLS:
-    raise errors.ConfigError(f"model.msda_impl must be one of "
-                     f"{deformable_attention.IMPLS}, got {mc.msda_impl!r}")
+    raise errors.ConfigError(
+        f"model.msda_impl must be one of "
+        f"{deformable_attention.IMPLS}, got {mc.msda_impl!r}")
   if mc.embed_dim % 32 or mc.embed_dim % mc.num_heads:
-    raise errors.ConfigError("model.embed_dim must be a multiple of 32 (GroupNorm "
-                     f"groups) and of num_heads, got {mc.embed_dim}")
+    raise errors.ConfigError(
+        "model.embed_dim must be a multiple of 32 (GroupNorm "
+        f"groups) and of num_heads, got {mc.embed_dim}")
   backbone, _ = build_backbone(mc, dtype, axis_name)
   head = AVSegHead(
       num_classes=mc.num_classes, embed_dim=mc.embed_dim,

@@ -63,16 +63,15 @@ def check_loss(loss_type) -> None:
 
 def per_frame_losses(logits, mask_feature, labels, loss_type: str):
   """(main loss [N], mix loss [N]) for logits [N,H,W,C] and labels [N,H,W]."""
+  check_loss(loss_type)
   if loss_type == "ce":       # AVSS: mix term is Dice on (label > 0)
     fg = (labels > 0).astype(jnp.float32)
     return (cross_entropy_per_frame(logits, labels),
             mix_per_frame(mask_feature, fg))
-  if loss_type in ("dice", "bce"):   # S4/MS3: the same loss for both terms
-    fn = dice_per_frame if loss_type == "dice" else bce_per_frame
-    fg = labels.astype(jnp.float32)
-    return fn(logits[..., 0], fg), mix_per_frame(mask_feature, fg, fn)
-  check_loss(loss_type)
-  raise AssertionError(loss_type)        # LOSSES and the branches above
+  # S4/MS3: the same loss for both terms
+  fn = dice_per_frame if loss_type == "dice" else bce_per_frame
+  fg = labels.astype(jnp.float32)
+  return fn(logits[..., 0], fg), mix_per_frame(mask_feature, fg, fn)
 
 
 def weighted_mean(values, weights):
