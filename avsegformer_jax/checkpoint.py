@@ -48,14 +48,14 @@ _SAVE_AGAIN = ("; the checkpoints before it are intact: free space (or fix "
                "the folder) and run the same command to resume from them")
 
 
-def _read(restore, where: str, what_next: str, failed: str = "be read"):
-  """`restore()`, with a checkpoint whose files cannot be read (truncated,
-  deleted halfway, not orbax's) or written (a full disk) named in a
-  CheckpointError, with the first error in the chain (orbax wraps
+def _orbax_io(call, where: str, what_next: str, failed: str = "be read"):
+  """`call()` (an orbax read or write), with a checkpoint whose files cannot
+  be read (truncated, deleted halfway, not orbax's) or written (a full disk)
+  named in a CheckpointError, with the first error in the chain (orbax wraps
   TensorStore's in a bare Exception)."""
   _drop_closed_loop_reports()
   try:
-    return restore()
+    return call()
   except Exception as e:  # pylint: disable=broad-except
     root = e
     while root.__cause__ or root.__context__:
@@ -210,7 +210,7 @@ class Checkpointer:
     return self.latest.latest_step()
 
   def save(self, step: int, state, meta: dict[str, Any]):
-    _read(lambda: self.latest.save(step, args=ocp.args.Composite(
+    _orbax_io(lambda: self.latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                                    force=True),
           f"{self.latest.directory}/{step}", _SAVE_AGAIN, "be saved")
@@ -219,14 +219,14 @@ class Checkpointer:
     """Offer `variables` to the best manager; kept only if its mIoU is best."""
     if self.best is None:
       return
-    _read(lambda: self.best.save(step, args=ocp.args.Composite(
+    _orbax_io(lambda: self.best.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)),
                                  metrics={"miou": float(meta["miou"])},
                                  force=True),
           f"{self.best.directory}/{step}", _SAVE_AGAIN, "be saved")
 
   def restore_meta(self, step: int) -> dict[str, Any]:
-    return _read(lambda: self.latest.restore(step, args=ocp.args.Composite(
+    return _orbax_io(lambda: self.latest.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))["meta"], f"{self.latest.directory}/"
                  f"{step}", _AGAIN)
 
@@ -235,7 +235,7 @@ class Checkpointer:
     `fit_tree` when the checkpoint's tree differs (another scan_layers, or
     a CheckpointError with `hint`)."""
     where = f"{self.latest.directory}/{step}"
-    saved = _read(lambda: self.latest.item_metadata(step)["state"].tree,
+    saved = _orbax_io(lambda: self.latest.item_metadata(step)["state"].tree,
                   where, _AGAIN)
     same = {k: tuple(m.shape) for k, m in _flat(saved).items()} == {
         k: tuple(np.shape(x)) for k, x in _flat(state_target).items()}
@@ -246,7 +246,7 @@ class Checkpointer:
       state = ocp.args.StandardRestore(jax.tree_util.tree_map(
           lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
           saved))
-    out = _read(lambda: self.latest.restore(step, args=ocp.args.Composite(
+    out = _orbax_io(lambda: self.latest.restore(step, args=ocp.args.Composite(
         state=state, meta=ocp.args.JsonRestore())), where, _AGAIN)
     if same:
       return out["state"], out["meta"]
@@ -271,7 +271,7 @@ def save_variables(directory, variables, info: dict[str, Any] | None = None):
 
 def _restore_tree(path):
   with ocp.StandardCheckpointer() as ckptr:
-    return _read(lambda: ckptr.restore(path), path, "")
+    return _orbax_io(lambda: ckptr.restore(path), path, "")
 
 
 def load_variables(directory, prefer: str = "best") -> dict[str, Any]:
