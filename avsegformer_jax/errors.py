@@ -63,7 +63,7 @@ def define_config_flag(help_text: str, lock_config: bool = True):
     def _parse(self, argument):
       try:
         config = super()._parse(argument)
-        getattr(config, "get")          # a deferred load error raises here
+        getattr(config, "get", None)    # a deferred load error raises here
         return config
       except OSError as e:
         cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
