@@ -9,6 +9,11 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `python main.py ARGS`, with both tasks writing the XLA cache (process 1's
+# programs would otherwise be compiled afresh in every run: cluster_cache.py).
+MAIN = ("import runpy, sys; sys.path.insert(0, 'tests'); import cluster_cache; "
+        "cluster_cache.enable(); sys.argv[0] = 'main.py'; "
+        "runpy.run_path('main.py', run_name='__main__')")
 
 
 def test_distributed_demo_under_an_emulated_slurm_step(tmp_path):
@@ -23,7 +28,7 @@ def test_distributed_demo_under_an_emulated_slurm_step(tmp_path):
     logs.append(tmp_path / f"task_{i}.log")
     with open(logs[i], "w") as err:
       procs.append(subprocess.Popen(
-          [sys.executable, "main.py", "--distributed",
+          [sys.executable, "-c", MAIN, "--distributed",
            "--config=configs/demo.py", f"--workdir={wd}",
            "--config.data.synthetic.num_videos=16",
            "--config.train.num_epochs=1",

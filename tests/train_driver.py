@@ -87,6 +87,8 @@ def main():
   import numpy as np  # pylint: disable=g-import-not-at-top
   from avsegformer_jax import avsegformer, checkpoint, trainer  # pylint: disable=g-import-not-at-top
   if a.processes > 1:
+    import cluster_cache  # pylint: disable=g-import-not-at-top
+    cluster_cache.enable()      # (process 1's programs cached too)
     jax.distributed.initialize(a.coordinator, a.processes, a.process_id)
   assert jax.process_count() == a.processes, jax.process_count()
   assert jax.device_count() == a.devices * a.processes, jax.devices()
