@@ -109,7 +109,7 @@ def _residuals(mode, dtype, capsys):
   jax.ad_checkpoint.print_saved_residuals(loss, params, x)
   lines = [l for l in capsys.readouterr().out.splitlines()
            if l and "from the argument" not in l]
-  return lines, jax.grad(loss)(params, x)
+  return lines, jax.jit(jax.grad(loss))(params, x)
 
 
 def test_remat_dots_keeps_the_rounded_weight_products(capsys):
