@@ -27,7 +27,9 @@ def enable():
   from jax._src import compilation_cache, compiler, distributed  # pylint: disable=g-import-not-at-top
   write = getattr(compiler, "_cache_write", None)
   put = getattr(compilation_cache, "put_executable_and_time", None)
-  if (write is None or put is None or getattr(write, "_every_process", False)
+  if getattr(write, "_every_process", False):
+    return True
+  if (write is None or put is None
       or list(inspect.signature(write).parameters)[:5] != _WRITE
       or list(inspect.signature(put).parameters) != _PUT):
     return False
