@@ -210,25 +210,25 @@ class Checkpointer:
     return self.latest.latest_step()
 
   def save(self, step: int, state, meta: dict[str, Any]):
-    _orbax_io(lambda: self.latest.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                                   force=True),
-          f"{self.latest.directory}/{step}", _SAVE_AGAIN, "be saved")
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              meta=ocp.args.JsonSave(meta))
+    _orbax_io(lambda: self.latest.save(step, args=args, force=True),
+              f"{self.latest.directory}/{step}", _SAVE_AGAIN, "be saved")
 
   def save_best(self, step: int, variables, meta: dict[str, Any]):
     """Offer `variables` to the best manager; kept only if its mIoU is best."""
     if self.best is None:
       return
-    _orbax_io(lambda: self.best.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)),
-                                 metrics={"miou": float(meta["miou"])},
-                                 force=True),
-          f"{self.best.directory}/{step}", _SAVE_AGAIN, "be saved")
+    args = ocp.args.Composite(state=ocp.args.StandardSave(variables),
+                              meta=ocp.args.JsonSave(meta))
+    _orbax_io(lambda: self.best.save(step, args=args, force=True,
+                                     metrics={"miou": float(meta["miou"])}),
+              f"{self.best.directory}/{step}", _SAVE_AGAIN, "be saved")
 
   def restore_meta(self, step: int) -> dict[str, Any]:
-    return _orbax_io(lambda: self.latest.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))["meta"], f"{self.latest.directory}/"
-                 f"{step}", _AGAIN)
+    args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+    return _orbax_io(lambda: self.latest.restore(step, args=args)["meta"],
+                     f"{self.latest.directory}/{step}", _AGAIN)
 
   def restore(self, step: int, state_target, hint: str = ""):
     """Restores into `state_target` (arrays on one device), through
@@ -236,7 +236,7 @@ class Checkpointer:
     a CheckpointError with `hint`)."""
     where = f"{self.latest.directory}/{step}"
     saved = _orbax_io(lambda: self.latest.item_metadata(step)["state"].tree,
-                  where, _AGAIN)
+                      where, _AGAIN)
     same = {k: tuple(m.shape) for k, m in _flat(saved).items()} == {
         k: tuple(np.shape(x)) for k, x in _flat(state_target).items()}
     if same:

@@ -21,7 +21,7 @@ _PUT = ["cache_key", "module_name", "executable", "backend", "compile_time"]
 
 
 def enable():
-  """Returns whether the writer was swapped. Call before or after
+  """Returns whether the writer is swapped. Call before or after
   `jax.distributed.initialize`: the process index is read at each write."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax._src import compilation_cache, compiler, distributed  # pylint: disable=g-import-not-at-top
