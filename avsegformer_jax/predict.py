@@ -270,6 +270,8 @@ def _run(predictor: Predictor, video, out_dir, info, wave, fps, every_frame,
       "sampling": ("avsbench_1fps" if avsbench else "every_frame"
                    if every_frame else f"centred_{fps:g}fps"),
       "window": t_win, "batch_clips": batch_clips, "num_frames": n,
+      "size": [info.width, info.height],          # as displayed
+      "orientation": list(info.orientation),      # ffmpeg filters applied
       "overlay_video": os.path.join(out_dir, "overlay.mp4"),
       "seconds_total": round(total, 3),
       "first_call_s": round(stats["compile_s"], 3),

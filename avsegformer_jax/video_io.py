@@ -11,6 +11,10 @@ the model sees. Two samplings:
   * centred (`fps=r`, r != 1): sample k is the frame on screen at
     t_k = (k + 0.5) / r; `every_frame`: every decoded frame, at the middle of
     its display interval.
+Frames come upright: a display matrix (phone videos shot in portrait are
+stored landscape with a quarter turn in it) is applied as the ffmpeg command
+line applies it, the way players show the video and AVSBench's ffmpeg-based
+frame extraction saw its clips.
 Writing: `OverlayWriter` encodes H.264 (4:2:0, so odd sizes are padded by one
 pixel) and re-encodes the original audio to AAC beside it, interleaved.
 """
@@ -24,6 +28,7 @@ from typing import Iterator
 
 import av
 import numpy as np
+from PIL import Image
 
 from avsegformer_jax import audio as audio_lib
 from avsegformer_jax import errors
@@ -36,13 +41,14 @@ class VideoError(errors.InputError):
 @dataclasses.dataclass(frozen=True)
 class VideoInfo:
   path: str
-  width: int
+  width: int                 # as displayed (after the display matrix)
   height: int
   rate: fractions.Fraction   # average frame rate
   duration: float | None     # seconds, from the container (None: unknown)
   start: float               # first video timestamp, seconds
   audio_rate: int
   audio_channels: int
+  orientation: tuple[str, ...] = ()  # ffmpeg filters that make frames upright
 
 
 def _open(path):
@@ -82,9 +88,80 @@ def probe(path) -> VideoInfo:
         and v.time_base else 0.0
     if not a.sample_rate or not a.channels:
       raise VideoError(f"{path}: the audio track has no sample rate/channels")
-    return VideoInfo(path, v.codec_context.width, v.codec_context.height,
-                     fractions.Fraction(rate), duration, start,
-                     int(a.sample_rate), int(a.channels))
+    # The first frame gives the displayed size: the display matrix rides on
+    # the decoded frames (PyAV 14 cannot read it from the stream).
+    try:
+      first = next(c.decode(v), None)
+    except av.error.FFmpegError as e:
+      raise VideoError(f"{path}: cannot decode video frame 0 ({e})") from None
+    if first is None:
+      raise VideoError(f"{path}: the video stream has no frames")
+    ops = orientation(first)
+    width, height = first.width, first.height
+    if any(op.startswith("transpose") for op in ops):   # a quarter turn
+      width, height = height, width
+    return VideoInfo(path, width, height, fractions.Fraction(rate), duration,
+                     start, int(a.sample_rate), int(a.channels), ops)
+
+
+def _c_round(x: float) -> float:
+  """C's round(): halves away from zero."""
+  return math.copysign(math.floor(abs(x) + 0.5), x)
+
+
+def orientation(frame: av.VideoFrame) -> tuple[str, ...]:
+  """The ffmpeg filters that show `frame` upright, chosen from its display
+  matrix exactly as the ffmpeg command line's autorotation chooses them
+  (`transpose=clock|cclock|clock_flip|cclock_flip`, `hflip`, `vflip`, or
+  `rotate=DEG` clockwise for an angle that is not a quarter turn)."""
+  sd = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
+  if sd is None:
+    return ()
+  m = np.frombuffer(bytes(sd), np.int32)      # 3 x 3, native byte order
+  if m.size != 9:
+    return ()
+  a, b, c, d = (float(m[i]) / 65536.0 for i in (0, 1, 3, 4))
+  s0, s1 = math.hypot(a, c), math.hypot(b, d)
+  theta = math.nan                             # a singular matrix
+  if s0 and s1:  # clockwise degrees in [0, 360), as ffmpeg's get_rotation
+    theta = _c_round(math.degrees(math.atan2(b / s1, a / s0)))
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+  if abs(theta - 90) < 1:
+    return ("transpose=cclock_flip" if m[3] > 0 else "transpose=clock",)
+  if abs(theta - 180) < 1:
+    return ("hflip",) * bool(m[0] < 0) + ("vflip",) * bool(m[4] < 0)
+  if abs(theta - 270) < 1:
+    return ("transpose=clock_flip" if m[3] < 0 else "transpose=cclock",)
+  if abs(theta) > 1:
+    return (f"rotate={theta:g}",)
+  return ("vflip",) if m[4] < 0 else ()
+
+
+def upright(rgb: np.ndarray, ops: tuple[str, ...]) -> np.ndarray:
+  """Applies `orientation`'s filters to an [H, W, C] picture."""
+  for op in ops:
+    if op == "hflip":
+      rgb = rgb[:, ::-1]
+    elif op == "vflip":
+      rgb = rgb[::-1]
+    elif op == "transpose=clock":
+      rgb = np.rot90(rgb, -1)
+    elif op == "transpose=cclock":
+      rgb = np.rot90(rgb, 1)
+    elif op == "transpose=cclock_flip":          # the plain transpose
+      rgb = rgb.transpose(1, 0, 2)
+    elif op == "transpose=clock_flip":           # the anti-transpose
+      rgb = rgb[::-1, ::-1].transpose(1, 0, 2)
+    elif op.startswith("rotate="):
+      # ffmpeg's rotate filter keeps the frame size and fills with black.
+      rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).rotate(
+          -float(op[7:]), resample=Image.BILINEAR))
+  return np.ascontiguousarray(rgb)
+
+
+def _rgb(frame: av.VideoFrame) -> np.ndarray:
+  """The decoded frame as displayed, [H, W, 3] uint8."""
+  return upright(frame.to_ndarray(format="rgb24"), orientation(frame))
 
 
 def _audio_chunks(path, stream_index=0) -> Iterator[tuple[float, np.ndarray]]:
@@ -162,16 +239,16 @@ def sample_frames(info: VideoInfo, fps: float = 1.0,
         t = (frame.time - info.start) if frame.time is not None else i * step
         n = i + 1
         if every_frame:
-          yield Sample(i, t + step / 2, i, frame.to_ndarray(format="rgb24"))
+          yield Sample(i, t + step / 2, i, _rgb(frame))
           continue
         if avsbench:
           if i == target(k):
-            yield Sample(k, t, i, frame.to_ndarray(format="rgb24"))
+            yield Sample(k, t, i, _rgb(frame))
             k += 1
           prev = (i, t, frame)
           continue
         while prev is not None and t > target(k) + 1e-9:
-          yield Sample(k, target(k), prev[0], prev[2].to_ndarray(format="rgb24"))
+          yield Sample(k, target(k), prev[0], _rgb(prev[2]))
           k += 1
         prev = (i, t, frame)
     except av.error.FFmpegError as e:
@@ -182,7 +259,7 @@ def sample_frames(info: VideoInfo, fps: float = 1.0,
     if every_frame:
       return
     end = prev[1] + step                               # end of the last frame
-    rgb = prev[2].to_ndarray(format="rgb24")
+    rgb = _rgb(prev[2])
     if avsbench:
       seconds = max(1, int(math.floor(n / big + 0.5)))
       for k in range(k, seconds):                      # AVSBench clamps
@@ -260,6 +337,13 @@ class OverlayWriter:
 
   def add(self, rgb: np.ndarray):
     h, w = rgb.shape[:2]
+    if (h, w) != (self.info.height, self.info.width) and (h, w) != (
+        self.height, self.width):
+      # The stream changed size midway (e.g. a concatenated or adaptive
+      # stream): scaled to the first frame's size, as a player window does.
+      rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize(
+          (self.info.width, self.info.height), Image.BILINEAR))
+      h, w = rgb.shape[:2]
     if (h, w) != (self.height, self.width):
       rgb = np.pad(rgb, ((0, self.height - h), (0, self.width - w), (0, 0)),
                    mode="edge")

@@ -187,6 +187,130 @@ def test_containers_decode_alike(tmp_path, video):
     assert abs(len(wave) / 16000 - 12.0) < 0.05, (ext, len(wave))
 
 
+# A stored (as-encoded) picture whose quarter turns and mirrors all differ:
+# red top-left, green top-right, blue bottom-left quarter, grey elsewhere.
+_H, _W = 48, 80
+
+
+def _stored_picture():
+  img = np.full((_H, _W, 3), 128, np.uint8)
+  img[:_H // 2, :_W // 2] = (255, 0, 0)
+  img[:_H // 2, _W // 2:] = (0, 255, 0)
+  img[_H // 2:, :_W // 4] = (0, 0, 255)
+  return img
+
+
+def _write(path, pictures, *, rate=4, display=None, fmt=None):
+  """H.264 + AAC (2 s of a 440 Hz tone) of `pictures`; `display` =
+  (degrees counter-clockwise, hflip, vflip) for the display matrix."""
+  with av.open(str(path), "w", format=fmt) as c:
+    v = c.add_stream("libx264", rate=rate)
+    v.height, v.width = pictures[0].shape[:2]
+    v.pix_fmt = "yuv420p"
+    if display is not None:
+      v.set_display_rotation(display[0], hflip=display[1], vflip=display[2])
+    a = c.add_stream("aac", rate=16000, layout="mono")
+    for i, img in enumerate(pictures):
+      f = av.VideoFrame.from_ndarray(img, format="rgb24")
+      f.pts = i
+      c.mux(v.encode(f))
+    c.mux(v.encode(None))
+    n = int(len(pictures) / rate * 16000)
+    f = av.AudioFrame.from_ndarray(
+        (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / 16000))[None]
+        .astype(np.float32), format="fltp", layout="mono")
+    f.sample_rate, f.pts = 16000, 0
+    c.mux(a.encode(f))
+    c.mux(a.encode(None))
+  return str(path)
+
+
+needs_display_writer = pytest.mark.skipif(
+    not hasattr(av.video.stream.VideoStream, "set_display_rotation"),
+    reason="writing a display matrix needs PyAV >= 18")
+
+
+@needs_display_writer
+@pytest.mark.parametrize("degrees", [0, 90, 180, 270])
+@pytest.mark.parametrize("hflip", [False, True])
+def test_frames_are_upright(tmp_path, degrees, hflip):
+  """The eight orientations a display matrix can hold (a portrait phone
+  video is stored landscape with a quarter turn): frames come as displayed.
+  The truth is PyAV's definition of the matrix it writes (turn the stored
+  picture `degrees` counter-clockwise, then mirror); ours reads the matrix
+  the way the ffmpeg command line picks its filters (video_io.orientation)."""
+  stored = _stored_picture()
+  path = _write(tmp_path / "v.mp4", [stored] * 8,
+                display=(degrees, hflip, False))
+  info = video_io.probe(path)
+  want = np.rot90(stored, degrees // 90)
+  want = want[:, ::-1] if hflip else want
+  assert (info.height, info.width) == want.shape[:2]
+  samples = list(video_io.sample_frames(info, every_frame=True))
+  assert len(samples) == 8
+  for s in samples:
+    assert s.rgb.shape == want.shape
+    assert np.abs(s.rgb.astype(np.int16) - want).mean() < 8, info.orientation
+
+
+@needs_display_writer
+def test_odd_display_angle(tmp_path):
+  """Not a quarter turn: rotated in the frame, corners black, size kept
+  (ffmpeg's rotate filter)."""
+  path = _write(tmp_path / "v.mp4", [_stored_picture()] * 4,
+                display=(30, False, False))
+  info = video_io.probe(path)
+  assert info.orientation == ("rotate=330",)      # clockwise degrees
+  rgb = next(video_io.sample_frames(info)).rgb
+  assert rgb.shape == (_H, _W, 3)
+  assert (rgb[0, 0] < 10).all() and (rgb[-1, -1] < 10).all()
+  # A 30 degree counter-clockwise turn takes the green (top-right) quarter's
+  # centre (12, 60) to about (4, 48) around the frame centre (24, 40).
+  r, g = rgb[4, 48, 0], rgb[4, 48, 1]
+  assert g > 200 and r < 60, rgb[4, 48]
+
+
+@needs_display_writer
+def test_predict_on_a_portrait_video(tmp_path, stub_model):
+  """Masks, overlays and the overlay video are upright and of the displayed
+  size; predictions.json says what was applied."""
+  stored = _stored_picture()
+  path = _write(tmp_path / "phone.mp4", [stored] * 12, rate=4,
+                display=(-90, False, False))         # a quarter turn clockwise
+  out = tmp_path / "out"
+  s = predict.predict(_config(), path, str(out), variables=stub_model,
+                      progress=False)
+  assert s["size"] == [_H, _W] and s["orientation"] == ["transpose=clock"]
+  red = np.rot90((stored[..., 0] > 200) & (stored[..., 1] < 50), -1)
+  for r in s["frames"]:
+    mask = np.asarray(Image.open(out / "masks" / f"{r['index']:05d}.png")) > 127
+    assert mask.shape == red.shape == (_W, _H)
+    assert (mask & red).sum() / (mask | red).sum() > 0.9
+  with av.open(str(out / "overlay.mp4")) as c:
+    f = next(c.decode(video=0))
+    assert (f.height, f.width) == (_W, _H)
+
+
+def test_stream_that_changes_size(tmp_path, stub_model):
+  """Two MPEG-TS segments of different sizes, concatenated (as a recorded
+  adaptive stream can be): each mask at its frame's size; the overlay video
+  scales the later frames to the first frame's size."""
+  small = _write(tmp_path / "a.ts", [_stored_picture()] * 8, fmt="mpegts")
+  big_picture = np.asarray(Image.fromarray(_stored_picture()).resize((120, 72)))
+  big = _write(tmp_path / "b.ts", [big_picture] * 8, fmt="mpegts")
+  path = tmp_path / "ab.ts"
+  path.write_bytes(open(small, "rb").read() + open(big, "rb").read())
+  out = tmp_path / "out"
+  s = predict.predict(_config(), str(path), str(out), variables=stub_model,
+                      every_frame=True, progress=False)
+  assert s["num_frames"] == 16
+  sizes = [Image.open(out / "masks" / f"{r['index']:05d}.png").size
+           for r in s["frames"]]
+  assert sizes == [(_W, _H)] * 8 + [(120, 72)] * 8
+  with av.open(str(out / "overlay.mp4")) as c:
+    assert {(f.width, f.height) for f in c.decode(video=0)} == {(_W, _H)}
+
+
 def _peak_hz(x, sr=16000):
   spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
   return np.argmax(spec) * sr / len(x)
