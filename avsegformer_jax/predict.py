@@ -355,7 +355,9 @@ def _summary_line(s: dict, out: str) -> str:
   return (f"{s['num_frames']} frames ({s['sampling']}) -> {out}: "
           f"{s['frames_per_s_end_to_end']:.2f} frames/s end to end"
           + (f", {model_fps:.2f} frames/s in the model" if model_fps else "")
-          + f" (first call incl. compile {s['first_call_s']:.1f} s)")
+          + f" (first call incl. compile {s['first_call_s']:.1f} s)"
+          + (f"; frames made upright ({', '.join(s['orientation'])})"
+             if s.get("orientation") else ""))
 
 
 def _define_flags():

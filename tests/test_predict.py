@@ -281,6 +281,8 @@ def test_predict_on_a_portrait_video(tmp_path, stub_model):
   s = predict.predict(_config(), path, str(out), variables=stub_model,
                       progress=False)
   assert s["size"] == [_H, _W] and s["orientation"] == ["transpose=clock"]
+  assert predict._summary_line(s, str(out)).endswith(  # pylint: disable=protected-access
+      "; frames made upright (transpose=clock)")
   red = np.rot90((stored[..., 0] > 200) & (stored[..., 1] < 50), -1)
   for r in s["frames"]:
     mask = np.asarray(Image.open(out / "masks" / f"{r['index']:05d}.png")) > 127
