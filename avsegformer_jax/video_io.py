@@ -192,6 +192,12 @@ def read_audio(info: VideoInfo, min_duration: float) -> np.ndarray:
   if not chunks or sum(len(x) for x in chunks) == 0:
     raise VideoError(f"{info.path}: the audio track holds no samples")
   mono = np.concatenate(chunks)
+  bad = np.flatnonzero(~np.isfinite(mono))
+  if bad.size:   # float codecs (PCM f32, a broken encoder) can carry them
+    raise VideoError(
+        f"{info.path}: the audio track holds {bad.size} NaN or infinite "
+        f"samples (the first {bad[0] / info.audio_rate:.3f} s into it); "
+        "re-encode its audio")
   seconds = len(mono) / info.audio_rate
   if seconds < min_duration:
     raise VideoError(

@@ -104,6 +104,30 @@ def test_shorter_than_one_example(tmp_path):
     _predict(v.path, tmp_path / "out")
 
 
+def test_audio_with_nan_samples(tmp_path):
+  """PCM float audio can hold NaN; refused by name, not a traceback."""
+  with av.open(str(tmp_path / "nan.mkv"), "w") as c:
+    v = c.add_stream("libx264", rate=4)
+    v.width, v.height, v.pix_fmt = 32, 32, "yuv420p"
+    a = c.add_stream("pcm_f32le", rate=16000, layout="mono")
+    for i in range(8):
+      f = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8),
+                                     format="rgb24")
+      f.pts = i
+      c.mux(v.encode(f))
+    c.mux(v.encode(None))
+    x = np.zeros((1, 32000), np.float32)
+    x[0, 20000:20010] = np.nan
+    f = av.AudioFrame.from_ndarray(x, format="flt", layout="mono")
+    f.sample_rate, f.pts = 16000, 0
+    c.mux(a.encode(f))
+    c.mux(a.encode(None))
+  with pytest.raises(predict.PredictError,
+                     match=r"nan.mkv: the audio track holds 10 NaN or "
+                     r"infinite samples \(the first 1.250 s into it\)"):
+    _predict(tmp_path / "nan.mkv", tmp_path / "out")
+
+
 def test_checkpoint_of_another_config(tmp_path, video):
   with pytest.raises(predict.PredictError,
                      match=r"variables: does not fit the config: \d+ missing "
