@@ -184,14 +184,22 @@ def _audio_chunks(path, stream_index=0) -> Iterator[tuple[float, np.ndarray]]:
 def read_audio(info: VideoInfo, min_duration: float) -> np.ndarray:
   """Mono 16 kHz float64 [L], sample 0 at the first video frame's time
   (leading audio dropped, late-starting audio preceded by silence)."""
-  chunks, first = [], None
+  # One float32 buffer sized from the container's duration (grown if that
+  # was short): an hour's soundtrack is 0.7 GB at 48 kHz, not twice that.
+  size = int(((info.duration or 10.0) + 1.0) * info.audio_rate)
+  mono, n, first = np.empty(size, np.float32), 0, None
   for t, x in _audio_chunks(info.path):
     if first is None:
       first = t if math.isfinite(t) else info.start
-    chunks.append(x.mean(axis=0))
-  if not chunks or sum(len(x) for x in chunks) == 0:
+    if n + x.shape[1] > mono.shape[0]:
+      grown = np.empty(max(2 * mono.shape[0], n + x.shape[1]), np.float32)
+      grown[:n] = mono[:n]
+      mono = grown
+    mono[n:n + x.shape[1]] = x.mean(axis=0)
+    n += x.shape[1]
+  if n == 0:
     raise VideoError(f"{info.path}: the audio track holds no samples")
-  mono = np.concatenate(chunks)
+  mono = mono[:n]
   bad = np.flatnonzero(~np.isfinite(mono))
   if bad.size:   # float codecs (PCM f32, a broken encoder) can carry them
     raise VideoError(
@@ -203,7 +211,8 @@ def read_audio(info: VideoInfo, min_duration: float) -> np.ndarray:
     raise VideoError(
         f"{info.path}: audio is {seconds:.3f} s long; one 0.96 s VGGish "
         f"example needs at least {min_duration:.3f} s")
-  wave = audio_lib.to_mono_16k(mono, info.audio_rate)
+  wave = audio_lib.mono_to_16k_in_pieces(mono, info.audio_rate)
+  del mono
   shift = int(round((first - info.start) * audio_lib.SAMPLE_RATE))
   if shift > 0:
     wave = np.concatenate([np.zeros(shift), wave])

@@ -352,6 +352,18 @@ def test_audio_is_aligned_with_video(video):
     assert abs(_peak_hz(x) - tone) < 0.05 * tone, sec
 
 
+def test_audio_read_whatever_the_stated_duration(video):
+  """The soundtrack buffer is sized from the container's duration; one that
+  states too little (or none) only makes it grow."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  info = video_io.probe(video.path)
+  want = video_io.read_audio(info, 0.975)
+  for duration in (0.5, None):
+    got = video_io.read_audio(dataclasses.replace(info, duration=duration),
+                              0.975)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_audio_examples_per_frame():
   rng = np.random.default_rng(0)
   wave = rng.normal(0, 0.1, int(12.3 * 16000))
