@@ -164,21 +164,38 @@ def _rgb(frame: av.VideoFrame) -> np.ndarray:
   return upright(frame.to_ndarray(format="rgb24"), orientation(frame))
 
 
-def _audio_chunks(path, stream_index=0) -> Iterator[tuple[float, np.ndarray]]:
-  """(start time s, float32 [C, n]) per decoded audio frame."""
-  with _open(path) as c:
-    stream = c.streams.audio[stream_index]
-    resampler = None
+def _audio_chunks(info: VideoInfo) -> Iterator[tuple[float, np.ndarray]]:
+  """(start time s, float32 [C, n] at info.audio_rate) per decoded audio
+  frame (NaN time for a resampler's flushed tail).
+
+  A stream whose rate or layout changes midway (concatenated recordings) is
+  converted to the first frame's layout and the stream's rate: one
+  resampler per input setup, since PyAV's passes every frame through
+  untouched once the first one matched, whatever later ones are.
+  """
+  with _open(info.path) as c:
+    stream = c.streams.audio[0]
+    resampler, setup, layout = None, None, None
     try:
       for frame in c.decode(stream):
-        if resampler is None:  # planar float, source rate and layout
-          resampler = av.AudioResampler("fltp", frame.layout, frame.sample_rate)
+        key = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if key != setup:
+          if resampler is not None:           # the old setup's tail
+            for f in resampler.resample(None):
+              yield math.nan, f.to_ndarray()
+          layout = layout or frame.layout
+          resampler, setup = av.AudioResampler(
+              "fltp", layout, info.audio_rate), key
         t = frame.time
         for f in resampler.resample(frame):
           yield (t if t is not None else math.nan), f.to_ndarray()
           t = None
+      if resampler is not None:
+        for f in resampler.resample(None):
+          yield math.nan, f.to_ndarray()
     except av.error.FFmpegError as e:
-      raise VideoError(f"{path}: cannot decode the audio track ({e})") from None
+      raise VideoError(f"{info.path}: cannot decode the audio track ({e})") \
+          from None
 
 
 def read_audio(info: VideoInfo, min_duration: float) -> np.ndarray:
@@ -188,7 +205,7 @@ def read_audio(info: VideoInfo, min_duration: float) -> np.ndarray:
   # was short): an hour's soundtrack is 0.7 GB at 48 kHz, not twice that.
   size = int(((info.duration or 10.0) + 1.0) * info.audio_rate)
   mono, n, first = np.empty(size, np.float32), 0, None
-  for t, x in _audio_chunks(info.path):
+  for t, x in _audio_chunks(info):
     if first is None:
       first = t if math.isfinite(t) else info.start
     if n + x.shape[1] > mono.shape[0]:
@@ -320,7 +337,7 @@ class OverlayWriter:
     layout = "mono" if info.audio_channels == 1 else "stereo"
     self.audio = self.out.add_stream("aac", rate=info.audio_rate, layout=layout)
     self.layout = layout
-    self._chunks = _audio_chunks(info.path)
+    self._chunks = _audio_chunks(info)
     self._skip = 0
     self._written = 0          # output audio samples so far
     self._first = None

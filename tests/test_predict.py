@@ -224,26 +224,27 @@ def _stored_picture():
   return img
 
 
-def _write(path, pictures, *, rate=4, display=None, fmt=None):
-  """H.264 + AAC (2 s of a 440 Hz tone) of `pictures`; `display` =
-  (degrees counter-clockwise, hflip, vflip) for the display matrix."""
+def _write(path, pictures, *, rate=4, display=None, fmt=None, tone=440,
+           audio_rate=16000):
+  """H.264 of `pictures` + AAC of a tone as long; `display` = (degrees
+  counter-clockwise, hflip, vflip) for the display matrix."""
   with av.open(str(path), "w", format=fmt) as c:
     v = c.add_stream("libx264", rate=rate)
     v.height, v.width = pictures[0].shape[:2]
     v.pix_fmt = "yuv420p"
     if display is not None:
       v.set_display_rotation(display[0], hflip=display[1], vflip=display[2])
-    a = c.add_stream("aac", rate=16000, layout="mono")
+    a = c.add_stream("aac", rate=audio_rate, layout="mono")
     for i, img in enumerate(pictures):
       f = av.VideoFrame.from_ndarray(img, format="rgb24")
       f.pts = i
       c.mux(v.encode(f))
     c.mux(v.encode(None))
-    n = int(len(pictures) / rate * 16000)
+    n = int(len(pictures) / rate * audio_rate)
     f = av.AudioFrame.from_ndarray(
-        (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / 16000))[None]
+        (0.3 * np.sin(2 * np.pi * tone * np.arange(n) / audio_rate))[None]
         .astype(np.float32), format="fltp", layout="mono")
-    f.sample_rate, f.pts = 16000, 0
+    f.sample_rate, f.pts = audio_rate, 0
     c.mux(a.encode(f))
     c.mux(a.encode(None))
   return str(path)
@@ -335,6 +336,26 @@ def test_stream_that_changes_size(tmp_path, stub_model):
   assert sizes == [(_W, _H)] * 8 + [(120, 72)] * 8
   with av.open(str(out / "overlay.mp4")) as c:
     assert {(f.width, f.height) for f in c.decode(video=0)} == {(_W, _H)}
+
+
+def test_audio_that_changes_rate(tmp_path, stub_model):
+  """MPEG-TS segments at 48 and 44.1 kHz, concatenated: the second is
+  resampled, not read as 48 kHz (which would make it 8% short and its
+  660 Hz tone 606 Hz), in the model's audio and in the overlay video's."""
+  a = _write(tmp_path / "a.ts", [_stored_picture()] * 12, fmt="mpegts",
+             tone=440, audio_rate=48000)
+  b = _write(tmp_path / "b.ts", [_stored_picture()] * 12, fmt="mpegts",
+             tone=660, audio_rate=44100)
+  path = tmp_path / "ab.ts"
+  path.write_bytes(open(a, "rb").read() + open(b, "rb").read())
+  wave = video_io.read_audio(video_io.probe(str(path)), 0.975)
+  assert abs(len(wave) / 16000 - 6.0) < 0.1, len(wave) / 16000
+  assert abs(_peak_hz(wave[8000:40000]) - 440) < 10
+  assert abs(_peak_hz(wave[56000:88000]) - 660) < 10
+  predict.predict(_config(), str(path), str(tmp_path / "out"),
+                  variables=stub_model, progress=False)
+  np.testing.assert_allclose(_tones(str(tmp_path / "out" / "overlay.mp4"), 6),
+                             [440] * 3 + [660] * 3, rtol=0.02)
 
 
 def _peak_hz(x, sr=16000):
