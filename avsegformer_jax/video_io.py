@@ -48,7 +48,9 @@ class VideoInfo:
   start: float               # first video timestamp, seconds
   audio_rate: int
   audio_channels: int
-  orientation: tuple[str, ...] = ()  # ffmpeg filters that make frames upright
+  orientation: tuple[str, ...]  # ffmpeg filters that make the frames upright
+  video_stream: int             # container stream indices
+  audio_stream: int
 
 
 def _open(path):
@@ -68,14 +70,17 @@ def probe(path) -> VideoInfo:
   if os.path.getsize(path) == 0:
     raise VideoError(f"{path}: empty file (0 bytes)")
   with _open(path) as c:
-    vs = [s for s in c.streams.video if s.codec_context is not None]
-    if not vs:
+    v = _pick(c, "video")
+    if v is None:
+      covers = len(c.streams.video)
       raise VideoError(f"{path}: no video stream (streams: "
-                       f"{[s.type for s in c.streams] or 'none'})")
-    if not c.streams.audio:
+                       f"{[s.type for s in c.streams] or 'none'}"
+                       + ("; the video ones are cover pictures" if covers
+                          else "") + ")")
+    a = _pick(c, "audio")
+    if a is None:
       raise VideoError(f"{path}: no audio track; AVSegFormer segments what "
                        "is heard, so it needs the video's sound")
-    v, a = vs[0], c.streams.audio[0]
     rate = v.average_rate or v.guessed_rate or v.base_rate
     if not rate or rate <= 0:
       raise VideoError(f"{path}: the video stream has no frame rate")
@@ -101,7 +106,24 @@ def probe(path) -> VideoInfo:
     if any(op.startswith("transpose") for op in ops):   # a quarter turn
       width, height = height, width
     return VideoInfo(path, width, height, fractions.Fraction(rate), duration,
-                     start, int(a.sample_rate), int(a.channels), ops)
+                     start, int(a.sample_rate), int(a.channels), ops,
+                     v.index, a.index)
+
+
+_ATTACHED_PIC = 1024   # AV_DISPOSITION_ATTACHED_PIC (PyAV 14 has no enum)
+
+
+def _pick(c, kind: str):
+  """The stream ffmpeg would play (`av_find_best_stream`: with several video
+  tracks, not simply the first), never a cover picture; None if none."""
+  streams = [s for s in getattr(c.streams, kind)
+             if s.codec_context is not None
+             and not int(getattr(s, "disposition", 0)) & _ATTACHED_PIC]
+  best = c.streams.best(kind)
+  for s in streams:
+    if best is not None and s.index == best.index:
+      return s
+  return streams[0] if streams else None
 
 
 def _c_round(x: float) -> float:
@@ -174,7 +196,7 @@ def _audio_chunks(info: VideoInfo) -> Iterator[tuple[float, np.ndarray]]:
   untouched once the first one matched, whatever later ones are.
   """
   with _open(info.path) as c:
-    stream = c.streams.audio[0]
+    stream = c.streams[info.audio_stream]
     resampler, setup, layout = None, None, None
     try:
       for frame in c.decode(stream):
@@ -264,7 +286,7 @@ def sample_frames(info: VideoInfo, fps: float = 1.0,
 
   k, prev, n = 0, None, 0
   with _open(info.path) as c:
-    stream = c.streams.video[0]
+    stream = c.streams[info.video_stream]
     stream.thread_type = "AUTO"
     try:
       for i, frame in enumerate(c.decode(stream)):

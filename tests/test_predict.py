@@ -82,6 +82,58 @@ def test_audio_only_file(tmp_path):
     _predict(p, tmp_path / "out")
 
 
+def _with_cover(path, *, video: bool):
+  """A cover picture (mjpeg, 1 frame; attached_pic where the muxer keeps
+  that: mp4) as the first stream, then H.264 (if `video`) and AAC."""
+  with av.open(str(path), "w") as c:
+    cover = c.add_stream("mjpeg", rate=1)
+    cover.width = cover.height = 32
+    cover.pix_fmt = "yuvj420p"
+    if hasattr(av.stream, "Disposition"):
+      cover.disposition = av.stream.Disposition.attached_pic
+    v = c.add_stream("libx264", rate=4) if video else None
+    if v is not None:
+      v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+    a = c.add_stream("aac", rate=16000, layout="mono")
+    f = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 255, np.uint8),
+                                   format="rgb24")
+    f.pts = 0
+    c.mux(cover.encode(f))
+    c.mux(cover.encode(None))
+    for i in range(12 if v is not None else 0):
+      f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40, np.uint8),
+                                     format="rgb24")
+      f.pts = i
+      c.mux(v.encode(f))
+    if v is not None:
+      c.mux(v.encode(None))
+    f = av.AudioFrame.from_ndarray(np.zeros((1, 48000), np.float32),
+                                   format="fltp", layout="mono")
+    f.sample_rate, f.pts = 16000, 0
+    c.mux(a.encode(f))
+    c.mux(a.encode(None))
+  return str(path)
+
+
+def test_video_track_is_the_one_ffmpeg_plays(tmp_path):
+  """An mkv whose first track is a one-frame picture: the H.264 track is
+  sampled (ffmpeg's best stream), not the picture."""
+  info = video_io.probe(_with_cover(tmp_path / "v.mkv", video=True))
+  assert (info.width, info.height, info.video_stream) == (64, 48, 1)
+  frames = list(video_io.sample_frames(info))
+  assert [s.rgb.shape for s in frames] == [(48, 64, 3)] * 3
+
+
+@pytest.mark.skipif(not hasattr(av.stream, "Disposition"),
+                    reason="writing a cover picture needs PyAV >= 15")
+def test_song_with_cover_art(tmp_path):
+  with pytest.raises(predict.PredictError,
+                     match=r"song.mp4: no video stream .*the video ones are "
+                     r"cover pictures"):
+    _predict(_with_cover(tmp_path / "song.mp4", video=False),
+             tmp_path / "out")
+
+
 def test_still_image_has_no_audio(tmp_path):
   p = tmp_path / "frame.png"
   Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(p)
