@@ -11,10 +11,8 @@ the model sees. Two samplings:
   * centred (`fps=r`, r != 1): sample k is the frame on screen at
     t_k = (k + 0.5) / r; `every_frame`: every decoded frame, at the middle of
     its display interval.
-Frames come upright: a display matrix (phone videos shot in portrait are
-stored landscape with a quarter turn in it) is applied as the ffmpeg command
-line applies it, the way players show the video and AVSBench's ffmpeg-based
-frame extraction saw its clips.
+Frames come upright (`display_matrix`), from the video and audio streams
+ffmpeg would play.
 Writing: `OverlayWriter` encodes H.264 (4:2:0, so odd sizes are padded by one
 pixel) and re-encodes the original audio to AAC beside it, interleaved.
 """
@@ -31,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from avsegformer_jax import audio as audio_lib
+from avsegformer_jax import display_matrix
 from avsegformer_jax import errors
 
 
@@ -101,7 +100,7 @@ def probe(path) -> VideoInfo:
       raise VideoError(f"{path}: cannot decode video frame 0 ({e})") from None
     if first is None:
       raise VideoError(f"{path}: the video stream has no frames")
-    ops = orientation(first)
+    ops = display_matrix.filters(first)
     width, height = first.width, first.height
     if any(op.startswith("transpose") for op in ops):   # a quarter turn
       width, height = height, width
@@ -126,64 +125,10 @@ def _pick(c, kind: str):
   return streams[0] if streams else None
 
 
-def _c_round(x: float) -> float:
-  """C's round(): halves away from zero."""
-  return math.copysign(math.floor(abs(x) + 0.5), x)
-
-
-def orientation(frame: av.VideoFrame) -> tuple[str, ...]:
-  """The ffmpeg filters that show `frame` upright, chosen from its display
-  matrix exactly as the ffmpeg command line's autorotation chooses them
-  (`transpose=clock|cclock|clock_flip|cclock_flip`, `hflip`, `vflip`, or
-  `rotate=DEG` clockwise for an angle that is not a quarter turn)."""
-  sd = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
-  if sd is None:
-    return ()
-  m = np.frombuffer(bytes(sd), np.int32)      # 3 x 3, native byte order
-  if m.size != 9:
-    return ()
-  a, b, c, d = (float(m[i]) / 65536.0 for i in (0, 1, 3, 4))
-  s0, s1 = math.hypot(a, c), math.hypot(b, d)
-  theta = math.nan                             # a singular matrix
-  if s0 and s1:  # clockwise degrees in [0, 360), as ffmpeg's get_rotation
-    theta = _c_round(math.degrees(math.atan2(b / s1, a / s0)))
-    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
-  if abs(theta - 90) < 1:
-    return ("transpose=cclock_flip" if m[3] > 0 else "transpose=clock",)
-  if abs(theta - 180) < 1:
-    return ("hflip",) * bool(m[0] < 0) + ("vflip",) * bool(m[4] < 0)
-  if abs(theta - 270) < 1:
-    return ("transpose=clock_flip" if m[3] < 0 else "transpose=cclock",)
-  if abs(theta) > 1:
-    return (f"rotate={theta:g}",)
-  return ("vflip",) if m[4] < 0 else ()
-
-
-def upright(rgb: np.ndarray, ops: tuple[str, ...]) -> np.ndarray:
-  """Applies `orientation`'s filters to an [H, W, C] picture."""
-  for op in ops:
-    if op == "hflip":
-      rgb = rgb[:, ::-1]
-    elif op == "vflip":
-      rgb = rgb[::-1]
-    elif op == "transpose=clock":
-      rgb = np.rot90(rgb, -1)
-    elif op == "transpose=cclock":
-      rgb = np.rot90(rgb, 1)
-    elif op == "transpose=cclock_flip":          # the plain transpose
-      rgb = rgb.transpose(1, 0, 2)
-    elif op == "transpose=clock_flip":           # the anti-transpose
-      rgb = rgb[::-1, ::-1].transpose(1, 0, 2)
-    elif op.startswith("rotate="):
-      # ffmpeg's rotate filter keeps the frame size and fills with black.
-      rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).rotate(
-          -float(op[7:]), resample=Image.BILINEAR))
-  return np.ascontiguousarray(rgb)
-
-
 def _rgb(frame: av.VideoFrame) -> np.ndarray:
   """The decoded frame as displayed, [H, W, 3] uint8."""
-  return upright(frame.to_ndarray(format="rgb24"), orientation(frame))
+  return display_matrix.apply(frame.to_ndarray(format="rgb24"),
+                              display_matrix.filters(frame))
 
 
 def _audio_chunks(info: VideoInfo) -> Iterator[tuple[float, np.ndarray]]:

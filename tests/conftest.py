@@ -40,3 +40,11 @@ def cudnn_as_xla(monkeypatch):
   monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
   return calls
 
+
+
+@pytest.fixture(scope="session")
+def video(tmp_path_factory):
+  """12 s, 25 fps, 64 px mp4 (H.264 + AAC 44.1 kHz stereo): circle, square,
+  triangle sound 4 s each (test_predict, test_video_io)."""
+  from avsegformer_jax import synthetic_video  # pylint: disable=g-import-not-at-top
+  return synthetic_video.write(tmp_path_factory.mktemp("v") / "s.mp4", size=64)

@@ -1,5 +1,6 @@
-"""predict: errors, sampling and audio alignment, outputs (with a stand-in
-for the model), and end to end with a small trained model (predict_fixture)."""
+"""predict: errors, windows and audio examples, outputs (with a stand-in
+for the model), and end to end with a small trained model (predict_model).
+The video reading itself: test_video_io, test_display_matrix."""
 import json
 import os
 
@@ -10,7 +11,7 @@ from PIL import Image
 
 from avsegformer_jax import audio as audio_lib
 from avsegformer_jax import predict, synthetic_video, video_io
-from datasets.avsbench import synthesize
+import videos
 
 
 def _config():
@@ -23,13 +24,6 @@ def _config():
 
 
 # ----------------------------------------------------------- fixtures --
-@pytest.fixture(scope="module")
-def video(tmp_path_factory):
-  """12 s, 25 fps, 64 px mp4 (H.264 + AAC 44.1 kHz stereo): circle, square,
-  triangle sound 4 s each."""
-  return synthetic_video.write(tmp_path_factory.mktemp("v") / "s.mp4", size=64)
-
-
 def _stub_forward(model, num_classes):
   """A stand-in for the model: foreground = red pixels (the circle)."""
   del model, num_classes
@@ -82,55 +76,13 @@ def test_audio_only_file(tmp_path):
     _predict(p, tmp_path / "out")
 
 
-def _with_cover(path, *, video: bool):
-  """A cover picture (mjpeg, 1 frame; attached_pic where the muxer keeps
-  that: mp4) as the first stream, then H.264 (if `video`) and AAC."""
-  with av.open(str(path), "w") as c:
-    cover = c.add_stream("mjpeg", rate=1)
-    cover.width = cover.height = 32
-    cover.pix_fmt = "yuvj420p"
-    if hasattr(av.stream, "Disposition"):
-      cover.disposition = av.stream.Disposition.attached_pic
-    v = c.add_stream("libx264", rate=4) if video else None
-    if v is not None:
-      v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
-    a = c.add_stream("aac", rate=16000, layout="mono")
-    f = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 255, np.uint8),
-                                   format="rgb24")
-    f.pts = 0
-    c.mux(cover.encode(f))
-    c.mux(cover.encode(None))
-    for i in range(12 if v is not None else 0):
-      f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40, np.uint8),
-                                     format="rgb24")
-      f.pts = i
-      c.mux(v.encode(f))
-    if v is not None:
-      c.mux(v.encode(None))
-    f = av.AudioFrame.from_ndarray(np.zeros((1, 48000), np.float32),
-                                   format="fltp", layout="mono")
-    f.sample_rate, f.pts = 16000, 0
-    c.mux(a.encode(f))
-    c.mux(a.encode(None))
-  return str(path)
-
-
-def test_video_track_is_the_one_ffmpeg_plays(tmp_path):
-  """An mkv whose first track is a one-frame picture: the H.264 track is
-  sampled (ffmpeg's best stream), not the picture."""
-  info = video_io.probe(_with_cover(tmp_path / "v.mkv", video=True))
-  assert (info.width, info.height, info.video_stream) == (64, 48, 1)
-  frames = list(video_io.sample_frames(info))
-  assert [s.rgb.shape for s in frames] == [(48, 64, 3)] * 3
-
-
 @pytest.mark.skipif(not hasattr(av.stream, "Disposition"),
                     reason="writing a cover picture needs PyAV >= 15")
 def test_song_with_cover_art(tmp_path):
   with pytest.raises(predict.PredictError,
                      match=r"song.mp4: no video stream .*the video ones are "
                      r"cover pictures"):
-    _predict(_with_cover(tmp_path / "song.mp4", video=False),
+    _predict(videos.with_cover(tmp_path / "song.mp4", video=False),
              tmp_path / "out")
 
 
@@ -216,225 +168,12 @@ def test_cli_error_is_one_line(tmp_path):
   assert "Traceback" not in r.stderr
 
 
-# ---------------------------------------------- sampling and alignment --
+# ------------------------------------------ windows and audio examples --
 def test_pad_windows():
   assert predict.pad_windows(12, 5, 1) == (3, 15)
   assert predict.pad_windows(12, 5, 2) == (3, 20)
   assert predict.pad_windows(10, 5, 1) == (2, 10)
   assert predict.pad_windows(1, 10, 4) == (1, 40)
-
-
-@pytest.mark.parametrize("fps", [25, 30])
-def test_avsbench_sampling(tmp_path, fps):
-  """Second l -> decoded frame int(l*F + 15F/16), as AVSBench extracts; a
-  trailing partial second >= 0.5 s takes the last frame."""
-  v = synthetic_video.write(tmp_path / "v.mkv", size=32, fps=fps,
-                            schedule=((0, 2.0), (1, 1.6)))
-  info = video_io.probe(v.path)
-  got = [s.source_frame for s in video_io.sample_frames(info)]
-  want = [int(l * fps + 15 * fps / 16) for l in range(4)]   # 3.6 s -> 4
-  want[-1] = min(want[-1], v.num_frames - 1)
-  assert got == want
-
-
-def test_centred_and_every_frame_sampling(video):
-  info = video_io.probe(video.path)
-  s = list(video_io.sample_frames(info, fps=2.0))
-  assert len(s) == 24
-  assert [x.source_frame for x in s[:4]] == [6, 18, 31, 43]   # floor(t*25)
-  np.testing.assert_allclose([x.time for x in s[:3]], [0.25, 0.75, 1.25])
-  every = list(video_io.sample_frames(info, every_frame=True))
-  assert len(every) == video.num_frames
-  np.testing.assert_allclose(every[3].time, 3.5 / 25, atol=1e-6)
-
-
-def test_containers_decode_alike(tmp_path, video):
-  """mkv (PCM) and webm (VP9 + Opus) give the same samples as mp4."""
-  ref = [s.rgb.astype(np.int16) for s in
-         video_io.sample_frames(video_io.probe(video.path))]
-  for ext in (".mkv", ".webm"):
-    v = synthetic_video.write(tmp_path / f"v{ext}", size=64)
-    info = video_io.probe(v.path)
-    got = list(video_io.sample_frames(info))
-    assert len(got) == len(ref) == 12, ext
-    for a, b in zip(got, ref):
-      assert np.abs(a.rgb.astype(np.int16) - b).mean() < 6, ext
-    wave = video_io.read_audio(info, 0.975)
-    assert abs(len(wave) / 16000 - 12.0) < 0.05, (ext, len(wave))
-
-
-# A stored (as-encoded) picture whose quarter turns and mirrors all differ:
-# red top-left, green top-right, blue bottom-left quarter, grey elsewhere.
-_H, _W = 48, 80
-
-
-def _stored_picture():
-  img = np.full((_H, _W, 3), 128, np.uint8)
-  img[:_H // 2, :_W // 2] = (255, 0, 0)
-  img[:_H // 2, _W // 2:] = (0, 255, 0)
-  img[_H // 2:, :_W // 4] = (0, 0, 255)
-  return img
-
-
-def _write(path, pictures, *, rate=4, display=None, fmt=None, tone=440,
-           audio_rate=16000):
-  """H.264 of `pictures` + AAC of a tone as long; `display` = (degrees
-  counter-clockwise, hflip, vflip) for the display matrix."""
-  with av.open(str(path), "w", format=fmt) as c:
-    v = c.add_stream("libx264", rate=rate)
-    v.height, v.width = pictures[0].shape[:2]
-    v.pix_fmt = "yuv420p"
-    if display is not None:
-      v.set_display_rotation(display[0], hflip=display[1], vflip=display[2])
-    a = c.add_stream("aac", rate=audio_rate, layout="mono")
-    for i, img in enumerate(pictures):
-      f = av.VideoFrame.from_ndarray(img, format="rgb24")
-      f.pts = i
-      c.mux(v.encode(f))
-    c.mux(v.encode(None))
-    n = int(len(pictures) / rate * audio_rate)
-    f = av.AudioFrame.from_ndarray(
-        (0.3 * np.sin(2 * np.pi * tone * np.arange(n) / audio_rate))[None]
-        .astype(np.float32), format="fltp", layout="mono")
-    f.sample_rate, f.pts = audio_rate, 0
-    c.mux(a.encode(f))
-    c.mux(a.encode(None))
-  return str(path)
-
-
-needs_display_writer = pytest.mark.skipif(
-    not hasattr(av.video.stream.VideoStream, "set_display_rotation"),
-    reason="writing a display matrix needs PyAV >= 18")
-
-
-@needs_display_writer
-@pytest.mark.parametrize("degrees", [0, 90, 180, 270])
-@pytest.mark.parametrize("hflip", [False, True])
-def test_frames_are_upright(tmp_path, degrees, hflip):
-  """The eight orientations a display matrix can hold (a portrait phone
-  video is stored landscape with a quarter turn): frames come as displayed.
-  The truth is PyAV's definition of the matrix it writes (turn the stored
-  picture `degrees` counter-clockwise, then mirror); ours reads the matrix
-  the way the ffmpeg command line picks its filters (video_io.orientation)."""
-  stored = _stored_picture()
-  path = _write(tmp_path / "v.mp4", [stored] * 8,
-                display=(degrees, hflip, False))
-  info = video_io.probe(path)
-  want = np.rot90(stored, degrees // 90)
-  want = want[:, ::-1] if hflip else want
-  assert (info.height, info.width) == want.shape[:2]
-  samples = list(video_io.sample_frames(info, every_frame=True))
-  assert len(samples) == 8
-  for s in samples:
-    assert s.rgb.shape == want.shape
-    assert np.abs(s.rgb.astype(np.int16) - want).mean() < 8, info.orientation
-
-
-@needs_display_writer
-def test_odd_display_angle(tmp_path):
-  """Not a quarter turn: rotated in the frame, corners black, size kept
-  (ffmpeg's rotate filter)."""
-  path = _write(tmp_path / "v.mp4", [_stored_picture()] * 4,
-                display=(30, False, False))
-  info = video_io.probe(path)
-  assert info.orientation == ("rotate=330",)      # clockwise degrees
-  rgb = next(video_io.sample_frames(info)).rgb
-  assert rgb.shape == (_H, _W, 3)
-  assert (rgb[0, 0] < 10).all() and (rgb[-1, -1] < 10).all()
-  # A 30 degree counter-clockwise turn takes the green (top-right) quarter's
-  # centre (12, 60) to about (4, 48) around the frame centre (24, 40).
-  r, g = rgb[4, 48, 0], rgb[4, 48, 1]
-  assert g > 200 and r < 60, rgb[4, 48]
-
-
-@needs_display_writer
-def test_predict_on_a_portrait_video(tmp_path, stub_model):
-  """Masks, overlays and the overlay video are upright and of the displayed
-  size; predictions.json says what was applied."""
-  stored = _stored_picture()
-  path = _write(tmp_path / "phone.mp4", [stored] * 12, rate=4,
-                display=(-90, False, False))         # a quarter turn clockwise
-  out = tmp_path / "out"
-  s = predict.predict(_config(), path, str(out), variables=stub_model,
-                      progress=False)
-  assert s["size"] == [_H, _W] and s["orientation"] == ["transpose=clock"]
-  assert predict._summary_line(s, str(out)).endswith(  # pylint: disable=protected-access
-      "; frames made upright (transpose=clock)")
-  red = np.rot90((stored[..., 0] > 200) & (stored[..., 1] < 50), -1)
-  for r in s["frames"]:
-    mask = np.asarray(Image.open(out / "masks" / f"{r['index']:05d}.png")) > 127
-    assert mask.shape == red.shape == (_W, _H)
-    assert (mask & red).sum() / (mask | red).sum() > 0.9
-  with av.open(str(out / "overlay.mp4")) as c:
-    f = next(c.decode(video=0))
-    assert (f.height, f.width) == (_W, _H)
-
-
-def test_stream_that_changes_size(tmp_path, stub_model):
-  """Two MPEG-TS segments of different sizes, concatenated (as a recorded
-  adaptive stream can be): each mask at its frame's size; the overlay video
-  scales the later frames to the first frame's size."""
-  small = _write(tmp_path / "a.ts", [_stored_picture()] * 8, fmt="mpegts")
-  big_picture = np.asarray(Image.fromarray(_stored_picture()).resize((120, 72)))
-  big = _write(tmp_path / "b.ts", [big_picture] * 8, fmt="mpegts")
-  path = tmp_path / "ab.ts"
-  path.write_bytes(open(small, "rb").read() + open(big, "rb").read())
-  out = tmp_path / "out"
-  s = predict.predict(_config(), str(path), str(out), variables=stub_model,
-                      every_frame=True, progress=False)
-  assert s["num_frames"] == 16
-  sizes = [Image.open(out / "masks" / f"{r['index']:05d}.png").size
-           for r in s["frames"]]
-  assert sizes == [(_W, _H)] * 8 + [(120, 72)] * 8
-  with av.open(str(out / "overlay.mp4")) as c:
-    assert {(f.width, f.height) for f in c.decode(video=0)} == {(_W, _H)}
-
-
-def test_audio_that_changes_rate(tmp_path, stub_model):
-  """MPEG-TS segments at 48 and 44.1 kHz, concatenated: the second is
-  resampled, not read as 48 kHz (which would make it 8% short and its
-  660 Hz tone 606 Hz), in the model's audio and in the overlay video's."""
-  a = _write(tmp_path / "a.ts", [_stored_picture()] * 12, fmt="mpegts",
-             tone=440, audio_rate=48000)
-  b = _write(tmp_path / "b.ts", [_stored_picture()] * 12, fmt="mpegts",
-             tone=660, audio_rate=44100)
-  path = tmp_path / "ab.ts"
-  path.write_bytes(open(a, "rb").read() + open(b, "rb").read())
-  wave = video_io.read_audio(video_io.probe(str(path)), 0.975)
-  assert abs(len(wave) / 16000 - 6.0) < 0.1, len(wave) / 16000
-  assert abs(_peak_hz(wave[8000:40000]) - 440) < 10
-  assert abs(_peak_hz(wave[56000:88000]) - 660) < 10
-  predict.predict(_config(), str(path), str(tmp_path / "out"),
-                  variables=stub_model, progress=False)
-  np.testing.assert_allclose(_tones(str(tmp_path / "out" / "overlay.mp4"), 6),
-                             [440] * 3 + [660] * 3, rtol=0.02)
-
-
-def _peak_hz(x, sr=16000):
-  spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
-  return np.argmax(spec) * sr / len(x)
-
-
-def test_audio_is_aligned_with_video(video):
-  """Each second of the decoded soundtrack (AAC, 44.1 kHz stereo -> 16 kHz
-  mono) holds the tone of the object the schedule says sounds then."""
-  wave = video_io.read_audio(video_io.probe(video.path), 0.975)
-  for sec in range(12):
-    x = wave[int((sec + 0.1) * 16000):int((sec + 0.9) * 16000)]
-    tone = synthesize.CLASSES[video.sounding(sec + 0.5)][2]
-    assert abs(_peak_hz(x) - tone) < 0.05 * tone, sec
-
-
-def test_audio_read_whatever_the_stated_duration(video):
-  """The soundtrack buffer is sized from the container's duration; one that
-  states too little (or none) only makes it grow."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  info = video_io.probe(video.path)
-  want = video_io.read_audio(info, 0.975)
-  for duration in (0.5, None):
-    got = video_io.read_audio(dataclasses.replace(info, duration=duration),
-                              0.975)
-    np.testing.assert_array_equal(got, want)
 
 
 def test_audio_examples_per_frame():
@@ -462,7 +201,7 @@ def test_audio_examples_per_frame():
 def _tones(path, seconds):
   """Peak frequency of each second of a file's soundtrack."""
   wave = video_io.read_audio(video_io.probe(path), 0.975)
-  return [_peak_hz(wave[int((s + 0.1) * 16000):int((s + 0.9) * 16000)])
+  return [videos.peak_hz(wave[int((s + 0.1) * 16000):int((s + 0.9) * 16000)])
           for s in range(seconds)]
 
 
@@ -537,6 +276,74 @@ def test_several_videos_one_model(tmp_path, video, monkeypatch, stub_model):
   assert lines[0].startswith(f"12 frames (avsbench_1fps) -> {tmp_path / 'out' / 'a'}:")
   with pytest.raises(predict.PredictError, match=r"nothing\*\.mp4: no videos"):
     predict.expand_videos(str(tmp_path / "nothing*.mp4"))
+
+
+# ------------------------------------------ videos as users have them --
+@videos.needs_display_writer
+def test_predict_on_a_portrait_video(tmp_path, stub_model):
+  """Masks, overlays and the overlay video are upright and of the displayed
+  size; predictions.json says what was applied."""
+  stored = videos.stored_picture()
+  path = videos.write_pictures(tmp_path / "phone.mp4", [stored] * 12,
+                               display=(-90, False, False))  # clockwise
+  out = tmp_path / "out"
+  s = predict.predict(_config(), path, str(out), variables=stub_model,
+                      progress=False)
+  assert s["size"] == [videos.H, videos.W]
+  assert s["orientation"] == ["transpose=clock"]
+  assert predict._summary_line(s, str(out)).endswith(  # pylint: disable=protected-access
+      "; frames made upright (transpose=clock)")
+  red = np.rot90((stored[..., 0] > 200) & (stored[..., 1] < 50), -1)
+  for r in s["frames"]:
+    mask = np.asarray(Image.open(out / "masks" / f"{r['index']:05d}.png")) > 127
+    assert mask.shape == red.shape == (videos.W, videos.H)
+    assert (mask & red).sum() / (mask | red).sum() > 0.9
+  with av.open(str(out / "overlay.mp4")) as c:
+    f = next(c.decode(video=0))
+    assert (f.height, f.width) == (videos.W, videos.H)
+
+
+def test_stream_that_changes_size(tmp_path, stub_model):
+  """Two MPEG-TS segments of different sizes, concatenated (as a recorded
+  adaptive stream can be): each mask at its frame's size; the overlay video
+  scales the later frames to the first frame's size."""
+  picture = videos.stored_picture()
+  small = videos.write_pictures(tmp_path / "a.ts", [picture] * 8, fmt="mpegts")
+  bigger = np.asarray(Image.fromarray(picture).resize((120, 72)))
+  big = videos.write_pictures(tmp_path / "b.ts", [bigger] * 8, fmt="mpegts")
+  path = tmp_path / "ab.ts"
+  path.write_bytes(open(small, "rb").read() + open(big, "rb").read())
+  out = tmp_path / "out"
+  s = predict.predict(_config(), str(path), str(out), variables=stub_model,
+                      every_frame=True, progress=False)
+  assert s["num_frames"] == 16
+  sizes = [Image.open(out / "masks" / f"{r['index']:05d}.png").size
+           for r in s["frames"]]
+  assert sizes == [(videos.W, videos.H)] * 8 + [(120, 72)] * 8
+  with av.open(str(out / "overlay.mp4")) as c:
+    sizes = {(f.width, f.height) for f in c.decode(video=0)}
+  assert sizes == {(videos.W, videos.H)}
+
+
+def test_audio_that_changes_rate(tmp_path, stub_model):
+  """MPEG-TS segments at 48 and 44.1 kHz, concatenated: the second is
+  resampled, not read as 48 kHz (which would make it 8% short and its
+  660 Hz tone 606 Hz), in the model's audio and in the overlay video's."""
+  pictures = [videos.stored_picture()] * 12
+  a = videos.write_pictures(tmp_path / "a.ts", pictures, fmt="mpegts",
+                            tone=440, audio_rate=48000)
+  b = videos.write_pictures(tmp_path / "b.ts", pictures, fmt="mpegts",
+                            tone=660, audio_rate=44100)
+  path = tmp_path / "ab.ts"
+  path.write_bytes(open(a, "rb").read() + open(b, "rb").read())
+  wave = video_io.read_audio(video_io.probe(str(path)), 0.975)
+  assert abs(len(wave) / 16000 - 6.0) < 0.1, len(wave) / 16000
+  assert abs(videos.peak_hz(wave[8000:40000]) - 440) < 10
+  assert abs(videos.peak_hz(wave[56000:88000]) - 660) < 10
+  predict.predict(_config(), str(path), str(tmp_path / "out"),
+                  variables=stub_model, progress=False)
+  np.testing.assert_allclose(_tones(str(tmp_path / "out" / "overlay.mp4"), 6),
+                             [440] * 3 + [660] * 3, rtol=0.02)
 
 
 # ---------------------------------------------------------- end to end --

@@ -1,0 +1,78 @@
+"""video_io: which streams are read, how frames are sampled, and the
+soundtrack (aligned with the frames, whatever the container says)."""
+import numpy as np
+import pytest
+
+from avsegformer_jax import synthetic_video, video_io
+from datasets.avsbench import synthesize
+import videos
+
+
+@pytest.mark.parametrize("fps", [25, 30])
+def test_avsbench_sampling(tmp_path, fps):
+  """Second l -> decoded frame int(l*F + 15F/16), as AVSBench extracts; a
+  trailing partial second >= 0.5 s takes the last frame."""
+  v = synthetic_video.write(tmp_path / "v.mkv", size=32, fps=fps,
+                            schedule=((0, 2.0), (1, 1.6)))
+  info = video_io.probe(v.path)
+  got = [s.source_frame for s in video_io.sample_frames(info)]
+  want = [int(l * fps + 15 * fps / 16) for l in range(4)]   # 3.6 s -> 4
+  want[-1] = min(want[-1], v.num_frames - 1)
+  assert got == want
+
+
+def test_centred_and_every_frame_sampling(video):
+  info = video_io.probe(video.path)
+  s = list(video_io.sample_frames(info, fps=2.0))
+  assert len(s) == 24
+  assert [x.source_frame for x in s[:4]] == [6, 18, 31, 43]   # floor(t*25)
+  np.testing.assert_allclose([x.time for x in s[:3]], [0.25, 0.75, 1.25])
+  every = list(video_io.sample_frames(info, every_frame=True))
+  assert len(every) == video.num_frames
+  np.testing.assert_allclose(every[3].time, 3.5 / 25, atol=1e-6)
+
+
+def test_containers_decode_alike(tmp_path, video):
+  """mkv (PCM) and webm (VP9 + Opus) give the same samples as mp4."""
+  ref = [s.rgb.astype(np.int16) for s in
+         video_io.sample_frames(video_io.probe(video.path))]
+  for ext in (".mkv", ".webm"):
+    v = synthetic_video.write(tmp_path / f"v{ext}", size=64)
+    info = video_io.probe(v.path)
+    got = list(video_io.sample_frames(info))
+    assert len(got) == len(ref) == 12, ext
+    for a, b in zip(got, ref):
+      assert np.abs(a.rgb.astype(np.int16) - b).mean() < 6, ext
+    wave = video_io.read_audio(info, 0.975)
+    assert abs(len(wave) / 16000 - 12.0) < 0.05, (ext, len(wave))
+
+
+def test_audio_is_aligned_with_video(video):
+  """Each second of the decoded soundtrack (AAC, 44.1 kHz stereo -> 16 kHz
+  mono) holds the tone of the object the schedule says sounds then."""
+  wave = video_io.read_audio(video_io.probe(video.path), 0.975)
+  for sec in range(12):
+    x = wave[int((sec + 0.1) * 16000):int((sec + 0.9) * 16000)]
+    tone = synthesize.CLASSES[video.sounding(sec + 0.5)][2]
+    assert abs(videos.peak_hz(x) - tone) < 0.05 * tone, sec
+
+
+def test_audio_read_whatever_the_stated_duration(video):
+  """The soundtrack buffer is sized from the container's duration; one that
+  states too little (or none) only makes it grow."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  info = video_io.probe(video.path)
+  want = video_io.read_audio(info, 0.975)
+  for duration in (0.5, None):
+    got = video_io.read_audio(dataclasses.replace(info, duration=duration),
+                              0.975)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_video_track_is_the_one_ffmpeg_plays(tmp_path):
+  """An mkv whose first track is a one-frame picture: the H.264 track is
+  sampled (ffmpeg's best stream), not the picture."""
+  info = video_io.probe(videos.with_cover(tmp_path / "v.mkv", video=True))
+  assert (info.width, info.height, info.video_stream) == (64, 48, 1)
+  frames = list(video_io.sample_frames(info))
+  assert [s.rgb.shape for s in frames] == [(48, 64, 3)] * 3
