@@ -3,11 +3,13 @@
 Reading: `probe` checks the file, `read_audio` gives the soundtrack as mono
 16 kHz aligned to the first video frame, `sample_frames` streams the frames
 the model sees. Two samplings:
-  * AVSBench (`fps=1`): second l gets decoded frame int(l*F + 15*F/16) with
-    F = round(average frame rate), exactly as AVSBench's
-    `preprocess_scripts/preprocess_s4.py` extracts frames (the last of 16
-    samples per second, clamped to the last frame); a trailing partial second
-    counts when it is at least half a second long.
+  * AVSBench (`fps=1`): second l gets the frame on screen at l + 15/16 s:
+    at a constant integer rate F that is frame int(l*F + 15*F/16), exactly
+    what AVSBench's `preprocess_scripts/preprocess_s4.py` extracts (the last
+    of 16 samples per second, clamped to the last frame), and by time it
+    stays with the audio where that frame index would drift (29.97 fps read
+    as 30: 0.06 s a minute) or jump (variable-rate phone videos); a trailing
+    partial second counts when it is at least half a second long.
   * centred (`fps=r`, r != 1): sample k is the frame on screen at
     t_k = (k + 0.5) / r; `every_frame`: every decoded frame, at the middle of
     its display interval.
@@ -224,10 +226,9 @@ def sample_frames(info: VideoInfo, fps: float = 1.0,
     raise ValueError(f"fps must be > 0, got {fps}")
   step = 1.0 / float(info.rate)
   avsbench = avsbench_mode(fps, every_frame)
-  big = max(1, int(round(float(info.rate))))           # AVSBench's F
 
-  def target(k):  # AVSBench: frame number; centred: time
-    return int(k * big + 15 * big / 16) if avsbench else (k + 0.5) / fps
+  def target(k):  # the moment sample k shows
+    return k + 15 / 16 if avsbench else (k + 0.5) / fps
 
   k, prev, n = 0, None, 0
   with _open(info.path) as c:
@@ -240,14 +241,10 @@ def sample_frames(info: VideoInfo, fps: float = 1.0,
         if every_frame:
           yield Sample(i, t + step / 2, i, _rgb(frame))
           continue
-        if avsbench:
-          if i == target(k):
-            yield Sample(k, t, i, _rgb(frame))
-            k += 1
-          prev = (i, t, frame)
-          continue
-        while prev is not None and t > target(k) + 1e-9:
-          yield Sample(k, target(k), prev[0], _rgb(prev[2]))
+        # The previous frame is the one on screen at every target before t.
+        while prev is not None and t > target(k) + 1e-6:
+          yield Sample(k, prev[1] if avsbench else target(k), prev[0],
+                       _rgb(prev[2]))
           k += 1
         prev = (i, t, frame)
     except av.error.FFmpegError as e:
@@ -259,9 +256,8 @@ def sample_frames(info: VideoInfo, fps: float = 1.0,
       return
     end = prev[1] + step                               # end of the last frame
     rgb = _rgb(prev[2])
-    if avsbench:
-      seconds = max(1, int(math.floor(n / big + 0.5)))
-      for k in range(k, seconds):                      # AVSBench clamps
+    if avsbench:   # a last partial second >= 0.5 s counts; the frame clamps
+      for k in range(k, max(1, int(math.floor(end + 0.5 + 1e-6)))):
         yield Sample(k, prev[1], prev[0], rgb)
     else:
       while target(k) < end:

@@ -1,5 +1,7 @@
 """video_io: which streams are read, how frames are sampled, and the
 soundtrack (aligned with the frames, whatever the container says)."""
+import fractions
+
 import numpy as np
 import pytest
 
@@ -19,6 +21,35 @@ def test_avsbench_sampling(tmp_path, fps):
   want = [int(l * fps + 15 * fps / 16) for l in range(4)]   # 3.6 s -> 4
   want[-1] = min(want[-1], v.num_frames - 1)
   assert got == want
+
+
+def _frame_on_screen(starts, t):
+  return int(np.searchsorted(starts, t + 1e-9, side="right")) - 1
+
+
+@pytest.mark.parametrize("kind", ["29.97fps", "variable"])
+def test_avsbench_sampling_follows_time(tmp_path, kind):
+  """Second l gets the frame on screen at l + 15/16 s where AVSBench's frame
+  index int(l*F + 15F/16), F = round(rate), would leave the audio: at 29.97
+  fps it is 2 frames late after a minute; in a variable-rate video (10 s at
+  10 fps, then 10 s at 30 fps: average 20) 4.7 s late from second 5 on."""
+  if kind == "29.97fps":
+    rate, pts = fractions.Fraction(30000, 1001), list(range(1800))
+  else:
+    rate, pts = 30, [3 * i for i in range(100)] + list(range(300, 600))
+  pictures = [np.zeros((32, 32, 3), np.uint8)] * len(pts)
+  path = videos.write_pictures(tmp_path / "v.mp4", pictures, rate=rate,
+                               pts=pts)
+  info = video_io.probe(path)
+  starts = np.asarray(pts) / float(rate)
+  got = [s.source_frame for s in video_io.sample_frames(info)]
+  seconds = int(round(starts[-1] + 1 / float(rate)))
+  want = [_frame_on_screen(starts, l + 15 / 16) for l in range(seconds)]
+  assert got == want
+  big = round(float(info.rate))
+  index_rule = [min(int(l * big + 15 * big / 16), len(pts) - 1)
+                for l in range(seconds)]
+  assert index_rule != want      # the two rules do part here
 
 
 def test_centred_and_every_frame_sampling(video):

@@ -18,10 +18,11 @@ def stored_picture():
   return img
 
 
-def write_pictures(path, pictures, *, rate=4, display=None, fmt=None, tone=440,
-           audio_rate=16000):
+def write_pictures(path, pictures, *, rate=4, display=None, fmt=None,
+                   tone=440, audio_rate=16000, pts=None):
   """H.264 of `pictures` + AAC of a tone as long; `display` = (degrees
-  counter-clockwise, hflip, vflip) for the display matrix."""
+  counter-clockwise, hflip, vflip) for the display matrix; `pts` in 1/rate
+  units (default 0, 1, 2, ...; gaps make a variable frame rate)."""
   with av.open(str(path), "w", format=fmt) as c:
     v = c.add_stream("libx264", rate=rate)
     v.height, v.width = pictures[0].shape[:2]
@@ -29,12 +30,13 @@ def write_pictures(path, pictures, *, rate=4, display=None, fmt=None, tone=440,
     if display is not None:
       v.set_display_rotation(display[0], hflip=display[1], vflip=display[2])
     a = c.add_stream("aac", rate=audio_rate, layout="mono")
+    pts = list(range(len(pictures))) if pts is None else list(pts)
     for i, img in enumerate(pictures):
       f = av.VideoFrame.from_ndarray(img, format="rgb24")
-      f.pts = i
+      f.pts = pts[i]
       c.mux(v.encode(f))
     c.mux(v.encode(None))
-    n = int(len(pictures) / rate * audio_rate)
+    n = int((pts[-1] + 1) / rate * audio_rate)
     f = av.AudioFrame.from_ndarray(
         (0.3 * np.sin(2 * np.pi * tone * np.arange(n) / audio_rate))[None]
         .astype(np.float32), format="fltp", layout="mono")
