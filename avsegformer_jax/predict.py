@@ -211,7 +211,9 @@ def _run(predictor: Predictor, video, out_dir, info, wave, fps, every_frame,
       if info.duration else None
   bar = tqdm(total=-(-int(round(est)) // t_win) if est else None,
              unit="window", desc="predict", disable=not progress)
-  writer = video_io.OverlayWriter(os.path.join(out_dir, "overlay.mp4"), info, rate)
+  writer = video_io.OverlayWriter(os.path.join(out_dir, "overlay.mp4"), info,
+                                  rate, timed=every_frame)
+  half = 0.5 / float(info.rate)   # every_frame samples sit mid-frame
   records, stats = [], {"model_s": 0.0, "compile_s": 0.0, "calls": 0}
   t_start = time.time()
 
@@ -238,7 +240,7 @@ def _run(predictor: Predictor, video, out_dir, info, wave, fps, every_frame,
       _save_mask(os.path.join(out_dir, "masks", name), mask, num_classes)
       over = visualize.overlay(s.rgb, mask, num_classes)
       Image.fromarray(over).save(os.path.join(out_dir, "overlays", name))
-      writer.add(over)
+      writer.add(over, at=s.time - half if every_frame else None)
       records.append({"index": s.index, "time": round(s.time, 4),
                       "source_frame": s.source_frame,
                       "foreground": float((mask > 0).mean())})

@@ -285,14 +285,26 @@ def centred_example(mel: np.ndarray, t: float, audio_seconds: float):
 
 
 class OverlayWriter:
-  """H.264 video of RGB frames at `rate`, with the source's audio as AAC."""
+  """H.264 video of RGB frames at `rate`, with the source's audio as AAC.
 
-  def __init__(self, path, info: VideoInfo, rate: fractions.Fraction):
+  `timed`: each frame is shown at the time `add` is given (every decoded
+  frame of a variable-rate video keeps its own moment, and so its sync with
+  the sound); otherwise frames follow each other at `rate`.
+  """
+
+  _TIMED_BASE = fractions.Fraction(1, 90000)
+
+  def __init__(self, path, info: VideoInfo, rate: fractions.Fraction,
+               timed: bool = False):
     self.path, self.info = os.fspath(path), info
     self.width, self.height = info.width + info.width % 2, \
         info.height + info.height % 2
     self.out = av.open(self.path, "w")
     self.video = self.out.add_stream("libx264", rate=rate)
+    self.timed, self._pts = timed, -1
+    if timed:
+      self.video.codec_context.time_base = self._TIMED_BASE
+      self.video.time_base = self._TIMED_BASE
     self.video.width, self.video.height = self.width, self.height
     self.video.pix_fmt = "yuv420p"
     self.video.options = {"crf": "18"}
@@ -330,7 +342,8 @@ class OverlayWriter:
       self._written += x.shape[1]
       self.out.mux(self.audio.encode(f))
 
-  def add(self, rgb: np.ndarray):
+  def add(self, rgb: np.ndarray, at: float | None = None):
+    """Appends a frame; `at`: its time in seconds (timed writers only)."""
     h, w = rgb.shape[:2]
     if (h, w) != (self.info.height, self.info.width) and (h, w) != (
         self.height, self.width):
@@ -343,10 +356,16 @@ class OverlayWriter:
       rgb = np.pad(rgb, ((0, self.height - h), (0, self.width - w), (0, 0)),
                    mode="edge")
     frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-    frame.pts = self.frames
+    if self.timed:     # strictly increasing, as the encoder needs
+      self._pts = max(self._pts + 1, round(at / self._TIMED_BASE))
+      frame.pts, frame.time_base = self._pts, self._TIMED_BASE
+      until = at
+    else:
+      frame.pts = self.frames
+      until = (self.frames + 1) / float(self.rate)
     self.out.mux(self.video.encode(frame))
     self.frames += 1
-    self._push_audio(self.frames / float(self.rate) + 1.0)
+    self._push_audio(until + 1.0)
 
   def abort(self):
     """Closes without flushing (after an error; the file is incomplete)."""

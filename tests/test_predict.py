@@ -346,6 +346,22 @@ def test_audio_that_changes_rate(tmp_path, stub_model):
                              [440] * 3 + [660] * 3, rtol=0.02)
 
 
+def test_every_frame_of_a_variable_rate_video(tmp_path, stub_model):
+  """10 s at 10 fps, then 10 s at 30 fps: the overlay video shows each
+  frame at its own moment (at the average 20 fps the first half would run
+  twice too fast, 5 s ahead of its sound at 10 s)."""
+  pts = [3 * i for i in range(100)] + list(range(300, 600))   # 1/30 s units
+  path = videos.write_pictures(
+      tmp_path / "vfr.mp4", [np.zeros((32, 32, 3), np.uint8)] * len(pts),
+      rate=30, pts=pts)
+  s = predict.predict(_config(), path, str(tmp_path / "out"),
+                      variables=stub_model, every_frame=True, progress=False)
+  assert s["num_frames"] == 400
+  with av.open(str(tmp_path / "out" / "overlay.mp4")) as c:
+    times = [f.time for f in c.decode(video=0)]
+  np.testing.assert_allclose(times, np.asarray(pts) / 30, atol=1e-4)
+
+
 # ---------------------------------------------------------- end to end --
 @pytest.mark.slow
 def test_masks_follow_the_sounding_object(tmp_path, video):
