@@ -22,9 +22,10 @@ padded; padded frames are dropped), `--batch_clips` windows per call, all
 calls of one shape so the forward compiles once.
 
 Writes OUT/masks/NNNNN.png (binary: 0/255; AVSS: class index with the
-AVSBench palette), OUT/overlays/NNNNN.png at the video's resolution,
-OUT/overlay.mp4 (H.264, at the sampling rate, or the source rate with
---every_frame, with the original audio as AAC) and OUT/predictions.json.
+AVSBench palette), OUT/overlays/NNNNN.png at the video's resolution, upright
+as players show it, OUT/overlay.mp4 (H.264, at the sampling rate, or each
+frame at its own time with --every_frame, with the original audio as AAC)
+and OUT/predictions.json.
 """
 from __future__ import annotations
 
