@@ -293,13 +293,16 @@ VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv",
 
 def expand_videos(spec: str) -> list[str]:
   """`--video`: files, directories (their videos) and glob patterns, comma
-  separated, in that order, each group sorted."""
+  separated, in that order, each group sorted. A path that exists is taken
+  as it is, whatever commas or glob characters its name has ("Concert
+  [1080p].mp4")."""
   out = []
-  for part in filter(None, (p.strip() for p in spec.split(","))):
+  parts = [spec] if os.path.exists(spec) else spec.split(",")
+  for part in filter(None, (p.strip() for p in parts)):
     if os.path.isdir(part):
       found = sorted(os.path.join(part, n) for n in os.listdir(part)
                      if n.lower().endswith(VIDEO_SUFFIXES))
-    elif glob.has_magic(part):
+    elif glob.has_magic(part) and not os.path.exists(part):
       found = sorted(glob.glob(part))
     else:
       found = [part]                 # a missing one is reported as such

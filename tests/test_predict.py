@@ -279,6 +279,19 @@ def test_several_videos_one_model(tmp_path, video, monkeypatch, stub_model):
 
 
 # ------------------------------------------ videos as users have them --
+def test_video_names_with_commas_and_brackets(tmp_path):
+  """Downloaded videos are often called like this: an existing path is
+  taken as it is, not split at its comma or globbed at its brackets."""
+  for name in ("Concert [1080p].mp4", "Live, part 2.mkv", "a.mp4"):
+    (tmp_path / name).write_bytes(b"")
+  concert, live = str(tmp_path / "Concert [1080p].mp4"), str(
+      tmp_path / "Live, part 2.mkv")
+  assert predict.expand_videos(concert) == [concert]
+  assert predict.expand_videos(live) == [live]
+  assert predict.expand_videos(f"{concert},{tmp_path / '*.mp4'}") == [
+      concert, str(tmp_path / "a.mp4")]
+
+
 @videos.needs_display_writer
 def test_predict_on_a_portrait_video(tmp_path, stub_model):
   """Masks, overlays and the overlay video are upright and of the displayed
