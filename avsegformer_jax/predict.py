@@ -381,6 +381,9 @@ def _define_flags():
   flags.DEFINE_string("xla_cache_dir", compile_cache.DEFAULT_DIR,
                       "Persistent compilation cache (empty: off).")
   flags.mark_flags_as_required(["config", "checkpoint", "video", "out"])
+  flags.register_multi_flags_validator(
+      ["fps", "every_frame"], lambda v: not (v["every_frame"] and v["fps"] != 1),
+      message="--fps and --every_frame exclude each other")
 
 
 def main(argv):

@@ -166,6 +166,16 @@ def test_cli_error_is_one_line(tmp_path):
       f"predict: error: 2 of 2 videos skipped (see above): "
       f"{tmp_path / 'a.webm'}, {tmp_path / 'b.mp4'}")
   assert "Traceback" not in r.stderr
+  # Flags that contradict each other: absl's one-line flag error.
+  r = subprocess.run(
+      [sys.executable, "-m", "avsegformer_jax.predict",
+       "--config=configs/demo.py", f"--checkpoint={tmp_path}",
+       f"--video={tmp_path / 'a.webm'}", f"--out={tmp_path / 'o'}",
+       "--every_frame", "--fps=2"],
+      cwd=root, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1
+  assert "--fps and --every_frame exclude each other" in r.stderr
+  assert "Traceback" not in r.stderr
 
 
 # ------------------------------------------ windows and audio examples --
