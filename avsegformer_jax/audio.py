@@ -5,6 +5,7 @@ AVSegFormer uses it) to ~1e-6: mono mix of int16/32768 samples, resampy
 `kaiser_best` to 16 kHz, 25 ms periodic-Hann frames every 10 ms, |rfft| with
 512 points, VGGish's own HTK mel matrix, log(mel + 0.01), 96-frame examples.
 Pure numpy/resampy/soundfile: it runs in the data pipeline, not under jit.
+The end of the file pairs examples with a video's sampled frames (predict).
 
 librosa is deliberately not used: `librosa.filters.mel(htk=True, norm=None)`
 draws triangles linear in Hz where VGGish draws them linear in mel (weights
@@ -238,3 +239,61 @@ def fit_examples(examples, num, mode):
   else:
     pad = np.zeros((num - n,) + examples.shape[1:], np.float32)
   return np.concatenate([examples, pad], axis=0)
+
+
+def centred_example(mel: np.ndarray, t: float, audio_seconds: float):
+  """The 0.96 s log-mel example [96, 64] centred on time t.
+
+  `mel` rows are 10 ms hops from t = 0; near the start the window is moved
+  right; near the end of the audio it is moved left while t is inside the
+  audio, and filled with silence (log 0.01) beyond it.
+  """
+  n = EXAMPLE_FRAMES
+  start = int(round(t * 100)) - n // 2
+  if t < audio_seconds:
+    start = min(start, mel.shape[0] - n)
+  start = max(start, 0)
+  rows = mel[start:start + n]
+  if rows.shape[0] < n:
+    pad = np.full((n - rows.shape[0], mel.shape[1]), np.log(LOG_OFFSET))
+    rows = np.concatenate([rows, pad])
+  return rows.astype(np.float32)
+
+
+class AudioAligner:
+  """One log-mel example [96, 64] per sampled video frame (predict).
+
+  AVSBench sampling: clip w of `window` frames is seconds [wT, (w+1)T) and
+  gets that audio's consecutive examples, as AVSBench computes a clip's
+  (short clips extended by `pad_mode`); other samplings: the example
+  centred on the frame's time.
+  """
+
+  def __init__(self, wave16k: np.ndarray, window: int, avsbench: bool,
+               pad_mode: str):
+    self.wave, self.window, self.avsbench = wave16k, window, avsbench
+    self.pad_mode = pad_mode
+    self.seconds = len(wave16k) / SAMPLE_RATE
+    self._mel = None if avsbench else log_mel(wave16k)
+    self._clip = (None, None)
+
+  def _clip_examples(self, w: int) -> np.ndarray:
+    """AVSBench: the T examples of clip w (seconds [wT, (w+1)T))."""
+    if self._clip[0] != w:
+      sr, t = SAMPLE_RATE, self.window
+      seg = self.wave[w * t * sr:(w + 1) * t * sr]
+      ex = waveform_to_examples(seg, sr)
+      if ex.shape[0] == 0:   # < 0.975 s left: the last 0.975 s of the audio
+        end = min(len(self.wave), (w + 1) * t * sr)
+        ex = waveform_to_examples(
+            self.wave[max(0, end - MIN_SAMPLES):end], sr)
+        if ex.shape[0] == 0:   # audio ended long before: silence
+          ex = np.full((1, EXAMPLE_FRAMES, NUM_MEL_BINS),
+                       np.log(LOG_OFFSET), np.float32)
+      self._clip = (w, fit_examples(ex, t, self.pad_mode))
+    return self._clip[1]
+
+  def example(self, index: int, t: float) -> np.ndarray:
+    if self.avsbench:
+      return self._clip_examples(index // self.window)[index % self.window]
+    return centred_example(self._mel, t, self.seconds)

@@ -69,39 +69,6 @@ def pad_windows(n: int, window: int, batch: int) -> tuple[int, int]:
   return windows, calls * batch * window
 
 
-class AudioAligner:
-  """One log-mel example [96, 64] per sampled frame (module docstring)."""
-
-  def __init__(self, wave16k: np.ndarray, window: int, avsbench: bool,
-               pad_mode: str):
-    self.wave, self.window, self.avsbench = wave16k, window, avsbench
-    self.pad_mode = pad_mode
-    self.seconds = len(wave16k) / audio_lib.SAMPLE_RATE
-    self._mel = None if avsbench else audio_lib.log_mel(wave16k)
-    self._clip = (None, None)
-
-  def _clip_examples(self, w: int) -> np.ndarray:
-    """AVSBench: the T examples of clip w (seconds [wT, (w+1)T))."""
-    if self._clip[0] != w:
-      sr, t = audio_lib.SAMPLE_RATE, self.window
-      seg = self.wave[w * t * sr:(w + 1) * t * sr]
-      ex = audio_lib.waveform_to_examples(seg, sr)
-      if ex.shape[0] == 0:   # < 0.975 s left: the last 0.975 s of the audio
-        end = min(len(self.wave), (w + 1) * t * sr)
-        ex = audio_lib.waveform_to_examples(
-            self.wave[max(0, end - audio_lib.MIN_SAMPLES):end], sr)
-        if ex.shape[0] == 0:   # audio ended long before: silence
-          ex = np.full((1, audio_lib.EXAMPLE_FRAMES, audio_lib.NUM_MEL_BINS),
-                       np.log(audio_lib.LOG_OFFSET), np.float32)
-      self._clip = (w, audio_lib.fit_examples(ex, t, self.pad_mode))
-    return self._clip[1]
-
-  def example(self, index: int, t: float) -> np.ndarray:
-    if self.avsbench:
-      return self._clip_examples(index // self.window)[index % self.window]
-    return video_io.centred_example(self._mel, t, self.seconds)
-
-
 def _make_forward(model, num_classes: int):
   def forward(variables, frames, audio, valid):
     logits, _ = model.apply(variables, frames, audio, valid)
@@ -195,15 +162,26 @@ def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
                        opened=opened)
 
 
-def _run(predictor: Predictor, video, out_dir, info, wave, fps, every_frame,
-         batch_clips, progress) -> dict:
+def _run(predictor: Predictor, video, out_dir, *args) -> dict:
+  """`_run_video`, with a failed write under OUT (a full or read-only disk)
+  one PredictError, not a traceback from PIL or PyAV."""
+  try:
+    return _run_video(predictor, video, out_dir, *args)
+  except OSError as e:   # input errors arrive as VideoError/PredictError
+    raise PredictError(
+        f"{out_dir}: cannot write the outputs ({e.strerror or e}); what is "
+        "there for this video is incomplete") from None
+
+
+def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
+               every_frame, batch_clips, progress) -> dict:
   config, forward, variables = (predictor.config, predictor.forward,
                                 predictor.variables)
   t_win, size = config.data.num_frames, config.data.image_size
   num_classes = config.model.num_classes
   avsbench = video_io.avsbench_mode(fps, every_frame)
-  aligner = AudioAligner(wave, t_win, avsbench, PAD_MODES.get(config.task,
-                                                              "repeat_last"))
+  aligner = audio_lib.AudioAligner(
+      wave, t_win, avsbench, PAD_MODES.get(config.task, "repeat_last"))
   rate = info.rate if every_frame else fractions.Fraction(fps).limit_denominator(1001)
   for sub in ("masks", "overlays"):
     os.makedirs(os.path.join(out_dir, sub), exist_ok=True)

@@ -265,25 +265,6 @@ def sample_frames(info: VideoInfo, fps: float = 1.0,
         k += 1
 
 
-def centred_example(mel: np.ndarray, t: float, audio_seconds: float):
-  """The 0.96 s log-mel example [96, 64] centred on time t.
-
-  `mel` rows are 10 ms hops from t = 0; near the start the window is moved
-  right; near the end of the audio it is moved left while t is inside the
-  audio, and filled with silence (log 0.01) beyond it.
-  """
-  n = audio_lib.EXAMPLE_FRAMES
-  start = int(round(t * 100)) - n // 2
-  if t < audio_seconds:
-    start = min(start, mel.shape[0] - n)
-  start = max(start, 0)
-  rows = mel[start:start + n]
-  if rows.shape[0] < n:
-    pad = np.full((n - rows.shape[0], mel.shape[1]), np.log(audio_lib.LOG_OFFSET))
-    rows = np.concatenate([rows, pad])
-  return rows.astype(np.float32)
-
-
 class OverlayWriter:
   """H.264 video of RGB frames at `rate`, with the source's audio as AAC.
 

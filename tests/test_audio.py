@@ -127,3 +127,24 @@ def test_resampling_in_pieces_is_one_pass(rate):
   np.testing.assert_allclose(pieces, whole, rtol=0, atol=1e-10)
   if 16000 % rate == 0 or rate % 16000 == 0:
     np.testing.assert_array_equal(pieces, whole)
+
+
+def test_audio_examples_per_frame():
+  rng = np.random.default_rng(0)
+  wave = rng.normal(0, 0.1, int(12.3 * 16000))
+  a = audio.AudioAligner(wave, 5, avsbench=True, pad_mode="repeat_last")
+  # AVSBench: clip w = seconds [5w, 5w+5), its consecutive 0.96 s examples.
+  clip1 = audio.waveform_to_examples(wave[5 * 16000:10 * 16000], 16000)
+  np.testing.assert_array_equal(a.example(7, 7.92), clip1[2])
+  # The last clip has 2.3 s: 2 examples, repeated to T like S4's rule.
+  last = audio.waveform_to_examples(wave[10 * 16000:], 16000)
+  assert last.shape[0] == 2
+  np.testing.assert_array_equal(a.example(14, 0.0), last[1])
+  # Centred: the example whose middle is at t; clamped at both ends.
+  c = audio.AudioAligner(wave, 5, avsbench=False, pad_mode="repeat_last")
+  mel = audio.log_mel(wave).astype(np.float32)
+  np.testing.assert_array_equal(c.example(0, 3.0), mel[252:348])
+  np.testing.assert_array_equal(c.example(0, 0.1), mel[:96])
+  np.testing.assert_array_equal(c.example(0, 12.29), mel[-96:])
+  beyond = c.example(0, 13.0)   # after the audio: silence
+  np.testing.assert_allclose(beyond[-20:], np.log(0.01), rtol=1e-6)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avsegformer_jax import audio as audio_lib
 from avsegformer_jax import predict, synthetic_video, video_io
 import videos
 
@@ -178,33 +177,12 @@ def test_cli_error_is_one_line(tmp_path):
   assert "Traceback" not in r.stderr
 
 
-# ------------------------------------------ windows and audio examples --
+# ------------------------------------------------------------- windows --
 def test_pad_windows():
   assert predict.pad_windows(12, 5, 1) == (3, 15)
   assert predict.pad_windows(12, 5, 2) == (3, 20)
   assert predict.pad_windows(10, 5, 1) == (2, 10)
   assert predict.pad_windows(1, 10, 4) == (1, 40)
-
-
-def test_audio_examples_per_frame():
-  rng = np.random.default_rng(0)
-  wave = rng.normal(0, 0.1, int(12.3 * 16000))
-  a = predict.AudioAligner(wave, 5, avsbench=True, pad_mode="repeat_last")
-  # AVSBench: clip w = seconds [5w, 5w+5), its consecutive 0.96 s examples.
-  clip1 = audio_lib.waveform_to_examples(wave[5 * 16000:10 * 16000], 16000)
-  np.testing.assert_array_equal(a.example(7, 7.92), clip1[2])
-  # The last clip has 2.3 s: 2 examples, repeated to T like S4's rule.
-  last = audio_lib.waveform_to_examples(wave[10 * 16000:], 16000)
-  assert last.shape[0] == 2
-  np.testing.assert_array_equal(a.example(14, 0.0), last[1])
-  # Centred: the example whose middle is at t; clamped at both ends.
-  c = predict.AudioAligner(wave, 5, avsbench=False, pad_mode="repeat_last")
-  mel = audio_lib.log_mel(wave).astype(np.float32)
-  np.testing.assert_array_equal(c.example(0, 3.0), mel[252:348])
-  np.testing.assert_array_equal(c.example(0, 0.1), mel[:96])
-  np.testing.assert_array_equal(c.example(0, 12.29), mel[-96:])
-  beyond = c.example(0, 13.0)   # after the audio: silence
-  np.testing.assert_allclose(beyond[-20:], np.log(0.01), rtol=1e-6)
 
 
 # ------------------------------------------------------------- outputs --
@@ -286,6 +264,26 @@ def test_several_videos_one_model(tmp_path, video, monkeypatch, stub_model):
   assert lines[0].startswith(f"12 frames (avsbench_1fps) -> {tmp_path / 'out' / 'a'}:")
   with pytest.raises(predict.PredictError, match=r"nothing\*\.mp4: no videos"):
     predict.expand_videos(str(tmp_path / "nothing*.mp4"))
+
+
+@pytest.mark.parametrize("where", ["mask", "overlay video"])
+def test_full_disk(tmp_path, video, stub_model, monkeypatch, where):
+  """A write under OUT that fails (tried by hand on a 300 kB tmpfs: PIL's
+  and PyAV's OSError tracebacks) is one error naming OUT."""
+  import errno  # pylint: disable=g-import-not-at-top
+  def full(*args, **kw):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  if where == "mask":
+    monkeypatch.setattr(predict, "_save_mask", full)
+  else:
+    monkeypatch.setattr(video_io.OverlayWriter, "close", full)
+  out = tmp_path / "out"
+  with pytest.raises(predict.PredictError,
+                     match=f"{out}: cannot write the outputs \\(No space left "
+                     "on device\\); what is there for this video is "
+                     "incomplete"):
+    predict.predict(_config(), video.path, str(out), variables=stub_model,
+                    progress=False)
 
 
 # ------------------------------------------ videos as users have them --
