@@ -58,9 +58,9 @@ def _demo_data(config, workdir):
 
 
 def main(argv):
-  """Bad input (a missing dataset or checkpoint, a diverged loss) ends with
-  one line naming it and status 2, not a traceback; a preemption notice
-  (SIGTERM) with a saved checkpoint and status 143."""
+  """Bad input (a missing dataset or checkpoint, a diverged loss) or a full
+  disk ends with one line naming it and status 2, not a traceback; a
+  preemption notice (SIGTERM) with a saved checkpoint and status 143."""
   try:
     _main(argv)
   except errors.ReportedError as e:
@@ -68,6 +68,16 @@ def main(argv):
   except errors.Preempted as e:
     print(f"main.py: {e}", file=sys.stderr)
     raise SystemExit(errors.PREEMPTED_STATUS) from None
+  except Exception as e:  # pylint: disable=broad-except
+    # A full disk fails in whichever library writes next; say so, once.
+    from avsegformer_jax import files  # pylint: disable=g-import-not-at-top
+    full = _WORKDIR.value and files.disk_full(_WORKDIR.value)
+    if not full:
+      raise
+    errors.exit_with("main.py", errors.ReportedError(
+        f"{_WORKDIR.value}: the disk is full ({full}; the write that failed: "
+        f"{type(e).__name__}: {e}); free some space and run the same "
+        "command again (a training run resumes from its last checkpoint)"))
 
 
 def _main(argv):

@@ -10,8 +10,13 @@ line there rewrites its file.
 from __future__ import annotations
 
 import os
+import shutil
 
 from etils import epath
+
+# Below this, a failed write is blamed on the disk (a checkpoint shard or a
+# TFDS file can need tens of MB; nothing we write needs more at once).
+FULL_BELOW = 64 << 20
 
 
 def is_url(path) -> bool:
@@ -75,3 +80,23 @@ def is_dir(path) -> bool:
 
 def exists(path) -> bool:
   return epath.Path(absolute(path)).exists()
+
+
+def disk_full(path) -> str | None:
+  """"N MiB free" when the local disk holding `path` has under FULL_BELOW
+  left for us, else None (a URL, or a path on no disk, is never "full").
+
+  Why: a full disk fails wherever the next write happens, as whatever that
+  library raises (libsndfile's "System error.", array_record's, PIL's,
+  TensorStore's); the free space names the cause for all of them at once.
+  """
+  if is_url(path):
+    return None
+  p = absolute(path)
+  while not os.path.exists(p) and os.path.dirname(p) != p:
+    p = os.path.dirname(p)
+  try:
+    free = shutil.disk_usage(p).free
+  except OSError:
+    return None
+  return f"{free / (1 << 20):.1f} MiB free" if free < FULL_BELOW else None

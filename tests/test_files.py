@@ -119,3 +119,22 @@ def test_compile_cache_takes_a_url(monkeypatch, tmp_path):
     assert not os.listdir(tmp_path)
   finally:
     jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_disk_full(tmp_path, monkeypatch):
+  """main.py's one-line report when a write fails on a (nearly) full disk;
+  on a 3 MB tmpfs the demo died in libsndfile with "System error."."""
+  usage = shutil.disk_usage(tmp_path)
+  asked = []
+
+  def fake(path, free):
+    asked.append(path)
+    return usage._replace(free=free)
+
+  monkeypatch.setattr(shutil, "disk_usage", lambda p: fake(p, 5 << 20))
+  # A workdir not made yet: the disk of its nearest existing folder.
+  assert files.disk_full(tmp_path / "w" / "x") == "5.0 MiB free"
+  assert asked[-1] == str(tmp_path)
+  monkeypatch.setattr(shutil, "disk_usage", lambda p: fake(p, 10 << 30))
+  assert files.disk_full(tmp_path) is None
+  assert files.disk_full("gs://bucket/run") is None     # not a local disk
