@@ -69,15 +69,10 @@ def main(argv):
     print(f"main.py: {e}", file=sys.stderr)
     raise SystemExit(errors.PREEMPTED_STATUS) from None
   except Exception as e:  # pylint: disable=broad-except
-    # A full disk fails in whichever library writes next; say so, once.
-    from avsegformer_jax import files  # pylint: disable=g-import-not-at-top
-    full = _WORKDIR.value and files.disk_full(_WORKDIR.value)
-    if not full:
-      raise
-    errors.exit_with("main.py", errors.ReportedError(
-        f"{_WORKDIR.value}: the disk is full ({full}; the write that failed: "
-        f"{type(e).__name__}: {e}); free some space and run the same "
-        "command again (a training run resumes from its last checkpoint)"))
+    errors.exit_if_disk_full(
+        "main.py", _WORKDIR.value, e, "run the same command again (a "
+        "training run resumes from its last checkpoint)")
+    raise
 
 
 def _main(argv):

@@ -46,6 +46,19 @@ def exit_with(prog: str, err: BaseException, code: int = 2):
   raise SystemExit(code)
 
 
+def exit_if_disk_full(prog: str, path, err: BaseException, then: str):
+  """`exit_with` a full-disk report if the disk holding `path` is full;
+  returns otherwise (the caller re-raises `err`). A full disk fails in
+  whichever library writes next, as whatever it raises (libsndfile's
+  "System error.", array_record's RuntimeError, PIL's OSError)."""
+  from avsegformer_jax import files  # pylint: disable=g-import-not-at-top
+  full = path and files.disk_full(path)
+  if full:
+    exit_with(prog, ReportedError(
+        f"{path}: the disk is full ({full}; the write that failed: "
+        f"{type(err).__name__}: {err}); free some space and {then}"))
+
+
 def define_config_flag(help_text: str, lock_config: bool = True):
   """`--config` as ml_collections defines it, except that an unreadable
   config file and an override of a field the config lacks are flag errors

@@ -178,3 +178,22 @@ def test_main_checks_the_config_before_the_demo_writes_data(tmp_path):
       "main.py: error: data.image_size must be a multiple of 4 and at least "
       "32, got 70")
   assert not (tmp_path / "w" / "synthetic_raw").exists()
+
+
+def test_a_full_disk_is_named_whichever_write_met_it(tmp_path, monkeypatch,
+                                                     capsys):
+  """main.py, prepare and synthesize report a failed write on a full disk
+  in one line (by hand, on tmpfs: libsndfile's "System error.", array_
+  record's RuntimeError); with room left the error is re-raised as it is."""
+  from avsegformer_jax import files  # pylint: disable=g-import-not-at-top
+  err = RuntimeError("System error.")
+  monkeypatch.setattr(files, "disk_full", lambda p: None)
+  assert errors.exit_if_disk_full("prepare", tmp_path, err, "retry") is None
+  monkeypatch.setattr(files, "disk_full", lambda p: "0.2 MiB free")
+  with pytest.raises(SystemExit) as e:
+    errors.exit_if_disk_full("prepare", tmp_path, err, "prepare again")
+  assert e.value.code == 2
+  assert capsys.readouterr().err == (
+      f"prepare: error: {tmp_path}: the disk is full (0.2 MiB free; the write "
+      "that failed: RuntimeError: System error.); free some space and "
+      "prepare again\n")

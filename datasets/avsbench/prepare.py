@@ -62,6 +62,9 @@ def main(argv=None) -> None:
                    num_workers=a.num_workers, overwrite=a.overwrite)
   except errors.InputError as e:
     errors.exit_with("prepare", e)
+  except Exception as e:  # pylint: disable=broad-except
+    errors.exit_if_disk_full("prepare", a.data_dir, e, "prepare again")
+    raise
   print(f"prepared {path} ({folder_size(path) / 2**20:.1f} MiB)")
 
 

@@ -317,6 +317,10 @@ def main(argv=None) -> None:
     r = synthesize(a.task, a.out, a.videos, a.seed, a.size, overwrite=a.overwrite)
   except errors.InputError as e:
     errors.exit_with("synthesize", e)
+  except Exception as e:  # pylint: disable=broad-except
+    errors.exit_if_disk_full("synthesize", a.out, e,
+                             "synthesize again with --overwrite")
+    raise
   print(f"wrote {sum(r.num_clips.values())} {a.task} clips {r.num_clips} to {r.task_dir}")
 
 
