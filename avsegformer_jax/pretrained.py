@@ -267,7 +267,9 @@ def _run(argv) -> int | str:
       done = export_pth.export(f.config, f.checkpoint, f.out)
     else:
       report = convert_checkpoint(f.config, f.checkpoint, f.out)
-  except (torch_io.TorchFileError, ConversionError, OSError,
+  except OSError as e:                # a full disk names no file itself
+    return f"convert: {e if e.filename else f'{f.out}: {e.strerror or e}'}"
+  except (torch_io.TorchFileError, ConversionError,
           checkpoint.CheckpointError) as e:
     return f"convert: {e}"            # absl prints it and exits 1
   if to_pth:

@@ -175,3 +175,16 @@ def test_convert_cli_exports_a_workdir_checkpoint(tmp_path, capsys):
   assert "export: a directory, and --out=DIR takes a released .pth; to " \
          "write a checkpoint of ours in the original's format, give " \
          "--out=FILE.pth" in str(e.value.code)
+  # A full disk (tried on a tmpfs): the OSError names no file; we do.
+  import errno  # pylint: disable=g-import-not-at-top
+  from avsegformer_jax import export_pth  # pylint: disable=g-import-not-at-top
+  def full(*args):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(export_pth, "export", full)
+    with pytest.raises(SystemExit) as e:
+      pretrained.cli_main(["convert", f"--config={TINY}:pvt2",
+                           f"--checkpoint={tmp_path / 'export'}",
+                           f"--out={tmp_path / 'full.pth'}"])
+  assert e.value.code == f"convert: {tmp_path / 'full.pth'}: No space left " \
+      "on device"
