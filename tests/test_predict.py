@@ -220,6 +220,47 @@ def test_outputs(tmp_path, video, stub_model, batch_clips):
                              _tones(video.path, 12), rtol=0.02)
 
 
+def test_avss_outputs(tmp_path, video, stub_model, monkeypatch):
+  """AVSS (71 classes): masks are class indices in AVSBench's palette (what
+  its own label PNGs use), resized without mixing classes; overlays take
+  each class's colour; the audio is zero-padded as AVSS trains."""
+  from avsegformer_jax import visualize  # pylint: disable=g-import-not-at-top
+  def forward(model, num_classes):
+    assert num_classes == 71
+    def f(variables, frames, audio, valid):
+      red = frames[..., 0] - frames[..., 1] > 2.0             # the circle
+      return np.where(red, 7, 0).astype(np.int32)
+    return f
+  monkeypatch.setattr(predict, "_make_forward", forward)
+  pads = []
+  real = predict.audio_lib.AudioAligner
+  monkeypatch.setattr(predict.audio_lib, "AudioAligner",
+                      lambda *a: pads.append(a[3]) or real(*a))
+  config = _config()
+  config.task, config.model.num_classes = "avss", 71
+  out = tmp_path / "out"
+  s = predict.predict(config, video.path, str(out), variables=stub_model,
+                      progress=False)
+  assert pads == ["zero_pad"]
+  palette = visualize.palette(256)
+  src = {x.index: x.rgb.astype(np.float32)
+         for x in video_io.sample_frames(video_io.probe(video.path))}
+  for r in s["frames"][:4]:                          # the circle sounds 0-4 s
+    img = Image.open(out / "masks" / f"{r['index']:05d}.png")
+    assert img.mode == "P"
+    np.testing.assert_array_equal(
+        np.asarray(img.getpalette()[:3 * 8]).reshape(8, 3), palette[:8])
+    mask = np.asarray(img)
+    assert set(np.unique(mask)) == {0, 7}
+    circle = video.object_masks(r["source_frame"])[0]
+    assert ((mask == 7) & circle).sum() / ((mask == 7) | circle).sum() > 0.8
+    over = np.asarray(Image.open(out / "overlays" / f"{r['index']:05d}.png"))
+    rgb, fg = src[r["index"]], mask == 7
+    np.testing.assert_allclose(over[fg], 0.5 * rgb[fg] + 0.5 * palette[7],
+                               atol=1)
+    np.testing.assert_array_equal(over[~fg], rgb[~fg])
+
+
 def test_every_frame_output_rate(tmp_path, stub_model):
   v = synthetic_video.write(tmp_path / "v.webm", size=32, fps=10,
                             schedule=((0, 1.5), (1, 1.0)))
