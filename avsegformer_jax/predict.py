@@ -89,15 +89,6 @@ def _upsample(pred: np.ndarray, height: int, width: int, binary: bool):
   return np.asarray(img.resize((width, height), Image.NEAREST))
 
 
-def _save_mask(path, mask, num_classes):
-  if num_classes == 1:
-    Image.fromarray((mask * 255).astype(np.uint8), "L").save(path)
-    return
-  img = Image.fromarray(mask.astype(np.uint8), "P")
-  img.putpalette(visualize.palette(256).reshape(-1).tolist())
-  img.save(path)
-
-
 def _open(video: str, fps: float, every_frame: bool, batch_clips: int):
   """(info, 16 kHz mono audio) of a usable video; PredictError otherwise."""
   if batch_clips < 1:
@@ -141,17 +132,19 @@ class Predictor:
 
   def __call__(self, video: str, out_dir: str, *, fps: float = 1.0,
                every_frame: bool = False, batch_clips: int = 1,
-               progress: bool = True, opened=None) -> dict:
+               progress: bool = True, overlay_images: bool = True,
+               opened=None) -> dict:
     """Runs the model over the video; returns the summary also written to
     OUT/predictions.json. Raises PredictError for unusable inputs."""
     info, wave = opened or _open(video, fps, every_frame, batch_clips)
     return _run(self, video, out_dir, info, wave, fps, every_frame,
-                batch_clips, progress)
+                batch_clips, progress, overlay_images)
 
 
 def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
             variables=None, fps: float = 1.0, every_frame: bool = False,
-            batch_clips: int = 1, progress: bool = True) -> dict:
+            batch_clips: int = 1, progress: bool = True,
+            overlay_images: bool = True) -> dict:
   """One video (`Predictor` for several); the video is checked before the
   model loads."""
   opened = _open(video, fps, every_frame, batch_clips)
@@ -159,7 +152,7 @@ def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
                    variables=variables)(
                        video, out_dir, fps=fps, every_frame=every_frame,
                        batch_clips=batch_clips, progress=progress,
-                       opened=opened)
+                       overlay_images=overlay_images, opened=opened)
 
 
 def _run(predictor: Predictor, video, out_dir, *args) -> dict:
@@ -174,7 +167,7 @@ def _run(predictor: Predictor, video, out_dir, *args) -> dict:
 
 
 def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
-               every_frame, batch_clips, progress) -> dict:
+               every_frame, batch_clips, progress, overlay_images) -> dict:
   config, forward, variables = (predictor.config, predictor.forward,
                                 predictor.variables)
   t_win, size = config.data.num_frames, config.data.image_size
@@ -183,7 +176,7 @@ def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
   aligner = audio_lib.AudioAligner(
       wave, t_win, avsbench, PAD_MODES.get(config.task, "repeat_last"))
   rate = info.rate if every_frame else fractions.Fraction(fps).limit_denominator(1001)
-  for sub in ("masks", "overlays"):
+  for sub in ("masks", "overlays") if overlay_images else ("masks",):
     os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
   per_call = batch_clips * t_win
   est = info.duration * (float(info.rate) if every_frame else fps) \
@@ -193,6 +186,7 @@ def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
   writer = video_io.OverlayWriter(os.path.join(out_dir, "overlay.mp4"), info,
                                   rate, timed=every_frame)
   half = 0.5 / float(info.rate)   # every_frame samples sit mid-frame
+  images = visualize.PngWriter()
   records, stats = [], {"model_s": 0.0, "compile_s": 0.0, "calls": 0}
   t_start = time.time()
 
@@ -216,9 +210,12 @@ def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
     for j, s in enumerate(batch):
       mask = _upsample(pred[j], s.rgb.shape[0], s.rgb.shape[1], num_classes == 1)
       name = f"{s.index:05d}.png"
-      _save_mask(os.path.join(out_dir, "masks", name), mask, num_classes)
+      images.submit(visualize.save_mask_png,
+                    os.path.join(out_dir, "masks", name), mask, num_classes)
       over = visualize.overlay(s.rgb, mask, num_classes)
-      Image.fromarray(over).save(os.path.join(out_dir, "overlays", name))
+      if overlay_images:
+        images.submit(visualize.save_rgb_png,
+                      os.path.join(out_dir, "overlays", name), over)
       writer.add(over, at=s.time - half if every_frame else None)
       records.append({"index": s.index, "time": round(s.time, 4),
                       "source_frame": s.source_frame,
@@ -234,14 +231,15 @@ def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
         batch = []
     if batch:
       run(batch)
+    images.close()
+    writer.close()
     done = True
   except video_io.VideoError as e:
     raise PredictError(str(e)) from None
   finally:
     bar.close()
-    if done:
-      writer.close()
-    else:
+    if not done:
+      images.abort()
       writer.abort()
   total = time.time() - t_start
   n = len(records)
@@ -309,7 +307,8 @@ def output_dirs(videos: list[str], out_dir: str) -> list[str]:
 def predict_videos(config, videos: list[str], out_dir: str, *,
                    checkpoint_dir=None, variables=None, fps: float = 1.0,
                    every_frame: bool = False, batch_clips: int = 1,
-                   progress: bool = True, report=print):
+                   progress: bool = True, overlay_images: bool = True,
+                   report=print):
   """Every video with one model (loaded with the first usable video): a
   video that cannot be used is reported and skipped, not the end of the
   others; a checkpoint that cannot be used ends them all.
@@ -329,7 +328,8 @@ def predict_videos(config, videos: list[str], out_dir: str, *,
     if predictor is None:
       predictor = Predictor(config, checkpoint_dir=checkpoint_dir,
                             variables=variables)
-    done.append(predictor(video, out, opened=opened, progress=progress, **kw))
+    done.append(predictor(video, out, opened=opened, progress=progress,
+                          overlay_images=overlay_images, **kw))
     report(_summary_line(done[-1], out))
   return done, skipped
 
@@ -356,6 +356,9 @@ def _define_flags():
   flags.DEFINE_float("fps", 1.0, "Sampled frames per second (1: AVSBench).")
   flags.DEFINE_bool("every_frame", False, "Run on every frame.")
   flags.DEFINE_integer("batch_clips", 1, "Windows of T frames per call.")
+  flags.DEFINE_bool("overlay_images", True, "Write OUT/overlays/*.png too "
+                    "(--nooverlay_images: masks and overlay.mp4 only; at "
+                    "1080p every frame's overlay PNG is ~3 MB).")
   flags.DEFINE_string("xla_cache_dir", compile_cache.DEFAULT_DIR,
                       "Persistent compilation cache (empty: off).")
   flags.mark_flags_as_required(["config", "checkpoint", "video", "out"])
@@ -376,6 +379,7 @@ def main(argv):
     _, skipped = predict_videos(
         f.config, videos, f.out, checkpoint_dir=f.checkpoint, fps=f.fps,
         every_frame=f.every_frame, batch_clips=f.batch_clips,
+        overlay_images=f.overlay_images,
         report=lambda line: print(line, flush=True))
   except errors.InputError as e:       # PredictError, an unwritable --out
     errors.exit_with("predict", e)

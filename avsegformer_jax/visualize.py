@@ -1,6 +1,8 @@
 """Mask PNGs and overlays (mask over frame), shared by eval and predict."""
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import os
 
 import numpy as np
@@ -47,13 +49,22 @@ def colourise(mask: np.ndarray, num_classes: int) -> np.ndarray:
 
 def overlay(frame: np.ndarray, mask: np.ndarray, num_classes: int,
             alpha: float = 0.5) -> np.ndarray:
-  """Blend the coloured mask into the frame where the mask is foreground."""
-  colour = (np.array([255, 40, 40], np.uint8)[None, None] * np.ones_like(frame)
-            if num_classes == 1 else colourise(mask, num_classes))
-  fg = (mask > 0)[..., None]
-  out = frame.astype(np.float32)
-  out = np.where(fg, (1 - alpha) * out + alpha * colour, out)
-  return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+  """Blend the coloured mask into the frame where the mask is foreground:
+  round((1 - alpha) * frame + alpha * colour), computed on the foreground
+  pixels only (a 1080p frame in predict: 120 -> ~10 ms)."""
+  fg = mask > 0
+  out = np.array(frame, np.uint8)
+  if not fg.any():
+    return out
+  colour = (np.array([255, 40, 40], np.uint8) if num_classes == 1 else
+            palette(max(num_classes, int(mask.max()) + 1))[mask[fg]])
+  under = out[fg]
+  if alpha == 0.5:   # the same rounding in integers: floor((f + c + 1) / 2)
+    out[fg] = ((under.astype(np.uint16) + colour + 1) >> 1).astype(np.uint8)
+    return out
+  blend = (1 - alpha) * under.astype(np.float32) + alpha * colour
+  out[fg] = np.clip(blend + 0.5, 0, 255).astype(np.uint8)
+  return out
 
 
 def save_clip(out_dir: str, clip_id: str, frames: np.ndarray,
@@ -74,3 +85,50 @@ def save_clip(out_dir: str, clip_id: str, frames: np.ndarray,
       files.write_png(path, img)
       written.append(path)
   return written
+
+
+def save_mask_png(path: str, mask: np.ndarray, num_classes: int) -> None:
+  """A predicted mask: 0/255 greyscale (binary tasks), or class indices in
+  AVSBench's palette, as its own AVSS label PNGs are."""
+  if num_classes == 1:
+    Image.fromarray((mask * 255).astype(np.uint8), "L").save(path)
+    return
+  img = Image.fromarray(mask.astype(np.uint8), "P")
+  img.putpalette(palette(256).reshape(-1).tolist())
+  img.save(path)
+
+
+def save_rgb_png(path: str, rgb: np.ndarray) -> None:
+  """A picture to look at: zlib level 1 (a 1080p overlay in 0.2 s instead
+  of 0.5 s at PIL's default 6, 15% larger)."""
+  Image.fromarray(rgb).save(path, compress_level=1)
+
+
+class PngWriter:
+  """Runs PNG writes on worker threads (PIL's encoder releases the GIL), at
+  most `backlog` waiting; a failed write is raised by a later `submit` or by
+  `close`. In predict at 1080p the PNGs cost more than the model did."""
+
+  def __init__(self, workers: int | None = None):
+    workers = workers or min(8, os.cpu_count() or 1)
+    self._pool = concurrent.futures.ThreadPoolExecutor(workers)
+    self._pending = collections.deque()
+    self._backlog = 2 * workers
+
+  def submit(self, fn, *args) -> None:
+    while len(self._pending) >= self._backlog:
+      self._pending.popleft().result()
+    self._pending.append(self._pool.submit(fn, *args))
+
+  def close(self) -> None:
+    """Waits for every write; raises the first that failed."""
+    try:
+      while self._pending:
+        self._pending.popleft().result()
+    finally:
+      self.abort()
+
+  def abort(self) -> None:
+    self._pool.shutdown(wait=True, cancel_futures=True)
+    self._pending.clear()
+

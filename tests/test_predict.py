@@ -261,6 +261,17 @@ def test_avss_outputs(tmp_path, video, stub_model, monkeypatch):
     np.testing.assert_array_equal(over[~fg], rgb[~fg])
 
 
+def test_without_overlay_images(tmp_path, video, stub_model):
+  """overlay_images=False: masks, the overlay video and predictions.json,
+  no per-frame overlay PNGs (~3 MB each at 1080p)."""
+  out = tmp_path / "out"
+  s = predict.predict(_config(), video.path, str(out), variables=stub_model,
+                      progress=False, overlay_images=False)
+  assert sorted(p.name for p in out.iterdir()) == [
+      "masks", "overlay.mp4", "predictions.json"]
+  assert len(list((out / "masks").iterdir())) == s["num_frames"] == 12
+
+
 def test_every_frame_output_rate(tmp_path, stub_model):
   v = synthetic_video.write(tmp_path / "v.webm", size=32, fps=10,
                             schedule=((0, 1.5), (1, 1.0)))
@@ -315,7 +326,7 @@ def test_full_disk(tmp_path, video, stub_model, monkeypatch, where):
   def full(*args, **kw):
     raise OSError(errno.ENOSPC, "No space left on device")
   if where == "mask":
-    monkeypatch.setattr(predict, "_save_mask", full)
+    monkeypatch.setattr(predict.visualize, "save_mask_png", full)
   else:
     monkeypatch.setattr(video_io.OverlayWriter, "close", full)
   out = tmp_path / "out"

@@ -39,3 +39,45 @@ def test_semantic_masks_use_the_palette():
   m = visualize.predict_mask(logits)[0]
   assert m[0, 0] == 5 and m[1, 1] == 0
   assert visualize.colourise(m, 71)[0, 0].tolist() == visualize.palette()[5].tolist()
+
+
+def test_overlay_is_the_rounded_blend():
+  """(1 - a) * frame + a * colour rounded on the foreground, the frame
+  elsewhere; alpha 0.5 (the default) runs in integers and must give
+  floor((frame + colour + 1) / 2) exactly, as the float form does."""
+  rng = np.random.default_rng(0)
+  frame = rng.integers(0, 256, (40, 50, 3), np.uint8)
+  for num_classes, mask in (
+      (1, (rng.random((40, 50)) > 0.6).astype(np.uint8)),
+      (71, np.where(rng.random((40, 50)) > 0.6,
+                    rng.integers(1, 71, (40, 50)), 0).astype(np.uint8))):
+    colour = (np.array([255, 40, 40], np.int64) if num_classes == 1
+              else visualize.palette(71)[mask].astype(np.int64))
+    fg = (mask > 0)[..., None]
+    f = frame.astype(np.int64)
+    half = np.where(fg, (f + colour + 1) // 2, f)
+    np.testing.assert_array_equal(
+        visualize.overlay(frame, mask, num_classes), half)
+    got = visualize.overlay(frame, mask, num_classes, 0.3).astype(np.float64)
+    blend = np.where(fg, 0.7 * f + 0.3 * colour, f)
+    assert np.abs(got - blend).max() <= 0.5 + 1e-4
+
+
+def test_png_writer_runs_writes_and_reports_a_failure(tmp_path):
+  w = visualize.PngWriter(workers=2)
+  for i in range(10):
+    w.submit(visualize.save_mask_png, str(tmp_path / f"{i}.png"),
+             np.full((4, 4), i % 2, np.uint8), 1)
+  w.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+      f"{i}.png" for i in range(10))
+  assert np.asarray(Image.open(tmp_path / "1.png")).min() == 255
+  w = visualize.PngWriter(workers=2)
+  w.submit(visualize.save_rgb_png, str(tmp_path / "no" / "dir.png"),
+           np.zeros((4, 4, 3), np.uint8))
+  try:
+    w.close()
+  except FileNotFoundError:
+    pass
+  else:
+    raise AssertionError("the failed write was not raised")
