@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import collections
 import fractions
-import glob
 import json
 import os
 import time
@@ -125,6 +124,8 @@ class Predictor:
     except errors.InputError as e:  # checkpoint.CheckpointError, .pth errors
       raise PredictError(str(e)) from None
     self.config = config
+    self.checkpoint = files.absolute(checkpoint_dir) if checkpoint_dir \
+        else None
     self.variables = avsegformer.cast_weights(
         jax.device_put({k: variables[k] for k in ("params", "batch_stats")
                         if k in variables}), config.model.dtype)
@@ -246,8 +247,8 @@ def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
   steady = stats["model_s"] / max(stats["calls"] - 1, 1) / per_call
   summary = {
       "video": os.path.abspath(video), "config_task": config.task,
-      "sampling": ("avsbench_1fps" if avsbench else "every_frame"
-                   if every_frame else f"centred_{fps:g}fps"),
+      "checkpoint": predictor.checkpoint,
+      "sampling": _sampling(fps, every_frame),
       "window": t_win, "batch_clips": batch_clips, "num_frames": n,
       "size": [info.width, info.height],          # as displayed
       "orientation": list(info.orientation),      # ffmpeg filters applied
@@ -263,31 +264,30 @@ def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
   return summary
 
 
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv",
-                  ".wmv", ".mpg", ".mpeg", ".ts", ".3gp", ".ogv")
+def _sampling(fps: float, every_frame: bool) -> str:
+  return ("every_frame" if every_frame else "avsbench_1fps" if fps == 1
+          else f"centred_{fps:g}fps")
 
 
-def expand_videos(spec: str) -> list[str]:
-  """`--video`: files, directories (their videos) and glob patterns, comma
-  separated, in that order, each group sorted. A path that exists is taken
-  as it is, whatever commas or glob characters its name has ("Concert
-  [1080p].mp4")."""
-  out = []
-  parts = [spec] if os.path.exists(spec) else spec.split(",")
-  for part in filter(None, (p.strip() for p in parts)):
-    if os.path.isdir(part):
-      found = sorted(os.path.join(part, n) for n in os.listdir(part)
-                     if n.lower().endswith(VIDEO_SUFFIXES))
-    elif glob.has_magic(part) and not os.path.exists(part):
-      found = sorted(glob.glob(part))
-    else:
-      found = [part]                 # a missing one is reported as such
-    if not found:
-      raise PredictError(f"{part}: no videos ({', '.join(VIDEO_SUFFIXES)})")
-    out += [f for f in found if f not in out]
-  if not out:
-    raise PredictError("--video names no video")
-  return out
+def _done_before(video: str, out: str, config, checkpoint_dir, fps,
+                 every_frame) -> dict | None:
+  """The summary in OUT/predictions.json if it is this run's: same video
+  (not modified since), checkpoint, task, window and sampling. It is
+  written last, so its presence means the video's outputs are complete."""
+  path = os.path.join(out, "predictions.json")
+  try:
+    with open(path) as f:
+      s = json.load(f)
+    newer = os.path.getmtime(video) > os.path.getmtime(path)
+  except (OSError, ValueError):
+    return None
+  same = (s.get("video") == os.path.abspath(video) and not newer
+          and s.get("checkpoint") == (files.absolute(checkpoint_dir)
+                                      if checkpoint_dir else None)
+          and s.get("config_task") == config.task
+          and s.get("window") == config.data.num_frames
+          and s.get("sampling") == _sampling(fps, every_frame))
+  return s if same else None
 
 
 def output_dirs(videos: list[str], out_dir: str) -> list[str]:
@@ -308,15 +308,23 @@ def predict_videos(config, videos: list[str], out_dir: str, *,
                    checkpoint_dir=None, variables=None, fps: float = 1.0,
                    every_frame: bool = False, batch_clips: int = 1,
                    progress: bool = True, overlay_images: bool = True,
-                   report=print):
+                   skip_done: bool = False, report=print):
   """Every video with one model (loaded with the first usable video): a
   video that cannot be used is reported and skipped, not the end of the
-  others; a checkpoint that cannot be used ends them all.
+  others; a checkpoint that cannot be used ends them all. `skip_done`: a
+  video whose outputs a finished run of the same settings left is not run
+  again (an interrupted batch goes on where it stopped).
   Returns (summaries, [(video, reason)] of those skipped)."""
   kw = dict(fps=fps, every_frame=every_frame, batch_clips=batch_clips)
   files.make_output_dir(out_dir, "the output directory")
   predictor, done, skipped = None, [], []
   for video, out in zip(videos, output_dirs(videos, out_dir)):
+    before = skip_done and _done_before(video, out, config, checkpoint_dir,
+                                        fps, every_frame)
+    if before:
+      report(f"done before: {video} -> {out}")
+      done.append(before)
+      continue
     try:
       opened = _open(video, **kw)
     except PredictError as e:
@@ -356,6 +364,9 @@ def _define_flags():
   flags.DEFINE_float("fps", 1.0, "Sampled frames per second (1: AVSBench).")
   flags.DEFINE_bool("every_frame", False, "Run on every frame.")
   flags.DEFINE_integer("batch_clips", 1, "Windows of T frames per call.")
+  flags.DEFINE_bool("skip_done", False, "Leave out the videos whose "
+                    "outputs a finished run with the same checkpoint and "
+                    "settings left in OUT (to go on after an interruption).")
   flags.DEFINE_bool("overlay_images", True, "Write OUT/overlays/*.png too "
                     "(--nooverlay_images: masks and overlay.mp4 only; at "
                     "1080p every frame's overlay PNG is ~3 MB).")
@@ -375,11 +386,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   compile_cache.enable(f.xla_cache_dir)
   try:
-    videos = expand_videos(f.video)
+    videos = video_io.expand_videos(f.video)
     _, skipped = predict_videos(
         f.config, videos, f.out, checkpoint_dir=f.checkpoint, fps=f.fps,
         every_frame=f.every_frame, batch_clips=f.batch_clips,
-        overlay_images=f.overlay_images,
+        overlay_images=f.overlay_images, skip_done=f.skip_done,
         report=lambda line: print(line, flush=True))
   except errors.InputError as e:       # PredictError, an unwritable --out
     errors.exit_with("predict", e)

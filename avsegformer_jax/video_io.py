@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
+import glob
 import math
 import os
 from typing import Iterator
@@ -52,6 +53,33 @@ class VideoInfo:
   orientation: tuple[str, ...]  # ffmpeg filters that make the frames upright
   video_stream: int             # container stream indices
   audio_stream: int
+
+
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv",
+                  ".wmv", ".mpg", ".mpeg", ".ts", ".3gp", ".ogv")
+
+
+def expand_videos(spec: str) -> list[str]:
+  """`--video`: files, directories (their videos) and glob patterns, comma
+  separated, in that order, each group sorted. A path that exists is taken
+  as it is, whatever commas or glob characters its name has ("Concert
+  [1080p].mp4")."""
+  out = []
+  parts = [spec] if os.path.exists(spec) else spec.split(",")
+  for part in filter(None, (p.strip() for p in parts)):
+    if os.path.isdir(part):
+      found = sorted(os.path.join(part, n) for n in os.listdir(part)
+                     if n.lower().endswith(VIDEO_SUFFIXES))
+    elif glob.has_magic(part) and not os.path.exists(part):
+      found = sorted(glob.glob(part))
+    else:
+      found = [part]                 # a missing one is reported as such
+    if not found:
+      raise VideoError(f"{part}: no videos ({', '.join(VIDEO_SUFFIXES)})")
+    out += [f for f in found if f not in out]
+  if not out:
+    raise VideoError("--video names no video")
+  return out
 
 
 def _open(path):

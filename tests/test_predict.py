@@ -298,7 +298,7 @@ def test_several_videos_one_model(tmp_path, video, monkeypatch, stub_model):
   synthetic_video.write(d / "mute.mp4", size=32, schedule=((0, 2.0),),
                         with_audio=False)
   (d / "notes.txt").write_text("not a video")
-  videos = predict.expand_videos(f"{d}, {d / 'a*.mp4'}")
+  videos = video_io.expand_videos(f"{d}, {d / 'a*.mp4'}")
   assert videos == [str(d / n) for n in ("a.mp4", "a.webm", "mute.mp4")]
   lines = []
   done, skipped = predict.predict_videos(
@@ -314,8 +314,41 @@ def test_several_videos_one_model(tmp_path, video, monkeypatch, stub_model):
   assert lines[1].startswith(f"2 frames (avsbench_1fps) -> {tmp_path / 'out' / 'a_2'}:")
   assert lines[2].startswith(f"skipped {d / 'mute.mp4'}: ")
   assert lines[0].startswith(f"12 frames (avsbench_1fps) -> {tmp_path / 'out' / 'a'}:")
-  with pytest.raises(predict.PredictError, match=r"nothing\*\.mp4: no videos"):
-    predict.expand_videos(str(tmp_path / "nothing*.mp4"))
+  with pytest.raises(video_io.VideoError, match=r"nothing\*\.mp4: no videos"):
+    video_io.expand_videos(str(tmp_path / "nothing*.mp4"))
+
+
+def test_skip_done_goes_on_after_an_interruption(tmp_path, stub_model,
+                                                 monkeypatch):
+  d = tmp_path / "in"
+  d.mkdir()
+  for name in ("a.webm", "b.mkv"):
+    synthetic_video.write(d / name, size=32, schedule=((0, 2.0),))
+  vids = video_io.expand_videos(str(d))
+  out = str(tmp_path / "out")
+  predict.predict_videos(_config(), vids, out, variables=stub_model,
+                         progress=False, report=lambda line: None)
+  os.remove(tmp_path / "out" / "b" / "predictions.json")  # b was cut short
+  ran, lines = [], []
+  real = predict._run  # pylint: disable=protected-access
+  monkeypatch.setattr(predict, "_run",
+                      lambda p, v, *a: ran.append(v) or real(p, v, *a))
+  done, _ = predict.predict_videos(_config(), vids, out, variables=stub_model,
+                                   progress=False, skip_done=True,
+                                   report=lines.append)
+  assert ran == [vids[1]] and lines[0] == f"done before: {vids[0]} -> " \
+      f"{tmp_path / 'out' / 'a'}"
+  assert [s["num_frames"] for s in done] == [2, 2]
+  # Other settings, or a video changed since: run again.
+  ran.clear()
+  predict.predict_videos(_config(), vids, out, variables=stub_model, fps=2,
+                         progress=False, skip_done=True, report=lines.append)
+  assert ran == vids
+  ran.clear()
+  os.utime(vids[0], (os.path.getmtime(vids[0]) + 10,) * 2)
+  predict.predict_videos(_config(), vids, out, variables=stub_model, fps=2,
+                         progress=False, skip_done=True, report=lines.append)
+  assert ran == [vids[0]]
 
 
 @pytest.mark.parametrize("where", ["mask", "overlay video"])
@@ -346,9 +379,9 @@ def test_video_names_with_commas_and_brackets(tmp_path):
     (tmp_path / name).write_bytes(b"")
   concert, live = str(tmp_path / "Concert [1080p].mp4"), str(
       tmp_path / "Live, part 2.mkv")
-  assert predict.expand_videos(concert) == [concert]
-  assert predict.expand_videos(live) == [live]
-  assert predict.expand_videos(f"{concert},{tmp_path / '*.mp4'}") == [
+  assert video_io.expand_videos(concert) == [concert]
+  assert video_io.expand_videos(live) == [live]
+  assert video_io.expand_videos(f"{concert},{tmp_path / '*.mp4'}") == [
       concert, str(tmp_path / "a.mp4")]
 
 
