@@ -259,8 +259,10 @@ def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
       "frames_per_s_model": round(1.0 / steady, 3) if stats["calls"] > 1
                             else None,
       "frames": records}
-  with open(os.path.join(out_dir, "predictions.json"), "w") as f:
+  path = os.path.join(out_dir, "predictions.json")   # last, and whole
+  with open(path + ".tmp", "w") as f:
     json.dump(summary, f, indent=1)
+  os.replace(path + ".tmp", path)
   return summary
 
 
