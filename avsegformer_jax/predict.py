@@ -9,8 +9,9 @@ one of its steps) or a released `.pth` (converted on each run).
 FILE may be several: comma-separated files, directories (their videos) and
 globs, run with one model (`Predictor`) into OUT/<name>/ each.
 Frames are sampled as AVSBench extracts them (`--fps=1`, see video_io), at
-another rate, or all of them; each sampled frame gets one 0.96 s log-mel
-example:
+another rate, or all of them, and for S4/MS3 resized and paired with audio
+as AVSBench's preprocessing made the training data (`--extraction`,
+avsbench_extraction); each sampled frame gets one 0.96 s log-mel example:
   * `--fps=1`: the video is cut into clips of T seconds (T = the config's
     data.num_frames) and each clip's audio gives its T examples as AVSBench
     computes a clip's (consecutive 0.96 s examples from the clip start,
@@ -43,8 +44,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from avsegformer_jax import audio as audio_lib
-from avsegformer_jax import (avsegformer, checkpoint, compile_cache, errors,
-                             files, pretrained, video_io, visualize, xla_cpu)
+from avsegformer_jax import (avsbench_extraction, avsegformer, checkpoint,
+                             compile_cache, errors, files, pretrained,
+                             video_io, visualize, xla_cpu)
 
 PAD_MODES = {"s4": "repeat_last", "ms3": "repeat_last", "avss": "zero_pad"}
 
@@ -58,14 +60,6 @@ def preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
   (PIL bilinear straight resize, as the evaluation loader)."""
   img = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
   return (img.astype(np.float32) / 255.0 - visualize.MEAN) / visualize.STD
-
-
-def pad_windows(n: int, window: int, batch: int) -> tuple[int, int]:
-  """(real windows, padded frame count) for n frames: ceil(n/window)
-  windows, rounded up to whole calls of `batch` windows."""
-  windows = -(-n // window)
-  calls = -(-windows // batch)
-  return windows, calls * batch * window
 
 
 def _make_forward(model, num_classes: int):
@@ -88,7 +82,15 @@ def _upsample(pred: np.ndarray, height: int, width: int, binary: bool):
   return np.asarray(img.resize((width, height), Image.NEAREST))
 
 
-def _open(video: str, fps: float, every_frame: bool, batch_clips: int):
+def like_avsbench(config, extraction: str) -> bool:
+  try:
+    return avsbench_extraction.applies(config.task, extraction)
+  except ValueError as e:
+    raise PredictError(str(e)) from None
+
+
+def _open(video: str, fps: float, every_frame: bool, batch_clips: int,
+          avsbench_audio: bool):
   """(info, 16 kHz mono audio) of a usable video; PredictError otherwise."""
   if batch_clips < 1:
     raise PredictError(f"batch_clips must be >= 1, got {batch_clips}")
@@ -96,7 +98,8 @@ def _open(video: str, fps: float, every_frame: bool, batch_clips: int):
     raise PredictError(f"fps must be > 0, got {fps}")
   try:
     info = video_io.probe(video)
-    wave = video_io.read_audio(info, audio_lib.MIN_SAMPLES / audio_lib.SAMPLE_RATE)
+    wave = video_io.read_audio(
+        info, audio_lib.MIN_SAMPLES / audio_lib.SAMPLE_RATE, avsbench_audio)
   except video_io.VideoError as e:
     raise PredictError(str(e)) from None
   if info.duration is not None and info.duration < audio_lib.MIN_SAMPLES / 16000:
@@ -109,7 +112,9 @@ class Predictor:
   """The model and its variables, loaded once for any number of videos (the
   forward compiles once per window shape, not once per video)."""
 
-  def __init__(self, config, *, checkpoint_dir=None, variables=None):
+  def __init__(self, config, *, checkpoint_dir=None, variables=None,
+               extraction: str = "avsbench"):
+    self.like_avsbench = like_avsbench(config, extraction)
     try:
       model = avsegformer.build_model(config)
       avsegformer.check_config(config, jax.default_backend())
@@ -137,7 +142,8 @@ class Predictor:
                opened=None) -> dict:
     """Runs the model over the video; returns the summary also written to
     OUT/predictions.json. Raises PredictError for unusable inputs."""
-    info, wave = opened or _open(video, fps, every_frame, batch_clips)
+    info, wave = opened or _open(video, fps, every_frame, batch_clips,
+                                 self.like_avsbench)
     return _run(self, video, out_dir, info, wave, fps, every_frame,
                 batch_clips, progress, overlay_images)
 
@@ -145,12 +151,13 @@ class Predictor:
 def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
             variables=None, fps: float = 1.0, every_frame: bool = False,
             batch_clips: int = 1, progress: bool = True,
-            overlay_images: bool = True) -> dict:
+            overlay_images: bool = True, extraction: str = "avsbench") -> dict:
   """One video (`Predictor` for several); the video is checked before the
   model loads."""
-  opened = _open(video, fps, every_frame, batch_clips)
+  opened = _open(video, fps, every_frame, batch_clips,
+                 like_avsbench(config, extraction))
   return Predictor(config, checkpoint_dir=checkpoint_dir,
-                   variables=variables)(
+                   variables=variables, extraction=extraction)(
                        video, out_dir, fps=fps, every_frame=every_frame,
                        batch_clips=batch_clips, progress=progress,
                        overlay_images=overlay_images, opened=opened)
@@ -198,7 +205,8 @@ def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
                       audio_lib.NUM_MEL_BINS), np.float32)
     valid = np.zeros((per_call,), np.float32)
     for j, s in enumerate(batch):
-      frames[j] = preprocess(s.rgb, size)
+      frames[j] = preprocess(avsbench_extraction.frame(s.rgb)
+                             if predictor.like_avsbench else s.rgb, size)
       audio[j] = aligner.example(s.index, s.time)
       valid[j] = 1.0
     # Padding repeats the last real frame (the model needs no zeros: frames
@@ -249,6 +257,7 @@ def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
       "video": os.path.abspath(video), "config_task": config.task,
       "checkpoint": predictor.checkpoint,
       "sampling": _sampling(fps, every_frame),
+      "extraction": "avsbench" if predictor.like_avsbench else "direct",
       "window": t_win, "batch_clips": batch_clips, "num_frames": n,
       "size": [info.width, info.height],          # as displayed
       "orientation": list(info.orientation),      # ffmpeg filters applied
@@ -272,7 +281,7 @@ def _sampling(fps: float, every_frame: bool) -> str:
 
 
 def _done_before(video: str, out: str, config, checkpoint_dir, fps,
-                 every_frame) -> dict | None:
+                 every_frame, extraction) -> dict | None:
   """The summary in OUT/predictions.json if it is this run's: same video
   (not modified since), checkpoint, task, window and sampling. It is
   written last, so its presence means the video's outputs are complete."""
@@ -288,7 +297,9 @@ def _done_before(video: str, out: str, config, checkpoint_dir, fps,
                                       if checkpoint_dir else None)
           and s.get("config_task") == config.task
           and s.get("window") == config.data.num_frames
-          and s.get("sampling") == _sampling(fps, every_frame))
+          and s.get("sampling") == _sampling(fps, every_frame)
+          and s.get("extraction") == ("avsbench" if like_avsbench(
+              config, extraction) else "direct"))
   return s if same else None
 
 
@@ -310,7 +321,8 @@ def predict_videos(config, videos: list[str], out_dir: str, *,
                    checkpoint_dir=None, variables=None, fps: float = 1.0,
                    every_frame: bool = False, batch_clips: int = 1,
                    progress: bool = True, overlay_images: bool = True,
-                   skip_done: bool = False, report=print):
+                   skip_done: bool = False, extraction: str = "avsbench",
+                   report=print):
   """Every video with one model (loaded with the first usable video): a
   video that cannot be used is reported and skipped, not the end of the
   others; a checkpoint that cannot be used ends them all. `skip_done`: a
@@ -318,17 +330,18 @@ def predict_videos(config, videos: list[str], out_dir: str, *,
   again (an interrupted batch goes on where it stopped).
   Returns (summaries, [(video, reason)] of those skipped)."""
   kw = dict(fps=fps, every_frame=every_frame, batch_clips=batch_clips)
+  avsbench_audio = like_avsbench(config, extraction)
   files.make_output_dir(out_dir, "the output directory")
   predictor, done, skipped = None, [], []
   for video, out in zip(videos, output_dirs(videos, out_dir)):
     before = skip_done and _done_before(video, out, config, checkpoint_dir,
-                                        fps, every_frame)
+                                        fps, every_frame, extraction)
     if before:
       report(f"done before: {video} -> {out}")
       done.append(before)
       continue
     try:
-      opened = _open(video, **kw)
+      opened = _open(video, avsbench_audio=avsbench_audio, **kw)
     except PredictError as e:
       if len(videos) == 1:
         raise
@@ -337,7 +350,7 @@ def predict_videos(config, videos: list[str], out_dir: str, *,
       continue
     if predictor is None:
       predictor = Predictor(config, checkpoint_dir=checkpoint_dir,
-                            variables=variables)
+                            variables=variables, extraction=extraction)
     done.append(predictor(video, out, opened=opened, progress=progress,
                           overlay_images=overlay_images, **kw))
     report(_summary_line(done[-1], out))
@@ -366,6 +379,12 @@ def _define_flags():
   flags.DEFINE_float("fps", 1.0, "Sampled frames per second (1: AVSBench).")
   flags.DEFINE_bool("every_frame", False, "Run on every frame.")
   flags.DEFINE_integer("batch_clips", 1, "Windows of T frames per call.")
+  flags.DEFINE_enum("extraction", "avsbench",
+                    list(avsbench_extraction.CHOICES),
+                    "avsbench: S4/MS3 frames and audio taken as AVSBench's "
+                    "preprocessing took the training data (cv2 resize to "
+                    "224, moviepy's 16 kHz audio); direct: straight from "
+                    "the video (band-limited audio).")
   flags.DEFINE_bool("skip_done", False, "Leave out the videos whose "
                     "outputs a finished run with the same checkpoint and "
                     "settings left in OUT (to go on after an interruption).")
@@ -393,6 +412,7 @@ def main(argv):
         f.config, videos, f.out, checkpoint_dir=f.checkpoint, fps=f.fps,
         every_frame=f.every_frame, batch_clips=f.batch_clips,
         overlay_images=f.overlay_images, skip_done=f.skip_done,
+        extraction=f.extraction,
         report=lambda line: print(line, flush=True))
   except errors.InputError as e:       # PredictError, an unwritable --out
     errors.exit_with("predict", e)

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from avsegformer_jax import audio as audio_lib
-from avsegformer_jax import display_matrix
+from avsegformer_jax import avsbench_extraction, display_matrix
 from avsegformer_jax import errors
 
 
@@ -161,18 +161,19 @@ def _rgb(frame: av.VideoFrame) -> np.ndarray:
                               display_matrix.filters(frame))
 
 
-def _audio_chunks(info: VideoInfo) -> Iterator[tuple[float, np.ndarray]]:
-  """(start time s, float32 [C, n] at info.audio_rate) per decoded audio
-  frame (NaN time for a resampler's flushed tail).
+def _audio_chunks(info: VideoInfo, fmt: str = "fltp", rate: int | None = None,
+                  layout=None) -> Iterator[tuple[float, np.ndarray]]:
+  """(start time s, [C, n] planar `fmt` at `rate`, default the stream's) per
+  decoded audio frame (NaN time for a resampler's flushed tail).
 
-  A stream whose rate or layout changes midway (concatenated recordings) is
-  converted to the first frame's layout and the stream's rate: one
+  Converted to `layout` (default the first frame's): a stream whose rate or
+  layout changes midway (concatenated recordings) too, through one
   resampler per input setup, since PyAV's passes every frame through
   untouched once the first one matched, whatever later ones are.
   """
   with _open(info.path) as c:
     stream = c.streams[info.audio_stream]
-    resampler, setup, layout = None, None, None
+    resampler, setup = None, None
     try:
       for frame in c.decode(stream):
         key = (frame.format.name, frame.layout.name, frame.sample_rate)
@@ -182,7 +183,7 @@ def _audio_chunks(info: VideoInfo) -> Iterator[tuple[float, np.ndarray]]:
               yield math.nan, f.to_ndarray()
           layout = layout or frame.layout
           resampler, setup = av.AudioResampler(
-              "fltp", layout, info.audio_rate), key
+              fmt, layout, rate or info.audio_rate), key
         t = frame.time
         for f in resampler.resample(frame):
           yield (t if t is not None else math.nan), f.to_ndarray()
@@ -195,38 +196,55 @@ def _audio_chunks(info: VideoInfo) -> Iterator[tuple[float, np.ndarray]]:
           from None
 
 
-def read_audio(info: VideoInfo, min_duration: float) -> np.ndarray:
+def read_audio(info: VideoInfo, min_duration: float,
+               like_avsbench: bool = False) -> np.ndarray:
   """Mono 16 kHz float64 [L], sample 0 at the first video frame's time
-  (leading audio dropped, late-starting audio preceded by silence)."""
-  # One float32 buffer sized from the container's duration (grown if that
-  # was short): an hour's soundtrack is 0.7 GB at 48 kHz, not twice that.
-  size = int(((info.duration or 10.0) + 1.0) * info.audio_rate)
-  mono, n, first = np.empty(size, np.float32), 0, None
-  for t, x in _audio_chunks(info):
+  (leading audio dropped, late-starting audio preceded by silence).
+  `like_avsbench`: decoded and taken to 16 kHz as AVSBench's extraction did
+  (44.1 kHz 16-bit stereo first: avsbench_extraction); otherwise mixed to
+  mono at the source rate and resampled band-limited."""
+  if like_avsbench:
+    rate, channels, dtype = avsbench_extraction.DECODE_RATE, 2, np.int16
+    chunks = _audio_chunks(info, rate=rate, layout="stereo")
+  else:
+    rate, channels, dtype = info.audio_rate, 1, np.float32
+    chunks = _audio_chunks(info)
+  # One buffer sized from the container's duration (grown if that was
+  # short): an hour's float32 soundtrack is 0.7 GB at 48 kHz, not twice that.
+  size = int(((info.duration or 10.0) + 1.0) * rate)
+  buf, n, first = np.empty((channels, size), dtype), 0, None
+  bad, first_bad = 0, 0
+  for t, x in chunks:
     if first is None:
       first = t if math.isfinite(t) else info.start
-    if n + x.shape[1] > mono.shape[0]:
-      grown = np.empty(max(2 * mono.shape[0], n + x.shape[1]), np.float32)
-      grown[:n] = mono[:n]
-      mono = grown
-    mono[n:n + x.shape[1]] = x.mean(axis=0)
+    broken = ~np.isfinite(x).all(axis=0)   # float codecs can carry NaN/inf
+    if broken.any():
+      first_bad = first_bad if bad else n + int(np.argmax(broken))
+      bad += int(broken.sum())
+      x = np.nan_to_num(x)
+    if n + x.shape[1] > buf.shape[1]:
+      grown = np.empty((channels, max(2 * buf.shape[1], n + x.shape[1])),
+                       dtype)
+      grown[:, :n] = buf[:, :n]
+      buf = grown
+    # As swresample converts to 16 bits (lrintf(x * 2^15), clipped).
+    buf[:, n:n + x.shape[1]] = (
+        np.clip(np.rint(x * 32768), -32768, 32767) if like_avsbench
+        else x.mean(axis=0))
     n += x.shape[1]
   if n == 0:
     raise VideoError(f"{info.path}: the audio track holds no samples")
-  mono = mono[:n]
-  bad = np.flatnonzero(~np.isfinite(mono))
-  if bad.size:   # float codecs (PCM f32, a broken encoder) can carry them
+  if bad:
     raise VideoError(
-        f"{info.path}: the audio track holds {bad.size} NaN or infinite "
-        f"samples (the first {bad[0] / info.audio_rate:.3f} s into it); "
-        "re-encode its audio")
-  seconds = len(mono) / info.audio_rate
-  if seconds < min_duration:
+        f"{info.path}: the audio track holds {bad} NaN or infinite samples "
+        f"(the first {first_bad / rate:.3f} s into it); re-encode its audio")
+  if n / rate < min_duration:
     raise VideoError(
-        f"{info.path}: audio is {seconds:.3f} s long; one 0.96 s VGGish "
+        f"{info.path}: audio is {n / rate:.3f} s long; one 0.96 s VGGish "
         f"example needs at least {min_duration:.3f} s")
-  wave = audio_lib.mono_to_16k_in_pieces(mono, info.audio_rate)
-  del mono
+  wave = (avsbench_extraction.wave_16k(buf[:, :n]) if like_avsbench else
+          audio_lib.mono_to_16k_in_pieces(buf[0, :n], rate))
+  del buf
   shift = int(round((first - info.start) * audio_lib.SAMPLE_RATE))
   if shift > 0:
     wave = np.concatenate([np.zeros(shift), wave])

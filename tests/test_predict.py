@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avsegformer_jax import predict, synthetic_video, video_io
+from avsegformer_jax import audio, predict, synthetic_video, video_io
 import videos
 
 
@@ -128,6 +128,11 @@ def test_audio_with_nan_samples(tmp_path):
   with pytest.raises(predict.PredictError,
                      match=r"nan.mkv: the audio track holds 10 NaN or "
                      r"infinite samples \(the first 1.250 s into it\)"):
+    _predict(tmp_path / "nan.mkv", tmp_path / "out", extraction="direct")
+  # AVSBench's way resamples to 44.1 kHz first, which spreads them.
+  with pytest.raises(predict.PredictError,
+                     match=r"nan.mkv: the audio track holds \d+ NaN or "
+                     r"infinite samples \(the first 1.2\d+ s into it\)"):
     _predict(tmp_path / "nan.mkv", tmp_path / "out")
 
 
@@ -175,14 +180,6 @@ def test_cli_error_is_one_line(tmp_path):
   assert r.returncode == 1
   assert "--fps and --every_frame exclude each other" in r.stderr
   assert "Traceback" not in r.stderr
-
-
-# ------------------------------------------------------------- windows --
-def test_pad_windows():
-  assert predict.pad_windows(12, 5, 1) == (3, 15)
-  assert predict.pad_windows(12, 5, 2) == (3, 20)
-  assert predict.pad_windows(10, 5, 1) == (2, 10)
-  assert predict.pad_windows(1, 10, 4) == (1, 40)
 
 
 # ------------------------------------------------------------- outputs --
@@ -270,6 +267,40 @@ def test_without_overlay_images(tmp_path, video, stub_model):
   assert sorted(p.name for p in out.iterdir()) == [
       "masks", "overlay.mp4", "predictions.json"]
   assert len(list((out / "masks").iterdir())) == s["num_frames"] == 12
+
+
+@pytest.mark.parametrize("task, extraction, want", [
+    ("s4", "avsbench", "avsbench"), ("s4", "direct", "direct"),
+    ("avss", "avsbench", "direct")])
+def test_extraction(tmp_path, video, monkeypatch, task, extraction, want):
+  """S4/MS3 by default: the model sees the frame as AVSBench stored it (cv2
+  to 224 x 224, then the loader's resize) and moviepy's 16 kHz audio; AVSS
+  (its frames are its own) and extraction="direct": straight from the video."""
+  from avsegformer_jax import avsbench_extraction  # pylint: disable=g-import-not-at-top
+  seen = []
+  def forward(model, num_classes):
+    def f(variables, frames, audio, valid):
+      seen.append((frames.copy(), audio.copy()))
+      return np.zeros(frames.shape[:3], np.int32 if num_classes > 1
+                      else np.float32)
+    return f
+  monkeypatch.setattr(predict, "_make_forward", forward)
+  monkeypatch.setattr(predict.checkpoint, "fit_variables", lambda v, *a: v)
+  config = _config()
+  config.task, config.model.num_classes = task, 1 if task == "s4" else 71
+  s = predict.predict(config, video.path, str(tmp_path / "out"),
+                      variables={"params": {}}, progress=False,
+                      extraction=extraction)
+  assert s["extraction"] == want
+  info = video_io.probe(video.path)
+  first = next(video_io.sample_frames(info)).rgb
+  if want == "avsbench":
+    first = avsbench_extraction.frame(first)
+  np.testing.assert_allclose(seen[0][0][0], predict.preprocess(first, 64),
+                             atol=1e-6)
+  wave = video_io.read_audio(info, 0.975, like_avsbench=want == "avsbench")
+  np.testing.assert_array_equal(
+      seen[0][1][0], audio.waveform_to_examples(wave[:5 * 16000], 16000)[0])
 
 
 def test_every_frame_output_rate(tmp_path, stub_model):
