@@ -376,7 +376,8 @@ def test_skip_done_goes_on_after_an_interruption(tmp_path, stub_model,
                          progress=False, skip_done=True, report=lines.append)
   assert ran == vids
   ran.clear()
-  os.utime(vids[0], (os.path.getmtime(vids[0]) + 10,) * 2)
+  done_at = os.path.getmtime(tmp_path / "out" / "a" / "predictions.json")
+  os.utime(vids[0], (done_at + 60,) * 2)     # edited after that run
   predict.predict_videos(_config(), vids, out, variables=stub_model, fps=2,
                          progress=False, skip_done=True, report=lines.append)
   assert ran == [vids[0]]
