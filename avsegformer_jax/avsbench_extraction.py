@@ -80,6 +80,7 @@ def wave_16k(stereo_s16: np.ndarray) -> np.ndarray:
   total = int(16000 * (n / DECODE_RATE))
   t = (1.0 / 16000) * np.arange(total)
   idx = np.minimum(np.round(DECODE_RATE * t).astype(np.int64), n - 1)
-  picked = stereo_s16[:, idx] / 32768.0
-  picked = (32768 * np.clip(picked, -0.99, 0.99)).astype(np.int16)
+  # moviepy's int16(32768 * clip(v / 32768, -0.99, 0.99)), in integers:
+  # v itself, or +-32440 = trunc(0.99 * 32768) beyond it.
+  picked = np.clip(stereo_s16[:, idx], -32440, 32440)
   return picked.mean(axis=0, dtype=np.float64) / 32768.0

@@ -161,9 +161,9 @@ def _rgb(frame: av.VideoFrame) -> np.ndarray:
                               display_matrix.filters(frame))
 
 
-def _audio_chunks(info: VideoInfo, fmt: str = "fltp", rate: int | None = None,
+def _audio_chunks(info: VideoInfo, rate: int | None = None,
                   layout=None) -> Iterator[tuple[float, np.ndarray]]:
-  """(start time s, [C, n] planar `fmt` at `rate`, default the stream's) per
+  """(start time s, float32 [C, n] at `rate`, default the stream's) per
   decoded audio frame (NaN time for a resampler's flushed tail).
 
   Converted to `layout` (default the first frame's): a stream whose rate or
@@ -183,7 +183,7 @@ def _audio_chunks(info: VideoInfo, fmt: str = "fltp", rate: int | None = None,
               yield math.nan, f.to_ndarray()
           layout = layout or frame.layout
           resampler, setup = av.AudioResampler(
-              fmt, layout, rate or info.audio_rate), key
+              "fltp", layout, rate or info.audio_rate), key
         t = frame.time
         for f in resampler.resample(frame):
           yield (t if t is not None else math.nan), f.to_ndarray()
