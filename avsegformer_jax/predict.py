@@ -283,8 +283,9 @@ def _sampling(fps: float, every_frame: bool) -> str:
 def _done_before(video: str, out: str, config, checkpoint_dir, fps,
                  every_frame, extraction) -> dict | None:
   """The summary in OUT/predictions.json if it is this run's: same video
-  (not modified since), checkpoint, task, window and sampling. It is
-  written last, so its presence means the video's outputs are complete."""
+  (not modified since), checkpoint, task, window, sampling and extraction.
+  It is written last, so its presence means the video's outputs are
+  complete."""
   path = os.path.join(out, "predictions.json")
   try:
     with open(path) as f:
