@@ -78,9 +78,12 @@ def wave_16k(stereo_s16: np.ndarray) -> np.ndarray:
   the wav and VGGish read it back."""
   n = stereo_s16.shape[1]
   total = int(16000 * (n / DECODE_RATE))
-  t = (1.0 / 16000) * np.arange(total)
-  idx = np.minimum(np.round(DECODE_RATE * t).astype(np.int64), n - 1)
-  # moviepy's int16(32768 * clip(v / 32768, -0.99, 0.99)), in integers:
-  # v itself, or +-32440 = trunc(0.99 * 32768) beyond it.
-  picked = np.clip(stereo_s16[:, idx], -32440, 32440)
-  return picked.mean(axis=0, dtype=np.float64) / 32768.0
+  out = np.empty(total, np.float64)
+  for start in range(0, total, 60 * 16000):   # a minute at a time: memory
+    t = (1.0 / 16000) * np.arange(start, min(start + 60 * 16000, total))
+    idx = np.minimum(np.round(DECODE_RATE * t).astype(np.int64), n - 1)
+    # moviepy's int16(32768 * clip(v / 32768, -0.99, 0.99)), in integers:
+    # v itself, or +-32440 = trunc(0.99 * 32768) beyond it.
+    picked = np.clip(stereo_s16[:, idx], -32440, 32440)
+    out[start:start + len(t)] = picked.mean(axis=0, dtype=np.float64) / 32768
+  return out

@@ -71,6 +71,14 @@ def test_audio_is_the_nearest_sample_clipped_and_truncated():
   idx = np.round(44100 * ((1.0 / 16000) * np.arange(16000))).astype(int)
   want_left = np.clip(left[idx], -32440, 32440)   # trunc(0.99 * 32768)
   np.testing.assert_array_equal(wave, (want_left + 1000) / 2 / 32768)
+  # Past a minute (worked a minute at a time): the same rule throughout.
+  long = np.random.default_rng(0).integers(-32768, 32768, (2, 44100 * 130),
+                                           dtype=np.int16)
+  idx = np.round(44100 * ((1.0 / 16000) * np.arange(16000 * 130)))
+  idx = np.minimum(idx.astype(int), long.shape[1] - 1)
+  np.testing.assert_array_equal(
+      ae.wave_16k(long),
+      np.clip(long[:, idx], -32440, 32440).astype(np.float64).mean(0) / 32768)
   # Aliasing, not filtering: a 12 kHz tone comes out at 16 - 12 = 4 kHz.
   t = np.arange(44100) / 44100
   tone = np.round(8000 * np.sin(2 * np.pi * 12000 * t)).astype(np.int16)
