@@ -276,8 +276,8 @@ def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
 
 
 def _sampling(fps: float, every_frame: bool) -> str:
-  return ("every_frame" if every_frame else "avsbench_1fps" if fps == 1
-          else f"centred_{fps:g}fps")
+  return ("avsbench_1fps" if video_io.avsbench_mode(fps, every_frame)
+          else "every_frame" if every_frame else f"centred_{fps:g}fps")
 
 
 def _done_before(video: str, out: str, config, checkpoint_dir, fps,
