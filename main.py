@@ -43,14 +43,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _demo_data(config, workdir):
   """The synthetic AVSBench, written and prepared into the workdir once (by
-  process 0 of a multi-process run, while the others wait for it)."""
+  process 0 of a multi-process run, while the others wait for it); not
+  written again where `data.data_dir` holds it prepared (an evaluation of
+  the demo's run in another workdir)."""
   import jax  # pylint: disable=g-import-not-at-top
   from avsegformer_jax import multihost  # pylint: disable=g-import-not-at-top
   from datasets.avsbench import prepare, synthesize  # pylint: disable=g-import-not-at-top
   s = config.data.synthetic
   raw = os.path.join(workdir, "synthetic_raw")
   config.data.data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and not prepare.is_prepared(
+      config.task, config.data.data_dir):
     synthesize.synthesize(config.task, raw, num_videos=s.num_videos,
                           seed=s.seed, size=s.size)
     prepare.prepare(config.task, raw, config.data.data_dir)

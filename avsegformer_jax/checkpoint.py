@@ -5,6 +5,7 @@ A training workdir holds two orbax CheckpointManagers and a config:
   WORKDIR/best/<step>/{state,meta}          the best by validation mIoU
                                             (model variables only)
   WORKDIR/config.json                       the config of its last run
+                                            (run_config)
 `state` is the whole TrainState (params, batch_stats, optimizer state, step,
 RNG), `meta` a small JSON (epoch, metrics). The data position is the step
 (the trainer restarts its iterator at batch `step`); checkpoints written
@@ -13,7 +14,8 @@ Orbax writes into a temporary directory and renames it when complete, so a
 run killed mid-save leaves the previous checkpoint intact.
 
 A model export (`save_variables`, written by the converter) is
-DIR/variables (params + batch_stats) and DIR/avsegformer.json.
+DIR/variables (params + batch_stats), DIR/avsegformer.json and the config it
+was converted with, DIR/config.json.
 
 `model.scan_layers` is a compute choice, not part of the model: a checkpoint
 written with repeated layers stacked for nn.scan (`layers`, leading [num]
@@ -35,7 +37,6 @@ import orbax.checkpoint as ocp
 from avsegformer_jax import errors, files
 
 EXPORT_MARKER = "avsegformer.json"
-CONFIG_FILE = "config.json"
 
 
 class CheckpointError(errors.InputError):
@@ -258,8 +259,11 @@ class Checkpointer:
       self.best.close()
 
 
-def save_variables(directory, variables, info: dict[str, Any] | None = None):
-  """Exports model variables ({"params", "batch_stats"}) for eval/predict."""
+def save_variables(directory, variables, info: dict[str, Any] | None = None,
+                   config=None):
+  """Exports model variables ({"params", "batch_stats"}) for eval/predict,
+  with the config they were converted for (DIR/config.json, as a workdir
+  keeps its run's) when one is given."""
   root = _abs(directory)
   files.makedirs(root)
   target = files.join(root, "variables")
@@ -267,6 +271,9 @@ def save_variables(directory, variables, info: dict[str, Any] | None = None):
     ckptr.save(target, jax.device_get(dict(variables)), force=True)
   files.write_text(files.join(root, EXPORT_MARKER), json.dumps(
       {"format": "avsegformer-jax variables", **(info or {})}, indent=2))
+  if config is not None:
+    from avsegformer_jax import run_config  # pylint: disable=g-import-not-at-top
+    run_config.save(config, root)
 
 
 def _restore_tree(path):
@@ -305,57 +312,6 @@ def load_variables(directory, prefer: str = "best") -> dict[str, Any]:
   raise CheckpointError(
       f"{root}: neither a model export ({EXPORT_MARKER}), a training "
       "workdir with checkpoints/ or best/, nor one of their steps")
-
-
-def save_config(config, workdir):
-  files.write_text(files.join(workdir, CONFIG_FILE),
-                   config.to_json_best_effort(indent=2, sort_keys=True))
-
-
-def _flat_json(text: str) -> dict[str, Any]:
-  def walk(d, prefix):
-    for k, v in d.items():
-      if isinstance(v, dict):
-        yield from walk(v, f"{prefix}{k}.")
-      else:
-        yield f"{prefix}{k}", v
-  return dict(walk(json.loads(text), ""))
-
-
-def config_changes(config, path) -> list[tuple[str, Any, Any]]:
-  """(field, its run's value, `config`'s) for each field where `config`
-  differs from the last run of the workdir `path` is or is a step of;
-  [] without its config.json."""
-  root = _abs(path)
-  parent = root.rstrip("/").rsplit("/", 2)
-  if len(parent) == 3 and parent[1] in ("checkpoints", "best") and \
-      parent[2].isdigit():               # WORKDIR/checkpoints/<step>
-    root = parent[0]
-  saved = files.join(root, CONFIG_FILE)
-  if not files.exists(saved):
-    return []
-  try:
-    before = _flat_json(files.read_text(saved))
-  except ValueError:                 # not ours, or cut short: no comparison
-    return []
-  now = _flat_json(config.to_json_best_effort())
-  return [(k, before.get(k, "unset"), now.get(k, "unset"))
-          for k in sorted(set(before) | set(now))
-          if before.get(k) != now.get(k)]
-
-
-# Model fields that change how it computes, not its variables.
-COMPUTE_ONLY = ("dtype", "remat", "remat_policy", "scan_layers", "msda_impl",
-                "attention_impl", "dropout_impl", "dropout",
-                "attention_dropout", "drop_path")
-
-
-def model_changes(changes) -> str:
-  """The `model.*` fields of `config_changes` that shape the variables, as a
-  sentence ("" if none)."""
-  model = [f"{k}={a} (this config: {b})" for k, a, b in changes
-           if k.startswith("model.") and k[6:] not in COMPUTE_ONLY]
-  return f"Its run had {'; '.join(model)}. " if model else ""
 
 
 def _variables(tree) -> dict[str, Any]:

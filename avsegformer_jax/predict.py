@@ -46,7 +46,7 @@ from tqdm import tqdm
 from avsegformer_jax import audio as audio_lib
 from avsegformer_jax import (avsbench_extraction, avsegformer, checkpoint,
                              compile_cache, errors, files, pretrained,
-                             video_io, visualize, xla_cpu)
+                             run_config, video_io, visualize, xla_cpu)
 
 PAD_MODES = {"s4": "repeat_last", "ms3": "repeat_last", "avss": "zero_pad"}
 
@@ -131,6 +131,12 @@ class Predictor:
     self.config = config
     self.checkpoint = files.absolute(checkpoint_dir) if checkpoint_dir \
         else None
+    self.made_with = {}      # {field: [its run's value, this config's]}
+    if checkpoint_dir:
+      differ = run_config.output_changes(config, checkpoint_dir)
+      if differ:
+        logging.warning(run_config.output_changes_note(checkpoint_dir, differ))
+      self.made_with = {k: [a, b] for k, a, b in differ}
     self.variables = avsegformer.cast_weights(
         jax.device_put({k: variables[k] for k in ("params", "batch_stats")
                         if k in variables}), config.model.dtype)
@@ -256,6 +262,8 @@ def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
   summary = {
       "video": os.path.abspath(video), "config_task": config.task,
       "checkpoint": predictor.checkpoint,
+      **({"checkpoint_made_with": predictor.made_with}
+         if predictor.made_with else {}),
       "sampling": _sampling(fps, every_frame),
       "extraction": "avsbench" if predictor.like_avsbench else "direct",
       "window": t_win, "batch_clips": batch_clips, "num_frames": n,

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from avsegformer_jax import (avsegformer, checkpoint, convert, errors, files,
-                             torch_io, xla_cpu)
+                             run_config, torch_io, xla_cpu)
 from avsegformer_jax.convert import ConversionError
 
 _BN_COUNTER = re.compile(r".*\.num_batches_tracked$")
@@ -162,7 +162,7 @@ def load_model_variables(path: str, config, shapes=None):
   if files.is_dir(path):
     if shapes is None:
       shapes = avsegformer.variable_shapes(avsegformer.build_model(config))
-    hint = checkpoint.model_changes(checkpoint.config_changes(config, path))
+    hint = run_config.model_changes(run_config.changes(config, path))
     return checkpoint.fit_variables(
         checkpoint.load_variables(path), shapes, path,
         hint and hint + "Pass the config it was trained with.")
@@ -230,7 +230,8 @@ def convert_checkpoint(config, checkpoint: str, out: str) -> dict:
           "backbone": mc.backbone,
           "pvt_variant": mc.pvt_variant if mc.backbone == "pvt2" else None,
           "num_classes": mc.num_classes}
-  ckpt.save_variables(files.absolute(out), variables, info=info)
+  ckpt.save_variables(files.absolute(out), variables, info=info,
+                     config=config)
   return report
 
 

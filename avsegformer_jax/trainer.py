@@ -21,7 +21,8 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from avsegformer_jax import (avsegformer, checkpoint, errors, files, losses,
-                             metrics, multihost, train, visualize)
+                             metrics, multihost, run_config, train,
+                             visualize)
 
 
 class NonFiniteLossError(errors.ReportedError, RuntimeError):
@@ -183,7 +184,7 @@ def _start_anew(workdir, step) -> str:
 
 
 def _resume_hint(changes, workdir, step) -> str:
-  return (checkpoint.model_changes(changes) + "Resume with the config it "
+  return (run_config.model_changes(changes) + "Resume with the config it "
           f"was trained with, or {_start_anew(workdir, step)}")
 
 
@@ -235,7 +236,7 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep,
                                  config.checkpoint.keep_best)
   start = ckpt.latest_step() or 0
-  changes = checkpoint.config_changes(config, workdir) if start else []
+  changes = run_config.changes(config, workdir) if start else []
   if changes:
     logging.warning("resuming %s with settings its last run did not have: %s",
                     workdir, "; ".join(f"{k}: {a} -> {b}"
@@ -273,7 +274,7 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
     logging.info("resumed from %s at step %d (epoch %d)", workdir, start,
                  start // bpe)
   if _is_main():     # what the next resume compares its config with
-    checkpoint.save_config(config, workdir)
+    run_config.save(config, workdir)
   state = train.replicate(state, mesh)
   steps = train.Steps(model, config, mesh)
   writer = _writer(workdir)
@@ -378,6 +379,9 @@ def evaluate_checkpoint(config, workdir: str, checkpoint_dir: str, split: str,
   model = avsegformer.build_model(config)
   from avsegformer_jax import pretrained  # pylint: disable=g-import-not-at-top
   variables = pretrained.load_model_variables(checkpoint_dir, config)
+  differ = run_config.output_changes(config, checkpoint_dir)
+  if differ and _is_main():
+    logging.warning(run_config.output_changes_note(checkpoint_dir, differ))
   steps = train.Steps(model, config, mesh)
   # One name per split and audio: evaluating the test split after the
   # validation one, or the shuffled-audio control after the true audio,
@@ -388,6 +392,8 @@ def evaluate_checkpoint(config, workdir: str, checkpoint_dir: str, split: str,
                  vis_dir=vis, num_visualize=config.eval.num_visualize,
                  source=source)
   res["checkpoint"] = files.absolute(checkpoint_dir)
+  if differ:                 # {field: [its run's value, this config's]}
+    res["checkpoint_made_with"] = {k: [a, b] for k, a, b in differ}
   if _is_main():
     files.write_text(files.join(workdir, f"eval_results_{name}.json"),
                      json.dumps(res, indent=2))

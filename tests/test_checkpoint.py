@@ -147,29 +147,6 @@ def test_resume_into_the_other_layout(tmp_path):
   ckpt.close()
 
 
-def test_config_changes_against_the_workdirs_run(tmp_path):
-  """What a resume logs and a mismatch names: the fields that differ from
-  the run's WORKDIR/config.json, found from the workdir or a step of it."""
-  from configs import tiny  # pylint: disable=g-import-not-at-top
-  run = tiny.get_config("pvt2")
-  checkpoint.save_config(run, tmp_path)
-  now = tiny.get_config("res50")
-  now.train.learning_rate = 1e-3
-  want = [("model.backbone", "pvt2", "res50"),
-          ("train.learning_rate", 2e-5, 1e-3)]
-  assert checkpoint.config_changes(now, tmp_path) == want
-  assert checkpoint.config_changes(now, tmp_path / "checkpoints" / "12") == want
-  assert checkpoint.config_changes(run, tmp_path / "best" / "3") == []
-  assert checkpoint.config_changes(now, tmp_path / "elsewhere") == []
-  assert checkpoint.model_changes(want) == (
-      "Its run had model.backbone=pvt2 (this config: res50). ")
-  # Not what makes variables differ: how the model computes.
-  assert checkpoint.model_changes([("model.scan_layers", False, True),
-                                   ("model.dtype", "float32", "bfloat16")]) == ""
-  (tmp_path / "config.json").write_text("{cut sh")
-  assert checkpoint.config_changes(now, tmp_path) == []
-
-
 def _truncate_data(step_dir):
   """Each of the step's array data files cut to 8 bytes (a disk or a copy
   that failed), its metadata intact."""

@@ -341,6 +341,14 @@ def test_a_corrupt_prepared_file_is_named(data_dir, tmp_path):
     batches(c, "train", True)
 
 
+def test_is_prepared(data_dir, tmp_path):
+  """What main.py asks before writing the demo's raw data again."""
+  assert prepare.is_prepared("s4", data_dir)
+  assert prepare.is_prepared("avss", data_dir)
+  assert not prepare.is_prepared("ms3", data_dir)
+  assert not prepare.is_prepared("s4", tmp_path)
+
+
 def test_missing_dataset_names_the_data_dir(tmp_path):
   c = make_config("s4", tmp_path / "nowhere")
   with pytest.raises(ip.PipelineError, match="nowhere"):

@@ -2,6 +2,7 @@
 for the model), and end to end with a small trained model (predict_model).
 The video reading itself: test_video_io, test_display_matrix."""
 import json
+import logging
 import os
 
 import av
@@ -142,6 +143,28 @@ def test_checkpoint_of_another_config(tmp_path, video):
                      r"\(params/audio_proj/bias, .*Pass the config it was "
                      r"trained with"):
     _predict(video.path, tmp_path / "out")
+
+
+def test_checkpoint_made_with_another_resolution(tmp_path, video, stub_model,
+                                                caplog):
+  """A model whose run had another image size (or task, or window) fits the
+  variables all the same and gives other masks: predict says so, in the log
+  and in predictions.json."""
+  from avsegformer_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  made = _config()
+  made.data.image_size = 96
+  export = tmp_path / "export"
+  checkpoint.save_variables(export, {"params": {"w": np.zeros(2, np.float32)}},
+                            config=made)
+  with caplog.at_level(logging.WARNING):
+    s = predict.predict(_config(), video.path, str(tmp_path / "out"),
+                        checkpoint_dir=str(export), progress=False)
+  assert s["checkpoint_made_with"] == {"data.image_size": [96, 64]}
+  assert (f"{export} was made with data.image_size=96; this config has "
+          f"data.image_size=64.") in caplog.text
+  s = predict.predict(made, video.path, str(tmp_path / "out"),
+                      checkpoint_dir=str(export), progress=False)
+  assert "checkpoint_made_with" not in s
 
 
 def test_cli_error_is_one_line(tmp_path):

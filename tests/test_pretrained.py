@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from avsegformer_jax import (avsegformer, checkpoint, convert, export_pth,
-                             layers, pretrained, pvt_v2, resnet, vggish)
+                             layers, pretrained, pvt_v2, resnet, run_config,
+                             vggish)
 from avsegformer_jax.convert import ConversionError
 from configs import tiny
 
@@ -330,6 +331,9 @@ def test_convert_cli_writes_an_export_that_loads_back(tmp_path, capsys):
   assert not want.get("batch_stats") and not got["batch_stats"]
   jax.tree_util.tree_map(np.testing.assert_array_equal, got["params"],
                          want["params"])
+  # The export keeps the config it was converted with, as a workdir keeps
+  # its run's: eval and predict compare theirs with it.
+  assert run_config.changes(tiny.get_config("pvt2"), out) == []
   # Bad input: one clear line, exit status 1, no export written.
   evil = tmp_path / "evil.pth"
   evil.write_bytes(b"\x80\x02cposix\nsystem\nX\x02\x00\x00\x00ls\x85R.")
@@ -365,7 +369,7 @@ def test_our_checkpoint_as_pretrained_in_the_other_layout(tmp_path):
   stacked = convert.torch_to_flax(flax_to_torch(want), scanned)
   assert "layers" in stacked["params"]["head"]["transformer"]["encoder"]
   checkpoint.save_variables(tmp_path / "export", stacked)
-  checkpoint.save_config(scanned, tmp_path / "export")    # as a workdir has
+  run_config.save(scanned, tmp_path / "export")    # as a workdir has
   c = config_with("pvt2")
   c.pretrained.checkpoint = str(tmp_path / "export")
   got = pretrained.load_pretrained(c, zeros_like_model(c))

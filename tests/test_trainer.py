@@ -291,7 +291,7 @@ def test_evaluations_keep_their_results_and_overlays_apart(tmp_path):
   Each split keeps its own results file too."""
   sys.path.insert(0, os.path.dirname(__file__))
   import jax
-  from avsegformer_jax import avsegformer, checkpoint, trainer
+  from avsegformer_jax import avsegformer, checkpoint, run_config, trainer
   from train_driver import synthetic_source, tiny_config
   config = tiny_config()
   config.eval.num_visualize = 2
@@ -316,6 +316,11 @@ def test_evaluations_keep_their_results_and_overlays_apart(tmp_path):
                               source=source, shuffle_audio=True)
   assert files(vis / "validation") == true           # not rewritten
   assert sorted(files(vis / "validation_shuffled_audio")) == sorted(true)
+  # An export whose config differs in what changes the outputs: the eval
+  # runs with this config's, and its results say what the export had.
+  made = tiny_config()
+  made.data.num_frames = 3
+  run_config.save(made, tmp_path / "export")
   trainer.evaluate_checkpoint(config, str(tmp_path / "wd"),
                               str(tmp_path / "export"), "test",
                               source=source)
@@ -325,4 +330,8 @@ def test_evaluations_keep_their_results_and_overlays_apart(tmp_path):
   assert sorted(os.listdir(vis)) == [
       "test", "validation", "validation_shuffled_audio"]
   with open(tmp_path / "wd" / "eval_results_validation.json") as f:
-    assert json.load(f)["split"] == "validation"
+    res = json.load(f)
+  assert res["split"] == "validation" and "checkpoint_made_with" not in res
+  with open(tmp_path / "wd" / "eval_results_test.json") as f:
+    assert json.load(f)["checkpoint_made_with"] == {
+        "data.num_frames": [3, config.data.num_frames]}

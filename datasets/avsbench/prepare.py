@@ -41,6 +41,13 @@ def prepare(config: str, manual_dir, data_dir, *, skip_bad_clips: bool | None = 
   return Path(builder.data_path)
 
 
+def is_prepared(config: str, data_dir) -> bool:
+  """Whether avsbench/<config> is built in data_dir already (then its raw
+  files are not needed)."""
+  return Builder(config=config, data_dir=str(data_dir), num_workers=1
+                 ).is_prepared()
+
+
 def folder_size(path) -> int:
   return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
