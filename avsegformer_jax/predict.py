@@ -30,9 +30,7 @@ and OUT/predictions.json.
 """
 from __future__ import annotations
 
-import collections
 import fractions
-import json
 import os
 import time
 
@@ -45,8 +43,9 @@ from tqdm import tqdm
 
 from avsegformer_jax import audio as audio_lib
 from avsegformer_jax import (avsbench_extraction, avsegformer, checkpoint,
-                             compile_cache, errors, files, pretrained,
-                             run_config, video_io, visualize, xla_cpu)
+                             compile_cache, errors, files, predict_outputs,
+                             pretrained, run_config, video_io, visualize,
+                             xla_cpu)
 
 PAD_MODES = {"s4": "repeat_last", "ms3": "repeat_last", "avss": "zero_pad"}
 
@@ -142,6 +141,11 @@ class Predictor:
                         if k in variables}), config.model.dtype)
     self.forward = _make_forward(model, config.model.num_classes)
 
+  def settings(self, fps, every_frame) -> dict:
+    """The summary's `predict_outputs.SETTINGS` for a run of this model."""
+    return _settings(self.config, self.checkpoint, self.like_avsbench, fps,
+                     every_frame)
+
   def __call__(self, video: str, out_dir: str, *, fps: float = 1.0,
                every_frame: bool = False, batch_clips: int = 1,
                progress: bool = True, overlay_images: bool = True,
@@ -152,6 +156,15 @@ class Predictor:
                                  self.like_avsbench)
     return _run(self, video, out_dir, info, wave, fps, every_frame,
                 batch_clips, progress, overlay_images)
+
+
+def _settings(config, checkpoint_dir, like: bool, fps, every_frame) -> dict:
+  return {"checkpoint": files.absolute(checkpoint_dir) if checkpoint_dir
+                        else None,
+          "config_task": config.task, "window": config.data.num_frames,
+          "sampling": predict_outputs.sampling_name(
+              video_io.avsbench_mode(fps, every_frame), fps, every_frame),
+          "extraction": "avsbench" if like else "direct"}
 
 
 def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
@@ -260,13 +273,11 @@ def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
   n = len(records)
   steady = stats["model_s"] / max(stats["calls"] - 1, 1) / per_call
   summary = {
-      "video": os.path.abspath(video), "config_task": config.task,
-      "checkpoint": predictor.checkpoint,
+      "video": os.path.abspath(video),
+      **predictor.settings(fps, every_frame),
       **({"checkpoint_made_with": predictor.made_with}
          if predictor.made_with else {}),
-      "sampling": _sampling(fps, every_frame),
-      "extraction": "avsbench" if predictor.like_avsbench else "direct",
-      "window": t_win, "batch_clips": batch_clips, "num_frames": n,
+      "batch_clips": batch_clips, "num_frames": n,
       "size": [info.width, info.height],          # as displayed
       "orientation": list(info.orientation),      # ffmpeg filters applied
       "overlay_video": os.path.join(out_dir, "overlay.mp4"),
@@ -276,54 +287,8 @@ def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
       "frames_per_s_model": round(1.0 / steady, 3) if stats["calls"] > 1
                             else None,
       "frames": records}
-  path = os.path.join(out_dir, "predictions.json")   # last, and whole
-  with open(path + ".tmp", "w") as f:
-    json.dump(summary, f, indent=1)
-  os.replace(path + ".tmp", path)
+  predict_outputs.write_summary(out_dir, summary)    # last, and whole
   return summary
-
-
-def _sampling(fps: float, every_frame: bool) -> str:
-  return ("avsbench_1fps" if video_io.avsbench_mode(fps, every_frame)
-          else "every_frame" if every_frame else f"centred_{fps:g}fps")
-
-
-def _done_before(video: str, out: str, config, checkpoint_dir, fps,
-                 every_frame, extraction) -> dict | None:
-  """The summary in OUT/predictions.json if it is this run's: same video
-  (not modified since), checkpoint, task, window, sampling and extraction.
-  It is written last, so its presence means the video's outputs are
-  complete."""
-  path = os.path.join(out, "predictions.json")
-  try:
-    with open(path) as f:
-      s = json.load(f)
-    newer = os.path.getmtime(video) > os.path.getmtime(path)
-  except (OSError, ValueError):
-    return None
-  same = (s.get("video") == os.path.abspath(video) and not newer
-          and s.get("checkpoint") == (files.absolute(checkpoint_dir)
-                                      if checkpoint_dir else None)
-          and s.get("config_task") == config.task
-          and s.get("window") == config.data.num_frames
-          and s.get("sampling") == _sampling(fps, every_frame)
-          and s.get("extraction") == ("avsbench" if like_avsbench(
-              config, extraction) else "direct"))
-  return s if same else None
-
-
-def output_dirs(videos: list[str], out_dir: str) -> list[str]:
-  """OUT itself for one video; OUT/<name> for each of several (name_2, ...
-  where two are called alike)."""
-  if len(videos) == 1:
-    return [out_dir]
-  seen, dirs = collections.Counter(), []
-  for v in videos:
-    stem = os.path.splitext(os.path.basename(v))[0] or "video"
-    seen[stem] += 1
-    dirs.append(os.path.join(out_dir, stem if seen[stem] == 1
-                             else f"{stem}_{seen[stem]}"))
-  return dirs
 
 
 def predict_videos(config, videos: list[str], out_dir: str, *,
@@ -342,9 +307,10 @@ def predict_videos(config, videos: list[str], out_dir: str, *,
   avsbench_audio = like_avsbench(config, extraction)
   files.make_output_dir(out_dir, "the output directory")
   predictor, done, skipped = None, [], []
-  for video, out in zip(videos, output_dirs(videos, out_dir)):
-    before = skip_done and _done_before(video, out, config, checkpoint_dir,
-                                        fps, every_frame, extraction)
+  settings = _settings(config, checkpoint_dir, avsbench_audio, fps,
+                       every_frame)
+  for video, out in zip(videos, predict_outputs.output_dirs(videos, out_dir)):
+    before = skip_done and predict_outputs.done_before(video, out, settings)
     if before:
       report(f"done before: {video} -> {out}")
       done.append(before)
@@ -362,18 +328,8 @@ def predict_videos(config, videos: list[str], out_dir: str, *,
                             variables=variables, extraction=extraction)
     done.append(predictor(video, out, opened=opened, progress=progress,
                           overlay_images=overlay_images, **kw))
-    report(_summary_line(done[-1], out))
+    report(predict_outputs.summary_line(done[-1], out))
   return done, skipped
-
-
-def _summary_line(s: dict, out: str) -> str:
-  model_fps = s["frames_per_s_model"]
-  return (f"{s['num_frames']} frames ({s['sampling']}) -> {out}: "
-          f"{s['frames_per_s_end_to_end']:.2f} frames/s end to end"
-          + (f", {model_fps:.2f} frames/s in the model" if model_fps else "")
-          + f" (first call incl. compile {s['first_call_s']:.1f} s)"
-          + (f"; frames made upright ({', '.join(s['orientation'])})"
-             if s.get("orientation") else ""))
 
 
 def _define_flags():

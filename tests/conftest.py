@@ -48,3 +48,14 @@ def video(tmp_path_factory):
   triangle sound 4 s each (test_predict, test_video_io)."""
   from avsegformer_jax import synthetic_video  # pylint: disable=g-import-not-at-top
   return synthetic_video.write(tmp_path_factory.mktemp("v") / "s.mp4", size=64)
+
+
+@pytest.fixture
+def stub_model(monkeypatch):
+  """predict with `predict_stub.stub_forward` for the model, and whatever
+  variables it is given."""
+  from avsegformer_jax import predict  # pylint: disable=g-import-not-at-top
+  import predict_stub  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(predict, "_make_forward", predict_stub.stub_forward)
+  monkeypatch.setattr(predict.checkpoint, "fit_variables", lambda v, *a: v)
+  return {"params": {}}

@@ -1,6 +1,7 @@
 """predict: errors, windows and audio examples, outputs (with a stand-in
 for the model), and end to end with a small trained model (predict_model).
-The video reading itself: test_video_io, test_display_matrix."""
+The video reading itself: test_video_io, test_display_matrix; several
+videos, --skip_done and failed writes: test_predict_outputs."""
 import json
 import logging
 import os
@@ -10,34 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avsegformer_jax import audio, predict, synthetic_video, video_io
+from avsegformer_jax import (audio, predict, predict_outputs, synthetic_video,
+                             video_io)
 import videos
 
 
-def _config():
-  """The demo's small S4 model at 64 px, T = 5 (the stub tests never run it)."""
-  from configs import demo  # pylint: disable=g-import-not-at-top
-  c = demo.get_config()
-  c.data.image_size = 64
-  c.data.num_frames = 5
-  return c
-
-
-# ----------------------------------------------------------- fixtures --
-def _stub_forward(model, num_classes):
-  """A stand-in for the model: foreground = red pixels (the circle)."""
-  del model, num_classes
-  def forward(variables, frames, audio, valid):
-    del variables, audio, valid
-    return np.asarray(frames[..., 0] - frames[..., 1] - 2.0)
-  return forward
-
-
-@pytest.fixture
-def stub_model(monkeypatch):
-  monkeypatch.setattr(predict, "_make_forward", _stub_forward)
-  monkeypatch.setattr(predict.checkpoint, "fit_variables", lambda v, *a: v)
-  return {"params": {}}
+from predict_stub import config as _config
 
 
 # -------------------------------------------------------------- errors --
@@ -338,108 +317,7 @@ def test_every_frame_output_rate(tmp_path, stub_model):
     assert c.streams.audio[0].sample_rate == 48000
 
 
-def test_several_videos_one_model(tmp_path, video, monkeypatch, stub_model):
-  """A directory of videos: each to OUT/<name>/, one model and one forward
-  for all, a video without audio skipped with its reason (not the end of
-  the others), names alike kept apart."""
-  made = []
-  monkeypatch.setattr(predict, "_make_forward",
-                      lambda *a: made.append(a) or _stub_forward(*a))
-  d = tmp_path / "in"
-  d.mkdir()
-  os.symlink(video.path, d / "a.mp4")
-  synthetic_video.write(d / "a.webm", size=32, schedule=((0, 2.0),))
-  synthetic_video.write(d / "mute.mp4", size=32, schedule=((0, 2.0),),
-                        with_audio=False)
-  (d / "notes.txt").write_text("not a video")
-  videos = video_io.expand_videos(f"{d}, {d / 'a*.mp4'}")
-  assert videos == [str(d / n) for n in ("a.mp4", "a.webm", "mute.mp4")]
-  lines = []
-  done, skipped = predict.predict_videos(
-      _config(), videos, str(tmp_path / "out"), variables=stub_model,
-      progress=False, report=lines.append)
-  assert len(made) == 1
-  assert [s["num_frames"] for s in done] == [12, 2]
-  assert [(v, r.split(";")[0]) for v, r in skipped] == [
-      (str(d / "mute.mp4"), f"{d / 'mute.mp4'}: no audio track")]
-  for name, n in (("a", 12), ("a_2", 2)):
-    got = json.loads((tmp_path / "out" / name / "predictions.json").read_text())
-    assert got["num_frames"] == n
-  assert lines[1].startswith(f"2 frames (avsbench_1fps) -> {tmp_path / 'out' / 'a_2'}:")
-  assert lines[2].startswith(f"skipped {d / 'mute.mp4'}: ")
-  assert lines[0].startswith(f"12 frames (avsbench_1fps) -> {tmp_path / 'out' / 'a'}:")
-  with pytest.raises(video_io.VideoError, match=r"nothing\*\.mp4: no videos"):
-    video_io.expand_videos(str(tmp_path / "nothing*.mp4"))
-
-
-def test_skip_done_goes_on_after_an_interruption(tmp_path, stub_model,
-                                                 monkeypatch):
-  d = tmp_path / "in"
-  d.mkdir()
-  for name in ("a.webm", "b.mkv"):
-    synthetic_video.write(d / name, size=32, schedule=((0, 2.0),))
-  vids = video_io.expand_videos(str(d))
-  out = str(tmp_path / "out")
-  predict.predict_videos(_config(), vids, out, variables=stub_model,
-                         progress=False, report=lambda line: None)
-  os.remove(tmp_path / "out" / "b" / "predictions.json")  # b was cut short
-  ran, lines = [], []
-  real = predict._run  # pylint: disable=protected-access
-  monkeypatch.setattr(predict, "_run",
-                      lambda p, v, *a: ran.append(v) or real(p, v, *a))
-  done, _ = predict.predict_videos(_config(), vids, out, variables=stub_model,
-                                   progress=False, skip_done=True,
-                                   report=lines.append)
-  assert ran == [vids[1]] and lines[0] == f"done before: {vids[0]} -> " \
-      f"{tmp_path / 'out' / 'a'}"
-  assert [s["num_frames"] for s in done] == [2, 2]
-  # Other settings, or a video changed since: run again.
-  ran.clear()
-  predict.predict_videos(_config(), vids, out, variables=stub_model, fps=2,
-                         progress=False, skip_done=True, report=lines.append)
-  assert ran == vids
-  ran.clear()
-  done_at = os.path.getmtime(tmp_path / "out" / "a" / "predictions.json")
-  os.utime(vids[0], (done_at + 60,) * 2)     # edited after that run
-  predict.predict_videos(_config(), vids, out, variables=stub_model, fps=2,
-                         progress=False, skip_done=True, report=lines.append)
-  assert ran == [vids[0]]
-
-
-@pytest.mark.parametrize("where", ["mask", "overlay video"])
-def test_full_disk(tmp_path, video, stub_model, monkeypatch, where):
-  """A write under OUT that fails (tried by hand on a 300 kB tmpfs: PIL's
-  and PyAV's OSError tracebacks) is one error naming OUT."""
-  import errno  # pylint: disable=g-import-not-at-top
-  def full(*args, **kw):
-    raise OSError(errno.ENOSPC, "No space left on device")
-  if where == "mask":
-    monkeypatch.setattr(predict.visualize, "save_mask_png", full)
-  else:
-    monkeypatch.setattr(video_io.OverlayWriter, "close", full)
-  out = tmp_path / "out"
-  with pytest.raises(predict.PredictError,
-                     match=f"{out}: cannot write the outputs \\(No space left "
-                     "on device\\); what is there for this video is "
-                     "incomplete"):
-    predict.predict(_config(), video.path, str(out), variables=stub_model,
-                    progress=False)
-
-
 # ------------------------------------------ videos as users have them --
-def test_video_names_with_commas_and_brackets(tmp_path):
-  """Downloaded videos are often called like this: an existing path is
-  taken as it is, not split at its comma or globbed at its brackets."""
-  for name in ("Concert [1080p].mp4", "Live, part 2.mkv", "a.mp4"):
-    (tmp_path / name).write_bytes(b"")
-  concert, live = str(tmp_path / "Concert [1080p].mp4"), str(
-      tmp_path / "Live, part 2.mkv")
-  assert video_io.expand_videos(concert) == [concert]
-  assert video_io.expand_videos(live) == [live]
-  assert video_io.expand_videos(f"{concert},{tmp_path / '*.mp4'}") == [
-      concert, str(tmp_path / "a.mp4")]
-
-
 @videos.needs_display_writer
 def test_predict_on_a_portrait_video(tmp_path, stub_model):
   """Masks, overlays and the overlay video are upright and of the displayed
@@ -452,7 +330,7 @@ def test_predict_on_a_portrait_video(tmp_path, stub_model):
                       progress=False)
   assert s["size"] == [videos.H, videos.W]
   assert s["orientation"] == ["transpose=clock"]
-  assert predict._summary_line(s, str(out)).endswith(  # pylint: disable=protected-access
+  assert predict_outputs.summary_line(s, str(out)).endswith(
       "; frames made upright (transpose=clock)")
   red = np.rot90((stored[..., 0] > 200) & (stored[..., 1] < 50), -1)
   for r in s["frames"]:

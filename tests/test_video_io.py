@@ -107,3 +107,16 @@ def test_video_track_is_the_one_ffmpeg_plays(tmp_path):
   assert (info.width, info.height, info.video_stream) == (64, 48, 1)
   frames = list(video_io.sample_frames(info))
   assert [s.rgb.shape for s in frames] == [(48, 64, 3)] * 3
+
+
+def test_video_names_with_commas_and_brackets(tmp_path):
+  """Downloaded videos are often called like this: an existing path is
+  taken as it is, not split at its comma or globbed at its brackets."""
+  for name in ("Concert [1080p].mp4", "Live, part 2.mkv", "a.mp4"):
+    (tmp_path / name).write_bytes(b"")
+  concert, live = str(tmp_path / "Concert [1080p].mp4"), str(
+      tmp_path / "Live, part 2.mkv")
+  assert video_io.expand_videos(concert) == [concert]
+  assert video_io.expand_videos(live) == [live]
+  assert video_io.expand_videos(f"{concert},{tmp_path / '*.mp4'}") == [
+      concert, str(tmp_path / "a.mp4")]

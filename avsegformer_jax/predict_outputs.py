@@ -1,0 +1,72 @@
+"""What a `predict` run leaves in OUT, and how a later run reads it back.
+
+Each video's outputs go to a folder of their own (`output_dirs`), its
+summary to OUT/predictions.json, written last and whole (`write_summary`):
+its presence means the masks, overlays and overlay video beside it are
+complete, so a batch run with `--skip_done` can go on after an interruption
+without running a finished video again (`done_before`).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+SUMMARY = "predictions.json"
+
+# The summary fields that must match for a run's outputs to be this run's.
+SETTINGS = ("checkpoint", "config_task", "window", "sampling", "extraction")
+
+
+def sampling_name(avsbench: bool, fps: float, every_frame: bool) -> str:
+  return ("avsbench_1fps" if avsbench else "every_frame" if every_frame
+          else f"centred_{fps:g}fps")
+
+
+def output_dirs(videos: list[str], out_dir: str) -> list[str]:
+  """OUT itself for one video; OUT/<name> for each of several (name_2, ...
+  where two are called alike)."""
+  if len(videos) == 1:
+    return [out_dir]
+  seen, dirs = collections.Counter(), []
+  for v in videos:
+    stem = os.path.splitext(os.path.basename(v))[0] or "video"
+    seen[stem] += 1
+    dirs.append(os.path.join(out_dir, stem if seen[stem] == 1
+                             else f"{stem}_{seen[stem]}"))
+  return dirs
+
+
+def write_summary(out_dir: str, summary: dict) -> None:
+  """OUT/predictions.json, whole or not at all (a tmp file renamed)."""
+  path = os.path.join(out_dir, SUMMARY)
+  with open(path + ".tmp", "w") as f:
+    json.dump(summary, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def done_before(video: str, out: str, settings: dict) -> dict | None:
+  """The summary in OUT/predictions.json if a finished run with these
+  `settings` (SETTINGS: checkpoint, task, window, sampling, extraction) wrote
+  it for this video, not modified since; else None."""
+  path = os.path.join(out, SUMMARY)
+  try:
+    with open(path) as f:
+      s = json.load(f)
+    newer = os.path.getmtime(video) > os.path.getmtime(path)
+  except (OSError, ValueError):
+    return None
+  same = (isinstance(s, dict) and s.get("video") == os.path.abspath(video)
+          and not newer and all(s.get(k) == settings[k] for k in SETTINGS))
+  return s if same else None
+
+
+def summary_line(s: dict, out: str) -> str:
+  """The line printed for each finished video."""
+  model_fps = s["frames_per_s_model"]
+  return (f"{s['num_frames']} frames ({s['sampling']}) -> {out}: "
+          f"{s['frames_per_s_end_to_end']:.2f} frames/s end to end"
+          + (f", {model_fps:.2f} frames/s in the model" if model_fps else "")
+          + f" (first call incl. compile {s['first_call_s']:.1f} s)"
+          + (f"; frames made upright ({', '.join(s['orientation'])})"
+             if s.get("orientation") else ""))
