@@ -207,8 +207,11 @@ def read_audio(info: VideoInfo, min_duration: float,
     rate, channels, dtype = avsbench_extraction.DECODE_RATE, 2, np.int16
     chunks = _audio_chunks(info, rate=rate, layout="stereo")
   else:
+    # Surround sound is taken to stereo as ffmpeg downmixes it (LFE left
+    # out), as AVSBench's wavs were, before L and R are averaged.
     rate, channels, dtype = info.audio_rate, 1, np.float32
-    chunks = _audio_chunks(info)
+    chunks = _audio_chunks(
+        info, layout="stereo" if info.audio_channels > 2 else None)
   # One buffer sized from the container's duration (grown if that was
   # short): an hour's float32 soundtrack is 0.7 GB at 48 kHz, not twice that.
   size = int(((info.duration or 10.0) + 1.0) * rate)

@@ -120,3 +120,43 @@ def test_video_names_with_commas_and_brackets(tmp_path):
   assert video_io.expand_videos(live) == [live]
   assert video_io.expand_videos(f"{concert},{tmp_path / '*.mp4'}") == [
       concert, str(tmp_path / "a.mp4")]
+
+
+def test_surround_sound_is_downmixed_as_ffmpeg_does(tmp_path):
+  """5.1 audio: mixed to stereo as ffmpeg does (front channels, centre and
+  surrounds; the LFE left out) before L and R are averaged, on both paths.
+  A plain mean of the six channels let a loud LFE rumble (here 60 Hz at
+  0.9) drown the 440 Hz of the front speakers."""
+  import av  # pylint: disable=g-import-not-at-top
+  path, rate, n = str(tmp_path / "surround.mkv"), 48000, 96000
+  t = np.arange(n) / rate
+  front = 0.2 * np.sin(2 * np.pi * 440 * t)
+  lfe = 0.9 * np.sin(2 * np.pi * 60 * t)
+  silent = np.zeros(n)
+  with av.open(path, "w") as c:
+    v = c.add_stream("libx264", rate=4)
+    v.height = v.width = 32
+    v.pix_fmt = "yuv420p"
+    a = c.add_stream("pcm_s16le", rate=rate, layout="5.1")
+    for i in range(8):
+      f = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8),
+                                     format="rgb24")
+      f.pts = i
+      c.mux(v.encode(f))
+    c.mux(v.encode(None))
+    # 5.1: FL FR FC LFE BL BR
+    f = av.AudioFrame.from_ndarray(
+        np.stack([front, front, silent, lfe, silent, silent]).astype(
+            np.float32), format="fltp", layout="5.1")
+    f.sample_rate, f.pts = rate, 0
+    c.mux(a.encode(f))
+    c.mux(a.encode(None))
+  info = video_io.probe(path)
+  assert info.audio_channels == 6
+  for like_avsbench in (False, True):
+    wave = video_io.read_audio(info, 0.975, like_avsbench)
+    spectrum = np.abs(np.fft.rfft(wave[4000:28000]))
+    hz = np.fft.rfftfreq(24000, 1 / 16000)
+    assert abs(videos.peak_hz(wave[4000:28000]) - 440) < 5, like_avsbench
+    low = spectrum[(hz > 40) & (hz < 80)].max()
+    assert low < 0.01 * spectrum.max(), (like_avsbench, low)
