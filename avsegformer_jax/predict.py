@@ -161,7 +161,8 @@ class Predictor:
 def _settings(config, checkpoint_dir, like: bool, fps, every_frame) -> dict:
   return {"checkpoint": files.absolute(checkpoint_dir) if checkpoint_dir
                         else None,
-          "config_task": config.task, "window": config.data.num_frames,
+          "config_task": config.task, "image_size": config.data.image_size,
+          "window": config.data.num_frames,
           "sampling": predict_outputs.sampling_name(
               video_io.avsbench_mode(fps, every_frame), fps, every_frame),
           "extraction": "avsbench" if like else "direct"}

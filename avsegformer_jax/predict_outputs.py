@@ -15,7 +15,8 @@ import os
 SUMMARY = "predictions.json"
 
 # The summary fields that must match for a run's outputs to be this run's.
-SETTINGS = ("checkpoint", "config_task", "window", "sampling", "extraction")
+SETTINGS = ("checkpoint", "config_task", "image_size", "window", "sampling",
+            "extraction")
 
 
 def sampling_name(avsbench: bool, fps: float, every_frame: bool) -> str:
@@ -47,8 +48,9 @@ def write_summary(out_dir: str, summary: dict) -> None:
 
 def done_before(video: str, out: str, settings: dict) -> dict | None:
   """The summary in OUT/predictions.json if a finished run with these
-  `settings` (SETTINGS: checkpoint, task, window, sampling, extraction) wrote
-  it for this video, not modified since; else None."""
+  `settings` (SETTINGS: checkpoint, task, model input size, window,
+  sampling, extraction) wrote it for this video, not modified since; else
+  None."""
   path = os.path.join(out, SUMMARY)
   try:
     with open(path) as f:

@@ -36,8 +36,9 @@ def test_summary_is_written_whole(tmp_path, monkeypatch):
 def test_done_before_needs_this_runs_settings(tmp_path):
   video = tmp_path / "v.mp4"
   video.write_bytes(b"")
-  settings = {"checkpoint": "/c", "config_task": "s4", "window": 5,
-              "sampling": "avsbench_1fps", "extraction": "avsbench"}
+  settings = {"checkpoint": "/c", "config_task": "s4", "image_size": 224,
+              "window": 5, "sampling": "avsbench_1fps",
+              "extraction": "avsbench"}
   assert predict_outputs.done_before(str(video), str(tmp_path), settings) \
       is None                                     # nothing there
   summary = {"video": str(video), **settings, "num_frames": 7}
@@ -46,7 +47,8 @@ def test_done_before_needs_this_runs_settings(tmp_path):
   assert predict_outputs.done_before(str(video), str(tmp_path),
                                      settings) == summary
   for key, other in (("checkpoint", "/d"), ("config_task", "ms3"),
-                     ("window", 10), ("sampling", "every_frame"),
+                     ("image_size", 512), ("window", 10),
+                     ("sampling", "every_frame"),
                      ("extraction", "direct")):
     assert predict_outputs.done_before(
         str(video), str(tmp_path), {**settings, key: other}) is None, key
