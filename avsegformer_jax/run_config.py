@@ -89,9 +89,10 @@ def model_changes(diff) -> str:
 
 def output_changes(config, path) -> list[tuple[str, Any, Any]]:
   """The `changes` that change the model's outputs for the same input (the
-  OUTPUT_FIELDS and the model's variable fields, which by now fit)."""
+  OUTPUT_FIELDS and the model's variable fields, which by now fit). A field
+  the run's config lacks (a run of an earlier version) is not compared."""
   return [(k, a, b) for k, a, b in changes(config, path)
-          if k in OUTPUT_FIELDS or _model_field(k)]
+          if (k in OUTPUT_FIELDS or _model_field(k)) and a != "unset"]
 
 
 def output_changes_note(path, diff) -> str:

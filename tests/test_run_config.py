@@ -62,6 +62,13 @@ def test_output_changes_are_the_fields_that_change_the_masks(tmp_path):
   assert note.endswith("--config=configs/run.py:/runs/a takes that run's "
                        "config")
   assert run_config.output_changes(run, tmp_path) == []
+  # A run of an earlier version, before a model field existed: not compared.
+  saved = json.loads((tmp_path / "config.json").read_text())
+  del saved["model"]["learnable_queries"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  assert run_config.changes(run, tmp_path) == [
+      ("model.learnable_queries", "unset", True)]
+  assert run_config.output_changes(run, tmp_path) == []
 
 
 def test_configs_run_takes_the_runs_config_back(tmp_path):
