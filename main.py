@@ -3,6 +3,8 @@
   python main.py --config=configs/s4.py:pvt2 --workdir=/tmp/s4           # train
   python main.py --config=configs/s4.py --workdir=W --mode=eval \\
       --checkpoint=DIR --split=test                                       # eval
+  python main.py --config=configs/run.py:W --workdir=W --mode=eval \\
+      --split=test                              # eval with W's own config
   python main.py --config=configs/demo.py --workdir=/tmp/demo             # demo
 
 Every config field can be overridden, e.g. `--config.train.batch_size=4`.
@@ -19,7 +21,9 @@ from absl import app, flags, logging
 
 from avsegformer_jax import compile_cache, errors  # no JAX import yet
 
-_CONFIG = errors.define_config_flag("Config file.")
+_CONFIG = errors.define_config_flag(
+    "Config file: configs/<task>.py:<backbone>, or configs/run.py:WORKDIR "
+    "(a run's own config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs, results.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
 _CHECKPOINT = flags.DEFINE_string(

@@ -335,7 +335,9 @@ def predict_videos(config, videos: list[str], out_dir: str, *,
 
 def _define_flags():
   """Defines the CLI flags; at import they would collide with other CLIs'."""
-  errors.define_config_flag("Model config.")
+  errors.define_config_flag(
+      "Model config: configs/<task>.py:<backbone>, or "
+      "configs/run.py:CHECKPOINT (the config it was made with).")
   flags.DEFINE_string("checkpoint", None, "Model export, training workdir "
                       "(or WORKDIR/checkpoints/<step>) or released .pth.")
   flags.DEFINE_string("video", None, "Input video (mp4, webm, mkv, ...); "

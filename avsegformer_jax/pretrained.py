@@ -165,7 +165,8 @@ def load_model_variables(path: str, config, shapes=None):
     hint = run_config.model_changes(run_config.changes(config, path))
     return checkpoint.fit_variables(
         checkpoint.load_variables(path), shapes, path,
-        hint and hint + "Pass the config it was trained with.")
+        hint and hint + "Pass the config it was trained with "
+        f"(--config=configs/run.py:{path} takes it).")
   if not files.exists(path):
     raise checkpoint.CheckpointError(f"{path}: no such checkpoint")
   variables, report = load_checkpoint(path, config)

@@ -185,7 +185,8 @@ def _start_anew(workdir, step) -> str:
 
 def _resume_hint(changes, workdir, step) -> str:
   return (run_config.model_changes(changes) + "Resume with the config it "
-          f"was trained with, or {_start_anew(workdir, step)}")
+          f"was trained with (--config=configs/run.py:{workdir}), or "
+          f"{_start_anew(workdir, step)}")
 
 
 def _check_batch(meta, global_batch, workdir, step):

@@ -383,7 +383,8 @@ def test_our_checkpoint_as_pretrained_in_the_other_layout(tmp_path):
                      match=r"export: does not fit the config: \d+ missing "
                      r"\(params/head/transformer/decoder/layers_1/.*\)\. Its "
                      r"run had model.num_decoder_layers=1 \(this config: 2\)\. "
-                     r"Pass the config it was trained with\.$"):
+                     r"Pass the config it was trained with "
+                     r"\(--config=configs/run.py:.*/export takes it\)\.$"):
     pretrained.load_pretrained(c, jax.tree_util.tree_map(
         lambda s: np.zeros(s.shape, s.dtype),
         avsegformer.variable_shapes(avsegformer.build_model(c))))

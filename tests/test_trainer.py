@@ -254,8 +254,8 @@ def test_resume_refuses_another_batch_size_or_model(reference_run, tmp_path):
       ("model.num_encoder_layers=2", "checkpoints/6: does not fit the config: "
        "\\d+ missing \\(params/head/transformer/encoder/layers_1/.*Its run had "
        "model.num_encoder_layers=1 \\(this config: 2\\). Resume with the "
-       "config it was "
-       "trained with, or start a new workdir from these weights: "
+       "config it was trained with \\(--config=configs/run.py:.*\\), or "
+       "start a new workdir from these weights: "
        "--config.pretrained.checkpoint=.*/checkpoints/6")):
     wd = tmp_path / change.split("=")[0]
     shutil.copytree(d1 / "wd", wd)
