@@ -43,9 +43,11 @@ def prepare(config: str, manual_dir, data_dir, *, skip_bad_clips: bool | None = 
 
 def is_prepared(config: str, data_dir) -> bool:
   """Whether avsbench/<config> is built in data_dir already (then its raw
-  files are not needed)."""
-  return Builder(config=config, data_dir=str(data_dir), num_workers=1
-                 ).is_prepared()
+  files are not needed). TFDS builds in a temporary folder renamed when
+  complete; asked through a builder, TFDS logs a warning for a dataset not
+  built yet."""
+  return files.exists(files.join(data_dir, Builder.name, config,
+                                 str(Builder.VERSION), "dataset_info.json"))
 
 
 def folder_size(path) -> int:
