@@ -338,8 +338,9 @@ class OverlayWriter:
     self.video.width, self.video.height = self.width, self.height
     self.video.pix_fmt = "yuv420p"
     # veryfast: at 1080p on 2 cores 43 ms a frame against the default
-    # preset's 126 (medium), ~20% larger at the same quality (crf); with
-    # --every_frame the encoder had become predict's largest host cost.
+    # preset's 126 (medium), at the same quality setting (crf) and within
+    # +-20% in size on the two contents tried; with --every_frame the
+    # encoder had become predict's largest host cost.
     self.video.options = {"crf": "18", "preset": "veryfast"}
     self.rate = rate
     layout = "mono" if info.audio_channels == 1 else "stereo"
