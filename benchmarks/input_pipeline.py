@@ -75,7 +75,7 @@ def measure(config, *, workers: int, batch: int, batches: int, train: bool,
     clips += int(b["clip_valid"].sum())
     frames += int(b["vid_flag"][b["clip_valid"] > 0].sum())
   dt = time.perf_counter() - t0
-  it.close()
+  input_pipeline.close(it)
   return {"split": split, "split_clips": info["num_clips"], "workers": workers,
           "image_size": config.data.image_size, "batch": batch, "batches": batches,
           "warmup_batches": warmup, "clips": clips, "seconds": dt,
