@@ -4,6 +4,7 @@ Labels are checked against what `synthesize` rendered (not against the mask
 files the builder read), so a wrong frame order, palette or binarisation shows.
 """
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from avsegformer_jax import audio  # noqa: E402
 from datasets.avsbench import avsbench_dataset_builder as avsb  # noqa: E402
-from datasets.avsbench import raw, synthesize  # noqa: E402
+from datasets.avsbench import prepare, raw, synthesize  # noqa: E402
 from tensorflow_datasets.scripts.cli import build as tfds_build_cli  # noqa: E402
 
 TASKS = ("s4", "ms3", "avss")
@@ -321,3 +322,12 @@ def test_build_and_read_need_no_tensorflow(small_raw, tmp_path):
   out = subprocess.run([sys.executable, "-c", _HIDE_TF, str(small_raw), str(tmp_path)],
                        capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_a_first_prepare_logs_no_fault(small_raw, tmp_path, caplog):
+  """TFDS warns "Variant folder ... has no dataset_info.json" for a dataset
+  not built yet: the first line of a user's first run, read as a fault."""
+  with caplog.at_level(logging.WARNING):
+    prepare.prepare("s4", small_raw, tmp_path, num_workers=1)
+  assert "has no dataset_info.json" not in caplog.text
+  assert prepare.is_prepared("s4", tmp_path)

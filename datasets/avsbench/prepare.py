@@ -10,6 +10,8 @@ even for builders that never use it. TensorFlow is not needed (see the builder).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 from pathlib import Path
 
 import tensorflow_datasets as tfds
@@ -18,6 +20,24 @@ from avsegformer_jax import errors, files
 
 from . import raw
 from .avsbench_dataset_builder import Builder
+
+
+class _UnbuiltWarning(logging.Filter):
+  """TFDS warns that a dataset not built yet "has no dataset_info.json" just
+  before it builds it: the first line of a first run, read as a fault."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "has no dataset_info.json" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_unbuilt_warning():
+  log, quiet = logging.getLogger("absl"), _UnbuiltWarning()
+  log.addFilter(quiet)
+  try:
+    yield
+  finally:
+    log.removeFilter(quiet)
 
 
 def prepare(config: str, manual_dir, data_dir, *, skip_bad_clips: bool | None = None,
@@ -30,14 +50,17 @@ def prepare(config: str, manual_dir, data_dir, *, skip_bad_clips: bool | None = 
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   manual = Path(manual_dir)
-  if (overwrite or not builder.is_prepared()) and not (
+  with _no_unbuilt_warning():
+    built = builder.is_prepared()
+  if (overwrite or not built) and not (
       manual.is_dir() and any(manual.iterdir())):
     # (TFDS would assert this deep inside download_and_prepare)
     raise raw.AVSBenchError(
         f"{manual}: manual dir does not exist or is empty. "
         + " ".join(Builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split()))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=str(manual_dir), download_mode=mode))
+  with _no_unbuilt_warning():
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=str(manual_dir), download_mode=mode))
   return Path(builder.data_path)
 
 
