@@ -143,8 +143,8 @@ class Predictor:
 
   def settings(self, fps, every_frame) -> dict:
     """The summary's `predict_outputs.SETTINGS` for a run of this model."""
-    return _settings(self.config, self.checkpoint, self.like_avsbench, fps,
-                     every_frame)
+    return predict_outputs.settings(self.config, self.checkpoint,
+                                    self.like_avsbench, fps, every_frame)
 
   def __call__(self, video: str, out_dir: str, *, fps: float = 1.0,
                every_frame: bool = False, batch_clips: int = 1,
@@ -156,16 +156,6 @@ class Predictor:
                                  self.like_avsbench)
     return _run(self, video, out_dir, info, wave, fps, every_frame,
                 batch_clips, progress, overlay_images)
-
-
-def _settings(config, checkpoint_dir, like: bool, fps, every_frame) -> dict:
-  return {"checkpoint": files.absolute(checkpoint_dir) if checkpoint_dir
-                        else None,
-          "config_task": config.task, "image_size": config.data.image_size,
-          "window": config.data.num_frames,
-          "sampling": predict_outputs.sampling_name(
-              video_io.avsbench_mode(fps, every_frame), fps, every_frame),
-          "extraction": "avsbench" if like else "direct"}
 
 
 def predict(config, video: str, out_dir: str, *, checkpoint_dir=None,
@@ -308,8 +298,8 @@ def predict_videos(config, videos: list[str], out_dir: str, *,
   avsbench_audio = like_avsbench(config, extraction)
   files.make_output_dir(out_dir, "the output directory")
   predictor, done, skipped = None, [], []
-  settings = _settings(config, checkpoint_dir, avsbench_audio, fps,
-                       every_frame)
+  settings = predict_outputs.settings(config, checkpoint_dir, avsbench_audio,
+                                     fps, every_frame)
   for video, out in zip(videos, predict_outputs.output_dirs(videos, out_dir)):
     before = skip_done and predict_outputs.done_before(video, out, settings)
     if before:
@@ -337,7 +327,8 @@ def _define_flags():
   """Defines the CLI flags; at import they would collide with other CLIs'."""
   errors.define_config_flag(
       "Model config: configs/<task>.py:<backbone>, or "
-      "configs/run.py:CHECKPOINT (the config it was made with).")
+      "configs/run.py:CHECKPOINT (the config it was made with: the default "
+      "for a training workdir or an export; a released .pth holds none).")
   flags.DEFINE_string("checkpoint", None, "Model export, training workdir "
                       "(or WORKDIR/checkpoints/<step>) or released .pth.")
   flags.DEFINE_string("video", None, "Input video (mp4, webm, mkv, ...); "
@@ -361,10 +352,21 @@ def _define_flags():
                     "1080p every frame's overlay PNG is ~3 MB).")
   flags.DEFINE_string("xla_cache_dir", compile_cache.DEFAULT_DIR,
                       "Persistent compilation cache (empty: off).")
-  flags.mark_flags_as_required(["config", "checkpoint", "video", "out"])
+  flags.mark_flags_as_required(["checkpoint", "video", "out"])
   flags.register_multi_flags_validator(
       ["fps", "every_frame"], lambda v: not (v["every_frame"] and v["fps"] != 1),
       message="--fps and --every_frame exclude each other")
+
+
+def _checkpoint_config(path):
+  """Without --config: the one the checkpoint was made with."""
+  try:
+    config, _ = run_config.load(path)
+  except OSError as e:
+    raise PredictError(f"no --config given, and {e}; give one, e.g. "
+                       "--config=configs/s4.py:pvt2") from None
+  print(f"config: {run_config.file_of(path)}", flush=True)
+  return config
 
 
 def main(argv):
@@ -375,9 +377,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   compile_cache.enable(f.xla_cache_dir)
   try:
+    config = f.config or _checkpoint_config(f.checkpoint)
     videos = video_io.expand_videos(f.video)
     _, skipped = predict_videos(
-        f.config, videos, f.out, checkpoint_dir=f.checkpoint, fps=f.fps,
+        config, videos, f.out, checkpoint_dir=f.checkpoint, fps=f.fps,
         every_frame=f.every_frame, batch_clips=f.batch_clips,
         overlay_images=f.overlay_images, skip_done=f.skip_done,
         extraction=f.extraction,

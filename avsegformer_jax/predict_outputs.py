@@ -12,6 +12,8 @@ import collections
 import json
 import os
 
+from avsegformer_jax import files, video_io
+
 SUMMARY = "predictions.json"
 
 # The summary fields that must match for a run's outputs to be this run's.
@@ -19,9 +21,20 @@ SETTINGS = ("checkpoint", "config_task", "image_size", "window", "sampling",
             "extraction")
 
 
-def sampling_name(avsbench: bool, fps: float, every_frame: bool) -> str:
-  return ("avsbench_1fps" if avsbench else "every_frame" if every_frame
-          else f"centred_{fps:g}fps")
+def sampling_name(fps: float, every_frame: bool) -> str:
+  return ("avsbench_1fps" if video_io.avsbench_mode(fps, every_frame)
+          else "every_frame" if every_frame else f"centred_{fps:g}fps")
+
+
+def settings(config, checkpoint, like_avsbench: bool, fps: float,
+             every_frame: bool) -> dict:
+  """The summary's SETTINGS for a run of `config`'s model from `checkpoint`
+  (None: variables given in memory)."""
+  return {"checkpoint": files.absolute(checkpoint) if checkpoint else None,
+          "config_task": config.task, "image_size": config.data.image_size,
+          "window": config.data.num_frames,
+          "sampling": sampling_name(fps, every_frame),
+          "extraction": "avsbench" if like_avsbench else "direct"}
 
 
 def output_dirs(videos: list[str], out_dir: str) -> list[str]:

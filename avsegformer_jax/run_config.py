@@ -104,12 +104,17 @@ def output_changes_note(path, diff) -> str:
           f"made it; --config=configs/run.py:{path} takes that run's config")
 
 
-def load(path, defaults):
-  """`defaults` (a config with every field of ours, typed) with the values
-  of the config.json of `path` (see `file_of`); OSError, naming the file,
-  where it cannot be read or is not a config of ours. A field it has that
-  `defaults` lacks (a field since removed) is left out and named in
-  `dropped`: returns (config, dropped)."""
+def load(path, defaults=None):
+  """`defaults` (a config with every field of ours, typed; by default
+  configs/default.py's) with the values of the config.json of `path` (see
+  `file_of`); OSError, naming the file, where it cannot be read or is not a
+  config of ours. A field it has that `defaults` lacks (a field since
+  removed) is left out and named in `dropped`: returns (config, dropped)."""
+  if str(path).endswith((".pth", ".pt")):
+    raise OSError(f"{path}: a released .pth holds no config")
+  if defaults is None:
+    from configs import default  # pylint: disable=g-import-not-at-top
+    defaults = default.get_config()
   file = file_of(path)
   try:
     flat = _flat(json.loads(files.read_text(file)))

@@ -14,7 +14,6 @@ out and named.
 import sys
 
 from avsegformer_jax import run_config
-from configs import default
 
 
 def get_config(arg=None):
@@ -22,7 +21,7 @@ def get_config(arg=None):
     raise OSError("give the checkpoint whose config to take: "
                   "--config=configs/run.py:WORKDIR (or an export, a step, "
                   "a config.json)")
-  config, dropped = run_config.load(arg, default.get_config())
+  config, dropped = run_config.load(arg)
   if dropped:
     print(f"configs/run.py: {run_config.file_of(arg)} has fields this "
           f"version does not, left out: {', '.join(dropped)}",

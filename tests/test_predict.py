@@ -421,3 +421,27 @@ def test_masks_follow_the_sounding_object(tmp_path, video):
   assert sounding > 0.5 and sounding > 3 * silent, (sounding, silent)
   with av.open(os.path.join(out, "overlay.mp4")) as c:
     assert len(c.streams.video) == 1 and len(c.streams.audio) == 1
+  # The CLI on an export of these variables, without --config: it takes
+  # the config the export was made with (its config.json): the same masks.
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from avsegformer_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  export, cli = tmp_path / "export", tmp_path / "cli"
+  checkpoint.save_variables(export, variables, config=cfg)
+  r = subprocess.run(
+      [sys.executable, "-m", "avsegformer_jax.predict", f"--checkpoint={export}",
+       f"--video={video.path}", f"--out={cli}", "--batch_clips=2",
+       "--nooverlay_images"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.startswith(f"config: {export / 'config.json'}\n"), r.stdout
+  names = sorted(os.listdir(os.path.join(out, "masks")))
+  assert sorted(os.listdir(cli / "masks")) == names
+  for name in names:
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(cli / "masks" / name)),
+        np.asarray(Image.open(os.path.join(out, "masks", name))))
+  # A released .pth holds no config: then --config is needed.
+  with pytest.raises(predict.PredictError, match=r"no --config given, and "
+                     r".*x.pth: a released .pth holds no config; give one"):
+    predict._checkpoint_config(str(tmp_path / "x.pth"))  # pylint: disable=protected-access
