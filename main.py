@@ -3,8 +3,7 @@
   python main.py --config=configs/s4.py:pvt2 --workdir=/tmp/s4           # train
   python main.py --config=configs/s4.py --workdir=W --mode=eval \\
       --checkpoint=DIR --split=test                                       # eval
-  python main.py --config=configs/run.py:W --workdir=W --mode=eval \\
-      --split=test                              # eval with W's own config
+  python main.py --workdir=W --mode=eval --split=test  # eval, W's config
   python main.py --config=configs/demo.py --workdir=/tmp/demo             # demo
 
 Every config field can be overridden, e.g. `--config.train.batch_size=4`.
@@ -23,7 +22,9 @@ from avsegformer_jax import compile_cache, errors  # no JAX import yet
 
 _CONFIG = errors.define_config_flag(
     "Config file: configs/<task>.py:<backbone>, or configs/run.py:WORKDIR "
-    "(a run's own config).")
+    "(a run's own config; without --config, the config of the workdir's run "
+    "is taken to resume it, and for eval that of --checkpoint or the "
+    "workdir).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs, results.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
 _CHECKPOINT = flags.DEFINE_string(
@@ -42,7 +43,7 @@ _XLA_CACHE = flags.DEFINE_string(
     "xla_cache_dir", compile_cache.DEFAULT_DIR, "Persistent compilation "
     "cache: compiled steps are kept here and reused by later runs (empty: "
     "off; $JAX_COMPILATION_CACHE_DIR wins).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
 def _demo_data(config, workdir):
@@ -96,7 +97,9 @@ def _main(argv):
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   from avsegformer_jax import checkpoint, files, trainer  # pylint: disable=g-import-not-at-top
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  workdir = _WORKDIR.value
+  config = _CONFIG.value or _own_config(
+      _CHECKPOINT.value or workdir if _MODE.value == "eval" else workdir)
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(),
                jax.process_count(), jax.devices())
   # Bad settings and inputs before the demo's data is written for nothing.
@@ -120,6 +123,19 @@ def _main(argv):
                                       shuffle_audio=_SHUFFLED.value)
     print(json.dumps({k: v for k, v in res.items()
                       if not k.endswith("per_class")}, indent=2))
+
+
+def _own_config(path):
+  """Without --config: the config the run at `path` (a workdir, one of its
+  steps, an export) was made with."""
+  from avsegformer_jax import run_config  # pylint: disable=g-import-not-at-top
+  try:
+    config, _ = run_config.load(path)
+  except OSError as e:
+    raise errors.InputError(f"no --config given, and {e}; give one, e.g. "
+                            "--config=configs/s4.py:pvt2") from None
+  print(f"config: {run_config.file_of(path)}", flush=True)
+  return config
 
 
 def _control(config, workdir):

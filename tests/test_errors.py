@@ -56,6 +56,27 @@ def test_main_eval_of_a_missing_checkpoint_stops_before_any_work(tmp_path):
   assert not (tmp_path / "w").exists()      # the demo's data not written
 
 
+def test_main_without_config_takes_the_runs_own(tmp_path):
+  """No --config: a resume takes the workdir's run config, an eval that of
+  --checkpoint (or the workdir); where there is none, one line says so."""
+  from avsegformer_jax import run_config  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  w = tmp_path / "w"
+  r = _run("main.py", f"--workdir={w}")
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert r.stderr.strip().splitlines()[-1] == (
+      f"main.py: error: no --config given, and {w}/config.json: no such "
+      "file (a training workdir, one of its steps or a model export keeps "
+      "its config there); give one, e.g. --config=configs/s4.py:pvt2")
+  w.mkdir()
+  run_config.save(tiny.get_config(), w)
+  r = _run("main.py", f"--workdir={w}", "--mode=eval")
+  assert r.stdout.startswith(f"config: {w}/config.json\n"), r.stdout
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+      f"main.py: error: {w}: neither a model export"), r.stderr[-3000:]
+
+
 def test_prepare_without_the_download(tmp_path):
   (tmp_path / "raw").mkdir()
   r = _run("-m", "datasets.avsbench.prepare", "--config=ms3",
