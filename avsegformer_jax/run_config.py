@@ -13,6 +13,7 @@ eval and predict warn about the fields that change their outputs, and
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from avsegformer_jax import files
@@ -109,7 +110,8 @@ def load(path, defaults=None):
   configs/default.py's) with the values of the config.json of `path` (see
   `file_of`); OSError, naming the file, where it cannot be read or is not a
   config of ours. A field it has that `defaults` lacks (a field since
-  removed) is left out and named in `dropped`: returns (config, dropped)."""
+  removed) is left out, named on stderr and in `dropped`: returns (config,
+  dropped)."""
   if str(path).endswith((".pth", ".pt")):
     raise OSError(f"{path}: a released .pth holds no config")
   if defaults is None:
@@ -138,4 +140,7 @@ def load(path, defaults=None):
     except (TypeError, ValueError) as e:
       raise OSError(f"{file}: {key}={value!r} does not fit the field "
                     f"({e})") from None
+  if dropped:          # on stderr: absl's logging may not be set up yet
+    print(f"{file}: fields this version does not have, left out: "
+          f"{', '.join(dropped)}", file=sys.stderr)
   return defaults, dropped

@@ -11,8 +11,6 @@ or a config.json itself; overrides apply on top as with any config
 (`--config.eval.batch_size=8`). Fields this version does not have are left
 out and named.
 """
-import sys
-
 from avsegformer_jax import run_config
 
 
@@ -21,9 +19,4 @@ def get_config(arg=None):
     raise OSError("give the checkpoint whose config to take: "
                   "--config=configs/run.py:WORKDIR (or an export, a step, "
                   "a config.json)")
-  config, dropped = run_config.load(arg)
-  if dropped:
-    print(f"configs/run.py: {run_config.file_of(arg)} has fields this "
-          f"version does not, left out: {', '.join(dropped)}",
-          file=sys.stderr)
-  return config
+  return run_config.load(arg)[0]

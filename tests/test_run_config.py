@@ -71,7 +71,7 @@ def test_output_changes_are_the_fields_that_change_the_masks(tmp_path):
   assert run_config.output_changes(run, tmp_path) == []
 
 
-def test_configs_run_takes_the_runs_config_back(tmp_path):
+def test_configs_run_takes_the_runs_config_back(tmp_path, capsys):
   """`--config=configs/run.py:PATH` is the run's config, overrides and
   placeholders included, from the workdir, a step, an export or the file;
   overrides on the command line apply on top of it."""
@@ -97,6 +97,9 @@ def test_configs_run_takes_the_runs_config_back(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(saved))
   got, dropped = run_config.load(tmp_path, default.get_config())
   assert dropped == ["model.retired_option"] and got.data.image_size == 48
+  assert capsys.readouterr().err == (
+      f"{tmp_path}/config.json: fields this version does not have, left "
+      "out: model.retired_option\n")
 
 
 @pytest.mark.parametrize("content,error", [
