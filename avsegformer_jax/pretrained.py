@@ -191,6 +191,28 @@ def load_pretrained(config, variables):
   return variables
 
 
+def random_start_note(config) -> str:
+  """A new run's warning where it starts from random weights the original
+  loads ("" if it loads them, or on the synthetic set: the demo and tests
+  mean to). VGGish is never trained, so without its weights the audio
+  features stay random projections for the whole run: far below the
+  published scores, and without an error."""
+  p = config.pretrained
+  if p.get("checkpoint") or config.data.get("synthetic", {}).get("enabled"):
+    return ""
+  unset = [f"pretrained.{k}" for k in ("backbone", "vggish") if not p.get(k)]
+  if not unset:
+    return ""
+  return (f"{' and '.join(unset)} not set: this run starts "
+          + ("the visual backbone from random weights (the original starts "
+             "from ImageNet's)" if not p.get("backbone") else "")
+          + (" and " if len(unset) == 2 else "")
+          + ("VGGish from random weights, which it never trains (the audio "
+             "features stay random)" if not p.get("vggish") else "")
+          + "; give the .pth files (README: pretrained backbones) or "
+          "pretrained.checkpoint")
+
+
 def summarize_unused(keys, patterns=convert.KNOWN_UNUSED) -> str:
   """'head.fpn.* (12), ...': unused keys counted by the pattern they match."""
   counts = collections.Counter()

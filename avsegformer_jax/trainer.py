@@ -244,6 +244,11 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
     logging.warning("resuming %s with settings its last run did not have: %s",
                     workdir, "; ".join(f"{k}: {a} -> {b}"
                                        for k, a, b in changes))
+  if not start and _is_main():
+    from avsegformer_jax import pretrained  # pylint: disable=g-import-not-at-top
+    note = pretrained.random_start_note(config)
+    if note:
+      logging.warning(note)
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
   variables = initial_variables(config, avsegformer.build_model(config),

@@ -408,3 +408,24 @@ def test_eval_and_predict_read_a_released_pth(tmp_path):
     pretrained.load_model_variables(str(tmp_path / "nope.pth"), config)
   with pytest.raises(ConversionError, match=r"released\.pth: holds a pvt2 "):
     pretrained.load_model_variables(str(pth), config_with("res50"))
+
+
+def test_a_run_from_random_weights_is_told():
+  """The original starts from ImageNet backbone weights and VGGish's, and
+  never trains VGGish: a real run without them cannot reach the published
+  scores, and nothing else fails. The demo's synthetic set means to."""
+  from configs import demo, s4  # pylint: disable=g-import-not-at-top
+  c = s4.get_config("pvt2")
+  assert pretrained.random_start_note(c).startswith(
+      "pretrained.backbone and pretrained.vggish not set: this run starts "
+      "the visual backbone from random weights (the original starts from "
+      "ImageNet's) and VGGish from random weights, which it never trains")
+  c.pretrained.backbone = "pvt_v2_b5.pth"
+  assert pretrained.random_start_note(c).startswith(
+      "pretrained.vggish not set: this run starts VGGish from random")
+  c.pretrained.vggish = "vggish.pth"
+  assert pretrained.random_start_note(c) == ""
+  c.pretrained.backbone = c.pretrained.vggish = ""
+  c.pretrained.checkpoint = "released.pth"       # the whole model
+  assert pretrained.random_start_note(c) == ""
+  assert pretrained.random_start_note(demo.get_config()) == ""
