@@ -200,16 +200,16 @@ def random_start_note(config) -> str:
   p = config.pretrained
   if p.get("checkpoint") or config.data.get("synthetic", {}).get("enabled"):
     return ""
-  unset = [f"pretrained.{k}" for k in ("backbone", "vggish") if not p.get(k)]
+  starts = {"backbone": "the visual backbone from random weights (the "
+                        "original starts from ImageNet's)",
+            "vggish": "VGGish from random weights, which it never trains "
+                      "(the audio features stay random)"}
+  unset = [k for k in starts if not p.get(k)]
   if not unset:
     return ""
-  return (f"{' and '.join(unset)} not set: this run starts "
-          + ("the visual backbone from random weights (the original starts "
-             "from ImageNet's)" if not p.get("backbone") else "")
-          + (" and " if len(unset) == 2 else "")
-          + ("VGGish from random weights, which it never trains (the audio "
-             "features stay random)" if not p.get("vggish") else "")
-          + "; give the .pth files (README: pretrained backbones) or "
+  return (" and ".join(f"pretrained.{k}" for k in unset) + " not set: this "
+          "run starts " + " and ".join(starts[k] for k in unset) + "; give "
+          "the .pth files (README: pretrained backbones) or "
           "pretrained.checkpoint")
 
 

@@ -273,7 +273,6 @@ def create_dataset(config, split: str, *, train: bool, num_epochs: int = 1,
   return ds, info
 
 
-
 def close(iterator) -> None:
   """Stops a grain iterator's worker processes now (grain's exit-time
   finalizer raced with them and printed a traceback after an error's line),

@@ -51,14 +51,12 @@ def prepare(config: str, manual_dir, data_dir, *, skip_bad_clips: bool | None = 
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   manual = Path(manual_dir)
   with _no_unbuilt_warning():
-    built = builder.is_prepared()
-  if (overwrite or not built) and not (
-      manual.is_dir() and any(manual.iterdir())):
-    # (TFDS would assert this deep inside download_and_prepare)
-    raise raw.AVSBenchError(
-        f"{manual}: manual dir does not exist or is empty. "
-        + " ".join(Builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split()))
-  with _no_unbuilt_warning():
+    if (overwrite or not builder.is_prepared()) and not (
+        manual.is_dir() and any(manual.iterdir())):
+      # (TFDS would assert this deep inside download_and_prepare)
+      raise raw.AVSBenchError(
+          f"{manual}: manual dir does not exist or is empty. "
+          + " ".join(Builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split()))
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=str(manual_dir), download_mode=mode))
   return Path(builder.data_path)
