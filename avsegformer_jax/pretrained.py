@@ -262,7 +262,8 @@ def _define_flags():
   from absl import flags
   if "config" in flags.FLAGS:        # a second in-process call (tests)
     return
-  errors.define_config_flag("Model config, e.g. configs/s4.py:pvt2.")
+  errors.define_config_flag("Model config, e.g. configs/s4.py:pvt2 (for "
+                            "--out=FILE.pth, default: the checkpoint's own).")
   flags.DEFINE_string("checkpoint", None,
                       "A released AVSegFormer .pth; with --out=FILE.pth any "
                       "checkpoint of the model (export, workdir, step).")
@@ -270,7 +271,7 @@ def _define_flags():
                       "Directory for the orbax checkpoint, or FILE.pth: the "
                       "original's state dict (export_pth).")
   flags.DEFINE_bool("list_keys", False, "Print every used / unused key.")
-  flags.mark_flags_as_required(["config", "checkpoint", "out"])
+  flags.mark_flags_as_required(["checkpoint", "out"])
 
 
 def _run(argv) -> int | str:
@@ -281,6 +282,16 @@ def _run(argv) -> int | str:
   if not f["verbosity"].present:       # orbax's INFO lines only with --v=0
     logging.set_verbosity(logging.WARNING)
   to_pth = f.out.endswith((".pth", ".pt"))
+  config = f.config
+  if config is None:                 # ours -> .pth: the checkpoint's own
+    try:
+      config = run_config.load(f.checkpoint)[0] if to_pth else None
+    except OSError as e:
+      return (f"convert: no --config given, and {e}; give one, e.g. "
+              "--config=configs/s4.py:pvt2")
+    if config is None:
+      return ("convert: --config is needed to convert a released .pth (it "
+              "holds none), e.g. --config=configs/s4.py:pvt2")
   if not to_pth and files.is_dir(f.checkpoint):
     return (f"convert: {f.checkpoint}: a directory, and --out=DIR takes a "
             "released .pth; to write a checkpoint of ours in the original's "
@@ -288,9 +299,9 @@ def _run(argv) -> int | str:
   try:
     if to_pth:
       from avsegformer_jax import export_pth
-      done = export_pth.export(f.config, f.checkpoint, f.out)
+      done = export_pth.export(config, f.checkpoint, f.out)
     else:
-      report = convert_checkpoint(f.config, f.checkpoint, f.out)
+      report = convert_checkpoint(config, f.checkpoint, f.out)
   except OSError as e:                # a full disk names no file itself
     return f"convert: {e if e.filename else f'{f.out}: {e.strerror or e}'}"
   except (torch_io.TorchFileError, ConversionError,

@@ -188,3 +188,31 @@ def test_convert_cli_exports_a_workdir_checkpoint(tmp_path, capsys):
                            f"--out={tmp_path / 'full.pth'}"])
   assert e.value.code == f"convert: {tmp_path / 'full.pth'}: No space left " \
       "on device"
+
+
+def test_convert_to_pth_takes_the_checkpoints_own_config(tmp_path):
+  """Without --config, ours -> .pth takes the config the checkpoint was made
+  with (its config.json); a released .pth holds none, so the other way
+  needs --config, and says so in one line."""
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  config = tiny.get_config("pvt2")
+  config.model.num_queries = 4          # not tiny.py's: read from the export
+  want = _random_variables(config, seed=4)
+  checkpoint.save_variables(tmp_path / "export", want, config=config)
+
+  def convert_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "avsegformer_jax.convert", *args],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True, text=True, timeout=600)
+  r = convert_cli(f"--checkpoint={tmp_path / 'export'}",
+                  f"--out={tmp_path / 'x.pth'}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  got = pretrained.load_model_variables(str(tmp_path / "x.pth"), config)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got["params"],
+                         want["params"])
+  r = convert_cli(f"--checkpoint={tmp_path / 'x.pth'}",
+                  f"--out={tmp_path / 'back'}")
+  assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+      "convert: --config is needed to convert a released .pth (it holds "
+      "none), e.g. --config=configs/s4.py:pvt2"), r.stderr[-3000:]
