@@ -6,6 +6,8 @@ A training workdir holds two orbax CheckpointManagers and a config:
                                             (model variables only)
   WORKDIR/config.json                       the config of its last run
                                             (run_config)
+  WORKDIR/.lock                             held while a run trains there
+                                            (files.exclusive)
 `state` is the whole TrainState (params, batch_stats, optimizer state, step,
 RNG), `meta` a small JSON (epoch, metrics). The data position is the step
 (the trainer restarts its iterator at batch `step`); checkpoints written

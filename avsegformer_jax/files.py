@@ -9,8 +9,12 @@ line there rewrites its file.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
+import socket
+import time
 
 from etils import epath
 
@@ -100,3 +104,45 @@ def disk_full(path) -> str | None:
   except OSError:
     return None
   return f"{free / (1 << 20):.1f} MiB free" if free < FULL_BELOW else None
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive(workdir):
+  """Holds WORKDIR/.lock while a run trains there. Two runs in one workdir
+  (a job launched twice, a requeued job beside its old one) would write
+  their checkpoints into each other's; the second one is refused, naming
+  the first. An flock: the kernel releases it when its process ends,
+  however it ends, so no stale lock is left behind. Not on a `gs://`
+  workdir, or a file system without locks."""
+  if is_url(workdir):
+    yield
+    return
+  path = os.path.join(absolute(workdir), LOCK_FILE)
+  f = open(path, "a+")
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.seek(0)
+    holder = f.read().strip() or "a process"
+    f.close()
+    from avsegformer_jax import errors  # pylint: disable=g-import-not-at-top
+    raise errors.InputError(
+        f"{workdir}: another run trains there ({holder}); stop it, or give "
+        "another --workdir") from None
+  except OSError:                     # no locks on this file system
+    f.close()
+    yield
+    return
+  try:
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    yield
+  finally:
+    fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()

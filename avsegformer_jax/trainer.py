@@ -8,6 +8,7 @@ from the latest one when the workdir already has checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -227,11 +228,17 @@ def check_config(config, training: bool) -> None:
 def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
   """Trains with per-epoch validation; returns the last validation scores.
 
-  `source_fn(split)` replaces the TFDS data sources (tests, demos).
+  `source_fn(split)` replaces the TFDS data sources (tests, demos). One run
+  at a time trains in a workdir (`files.exclusive`, held by process 0).
   """
-  from datasets import input_pipeline  # pylint: disable=g-import-not-at-top
   check_config(config, training=True)
   files.makedirs(workdir)
+  with files.exclusive(workdir) if _is_main() else contextlib.nullcontext():
+    return _train_and_evaluate(config, workdir, source_fn)
+
+
+def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
+  from datasets import input_pipeline  # pylint: disable=g-import-not-at-top
   mesh = train.make_mesh()
   multihost.connect(mesh)
   model = avsegformer.build_model(config, axis_name=train.AXIS)

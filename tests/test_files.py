@@ -138,3 +138,40 @@ def test_disk_full(tmp_path, monkeypatch):
   monkeypatch.setattr(shutil, "disk_usage", lambda p: fake(p, 10 << 30))
   assert files.disk_full(tmp_path) is None
   assert files.disk_full("gs://bucket/run") is None     # not a local disk
+
+
+def test_one_run_at_a_time_in_a_workdir(tmp_path):
+  """A second run in a workdir is refused, naming the first; the lock goes
+  with its process however that ends (here SIGKILL), and is not taken on a
+  bucket (no locks there)."""
+  import signal, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from avsegformer_jax import errors  # pylint: disable=g-import-not-at-top
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\n"
+       "from avsegformer_jax import files\n"
+       f"with files.exclusive({str(tmp_path)!r}):\n"
+       "  print('held', flush=True); time.sleep(600)"],
+      stdout=subprocess.PIPE, text=True,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(errors.InputError,
+                       match=rf"{tmp_path}: another run trains there \(pid "
+                       rf"{holder.pid} on .* since .*\); stop it, or give "
+                       "another --workdir"):
+      with files.exclusive(tmp_path):
+        pass
+    # The trainer takes it before any work.
+    from configs import tiny  # pylint: disable=g-import-not-at-top
+    with pytest.raises(errors.InputError, match="another run trains there"):
+      trainer.train_and_evaluate(tiny.get_config(), str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [files.LOCK_FILE]
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  with files.exclusive(tmp_path):
+    with pytest.raises(errors.InputError, match=rf"\(pid {os.getpid()} on "):
+      with files.exclusive(tmp_path):
+        pass
+  with files.exclusive("gs://bucket/run"):    # no file, no error
+    pass
