@@ -1,4 +1,5 @@
-"""Keeping several JAX processes (`jax.distributed`) in step without timing out.
+"""Keeping several JAX processes (`jax.distributed`) in step without timing out,
+and stopping them together on a preemption notice (`PreemptionNotice`).
 
 On CPU, JAX's collectives (gloo) build a device group's communicator at the
 group's first collective, and give up when a peer process joins more than 30 s
@@ -18,6 +19,8 @@ the processes are in step. On GPUs and TPUs it costs one tiny program.
 from __future__ import annotations
 
 import itertools
+import signal
+import threading
 
 import jax
 import numpy as np
@@ -54,3 +57,32 @@ def connect(mesh: Mesh) -> None:
       NamedSharding(mesh, spec), ones, (mesh.size,)))[0])
   assert n == mesh.size, (n, mesh.size)
   multihost_utils.sync_global_devices("avsegformer_jax connect")
+
+
+class PreemptionNotice:
+  """SIGTERM: what a spot/preemptible VM or a scheduler sends before it kills
+  the job. Several processes: JAX's preemption service (started by
+  `jax.distributed.initialize`) catches it on whichever host gets it and
+  picks a step every process reaches, where `reached` is True on all of them.
+  One process: a handler of ours notes it and `reached` is True from the
+  next step on."""
+
+  def __init__(self):
+    self._noticed, self._previous = False, None
+    if (jax.process_count() == 1 and
+        threading.current_thread() is threading.main_thread()):
+      self._previous = signal.signal(signal.SIGTERM, self._notice)
+
+  def _notice(self, signum, frame):
+    del signum, frame
+    self._noticed = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:        # every process calls it every step
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._noticed
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None

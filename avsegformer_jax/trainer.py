@@ -11,14 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
-import threading
 import time
 
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from avsegformer_jax import (avsegformer, checkpoint, errors, files, losses,
@@ -28,35 +25,6 @@ from avsegformer_jax import (avsegformer, checkpoint, errors, files, losses,
 
 class NonFiniteLossError(errors.ReportedError, RuntimeError):
   pass
-
-
-class _PreemptionNotice:
-  """SIGTERM: what a spot/preemptible VM or a scheduler sends before it kills
-  the job. Several processes: JAX's preemption service (started by
-  `jax.distributed.initialize`) catches it on whichever host gets it and
-  picks a step every process reaches, where `reached` is True on all of them.
-  One process: a handler of ours notes it and `reached` is True from the
-  next step on."""
-
-  def __init__(self):
-    self._noticed, self._previous = False, None
-    if (jax.process_count() == 1 and
-        threading.current_thread() is threading.main_thread()):
-      self._previous = signal.signal(signal.SIGTERM, self._notice)
-
-  def _notice(self, signum, frame):
-    del signum, frame
-    self._noticed = True
-
-  def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:        # every process calls it every step
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self._noticed
-
-  def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
 
 
 def _is_main():
@@ -307,7 +275,7 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
             **(extra or {})}
     ckpt.save(step, state, meta)
 
-  notice, preempted = _PreemptionNotice(), 0
+  notice, preempted = multihost.PreemptionNotice(), 0
   try:
     for step in range(start, total):
       epoch = step // bpe
