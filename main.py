@@ -155,4 +155,4 @@ def _control(config, workdir):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

@@ -91,6 +91,24 @@ def define_config_flag(help_text: str, lock_config: bool = True):
   return holder
 
 
+def parse_flags(argv):
+  """absl's flag parsing (`app.run(..., flags_parser=parse_flags)`), except
+  that a `--config.x` override without --config (which the CLIs may leave
+  out to take a checkpoint's own config) is named, not absl's "Unknown
+  command line flag 'config.x'"."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  args = argv[1:]
+  given = any(re.fullmatch(r"--?config(=.*)?", a) for a in args)
+  over = next((a for a in args if re.match(r"--?(?:no)?config\.", a)), None)
+  if over and not given:
+    print(f"FATAL Flags parsing error: {over.split('=')[0]} overrides a "
+          "field of --config, which is not given: give it too, e.g. "
+          "--config=configs/run.py:PATH (the config of the workdir or "
+          "checkpoint at PATH)", file=sys.stderr)
+    raise SystemExit(1)
+  return app.parse_flags_with_usage(argv)
+
+
 def _unknown_override(config, argv) -> str:
   """Names the first `--config.a.b` in argv that `config` has no field for,
   with the closest names (ml_collections' own error only says `'b'`)."""

@@ -396,4 +396,4 @@ def main(argv):
 if __name__ == "__main__":
   xla_cpu.configure()
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

@@ -324,4 +324,4 @@ def cli_main(argv=None, run: Callable = _run):
   from absl import app
   xla_cpu.configure()
   _define_flags()
-  app.run(run, argv=argv)
+  app.run(run, argv=argv, flags_parser=errors.parse_flags)

@@ -77,6 +77,23 @@ def test_main_without_config_takes_the_runs_own(tmp_path):
       f"main.py: error: {w}: neither a model export"), r.stderr[-3000:]
 
 
+@pytest.mark.parametrize("prog", [["main.py"], ["-m", "avsegformer_jax.predict"],
+                                  ["-m", "avsegformer_jax.convert"]])
+def test_an_override_without_config_is_named(tmp_path, prog):
+  """The CLIs may leave --config out (the checkpoint's own is taken), but an
+  override then has nothing to override: absl said "Unknown command line
+  flag 'config.model.dtype'"."""
+  r = _run(*prog, f"--workdir={tmp_path}", f"--checkpoint={tmp_path}",
+           f"--video={tmp_path}/v.mp4", f"--out={tmp_path}/o",
+           "--config.model.dtype=bfloat16")
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert r.stderr.splitlines()[0] == (
+      "FATAL Flags parsing error: --config.model.dtype overrides a field of "
+      "--config, which is not given: give it too, e.g. "
+      "--config=configs/run.py:PATH (the config of the workdir or checkpoint "
+      "at PATH)")
+
+
 def test_prepare_without_the_download(tmp_path):
   (tmp_path / "raw").mkdir()
   r = _run("-m", "datasets.avsbench.prepare", "--config=ms3",
