@@ -96,9 +96,9 @@ def _main(argv):
   compile_cache.enable(_XLA_CACHE.value)
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  from avsegformer_jax import checkpoint, files, trainer  # pylint: disable=g-import-not-at-top
+  from avsegformer_jax import checkpoint, files, run_config, trainer  # pylint: disable=g-import-not-at-top
   workdir = _WORKDIR.value
-  config = _CONFIG.value or _own_config(
+  config = _CONFIG.value or run_config.own_config(
       _CHECKPOINT.value or workdir if _MODE.value == "eval" else workdir)
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(),
                jax.process_count(), jax.devices())
@@ -123,19 +123,6 @@ def _main(argv):
                                       shuffle_audio=_SHUFFLED.value)
     print(json.dumps({k: v for k, v in res.items()
                       if not k.endswith("per_class")}, indent=2))
-
-
-def _own_config(path):
-  """Without --config: the config the run at `path` (a workdir, one of its
-  steps, an export) was made with."""
-  from avsegformer_jax import run_config  # pylint: disable=g-import-not-at-top
-  try:
-    config, _ = run_config.load(path)
-  except OSError as e:
-    raise errors.InputError(f"no --config given, and {e}; give one, e.g. "
-                            "--config=configs/s4.py:pvt2") from None
-  print(f"config: {run_config.file_of(path)}", flush=True)
-  return config
 
 
 def _control(config, workdir):

@@ -358,17 +358,6 @@ def _define_flags():
       message="--fps and --every_frame exclude each other")
 
 
-def _checkpoint_config(path):
-  """Without --config: the one the checkpoint was made with."""
-  try:
-    config, _ = run_config.load(path)
-  except OSError as e:
-    raise PredictError(f"no --config given, and {e}; give one, e.g. "
-                       "--config=configs/s4.py:pvt2") from None
-  print(f"config: {run_config.file_of(path)}", flush=True)
-  return config
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -377,7 +366,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   compile_cache.enable(f.xla_cache_dir)
   try:
-    config = f.config or _checkpoint_config(f.checkpoint)
+    config = f.config or run_config.own_config(f.checkpoint, PredictError)
     videos = video_io.expand_videos(f.video)
     _, skipped = predict_videos(
         config, videos, f.out, checkpoint_dir=f.checkpoint, fps=f.fps,

@@ -283,15 +283,13 @@ def _run(argv) -> int | str:
     logging.set_verbosity(logging.WARNING)
   to_pth = f.out.endswith((".pth", ".pt"))
   config = f.config
-  if config is None:                 # ours -> .pth: the checkpoint's own
-    try:
-      config = run_config.load(f.checkpoint)[0] if to_pth else None
-    except OSError as e:
-      return (f"convert: no --config given, and {e}; give one, e.g. "
-              "--config=configs/s4.py:pvt2")
-    if config is None:
-      return ("convert: --config is needed to convert a released .pth (it "
-              "holds none), e.g. --config=configs/s4.py:pvt2")
+  if config is None and not to_pth:
+    return ("convert: --config is needed to convert a released .pth (it "
+            "holds none), e.g. --config=configs/s4.py:pvt2")
+  try:                               # ours -> .pth: the checkpoint's own
+    config = config or run_config.own_config(f.checkpoint)
+  except errors.InputError as e:
+    return f"convert: {e}"
   if not to_pth and files.is_dir(f.checkpoint):
     return (f"convert: {f.checkpoint}: a directory, and --out=DIR takes a "
             "released .pth; to write a checkpoint of ours in the original's "

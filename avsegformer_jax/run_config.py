@@ -144,3 +144,18 @@ def load(path, defaults=None):
     print(f"{file}: fields this version does not have, left out: "
           f"{', '.join(dropped)}", file=sys.stderr)
   return defaults, dropped
+
+
+def own_config(path, error=None):
+  """Without --config (main.py, predict, convert): the config the workdir
+  or checkpoint at `path` was made with, its file named on stdout. Where
+  there is none, `error` (default errors.InputError) says so in one line."""
+  from avsegformer_jax import errors  # pylint: disable=g-import-not-at-top
+  try:
+    config, _ = load(path)
+  except OSError as e:
+    raise (error or errors.InputError)(
+        f"no --config given, and {e}; give one, e.g. "
+        "--config=configs/s4.py:pvt2") from None
+  print(f"config: {file_of(path)}", flush=True)
+  return config

@@ -424,7 +424,7 @@ def test_masks_follow_the_sounding_object(tmp_path, video):
   # The CLI on an export of these variables, without --config: it takes
   # the config the export was made with (its config.json): the same masks.
   import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  from avsegformer_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from avsegformer_jax import checkpoint, run_config  # pylint: disable=g-import-not-at-top
   export, cli = tmp_path / "export", tmp_path / "cli"
   checkpoint.save_variables(export, variables, config=cfg)
   r = subprocess.run(
@@ -444,4 +444,4 @@ def test_masks_follow_the_sounding_object(tmp_path, video):
   # A released .pth holds no config: then --config is needed.
   with pytest.raises(predict.PredictError, match=r"no --config given, and "
                      r".*x.pth: a released .pth holds no config; give one"):
-    predict._checkpoint_config(str(tmp_path / "x.pth"))  # pylint: disable=protected-access
+    run_config.own_config(str(tmp_path / "x.pth"), predict.PredictError)
