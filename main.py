@@ -12,6 +12,7 @@ checkpoint. Multi-host: add `--distributed` (see launch/).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -51,18 +52,19 @@ def _demo_data(config, workdir):
   process 0 of a multi-process run, while the others wait for it); not
   written again where `data.data_dir` holds it prepared (an evaluation of
   the demo's run in another workdir)."""
-  import jax  # pylint: disable=g-import-not-at-top
   from avsegformer_jax import multihost  # pylint: disable=g-import-not-at-top
   from datasets.avsbench import prepare, synthesize  # pylint: disable=g-import-not-at-top
   s = config.data.synthetic
   raw = os.path.join(workdir, "synthetic_raw")
   config.data.data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
-  if jax.process_index() == 0 and not prepare.is_prepared(
-      config.task, config.data.data_dir):
-    synthesize.synthesize(config.task, raw, num_videos=s.num_videos,
-                          seed=s.seed, size=s.size)
-    prepare.prepare(config.task, raw, config.data.data_dir)
-  multihost.sync_processes("demo data")     # however long process 0 takes
+
+  def write():
+    if not prepare.is_prepared(config.task, config.data.data_dir):
+      synthesize.synthesize(config.task, raw, num_videos=s.num_videos,
+                            seed=s.seed, size=s.size)
+      prepare.prepare(config.task, raw, config.data.data_dir)
+
+  multihost.on_process0("demo data", write)   # however long it takes
 
 
 def main(argv):
@@ -108,11 +110,15 @@ def _main(argv):
   if _MODE.value == "eval" and not files.exists(source):
     raise checkpoint.CheckpointError(f"{source}: no such checkpoint")
   files.make_output_dir(workdir, "the workdir")
-  with config.unlocked():
-    if config.data.get("synthetic") and config.data.synthetic.enabled:
-      _demo_data(config, workdir)
+  # One run at a time in a workdir, from its demo data on.
+  with (trainer.exclusive(workdir) if _MODE.value == "train" else
+        contextlib.nullcontext()):
+    with config.unlocked():
+      if config.data.get("synthetic") and config.data.synthetic.enabled:
+        _demo_data(config, workdir)
+    if _MODE.value == "train":
+      res = trainer.train_and_evaluate(config, workdir)
   if _MODE.value == "train":
-    res = trainer.train_and_evaluate(config, workdir)
     if config.eval.get("shuffled_audio_control"):
       _control(config, workdir)
     else:

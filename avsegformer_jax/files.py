@@ -107,6 +107,7 @@ def disk_full(path) -> str | None:
 
 
 LOCK_FILE = ".lock"
+_HELD = set()                         # workdirs this process holds
 
 
 @contextlib.contextmanager
@@ -116,11 +117,13 @@ def exclusive(workdir):
   their checkpoints into each other's; the second one is refused, naming
   the first. An flock: the kernel releases it when its process ends,
   however it ends, so no stale lock is left behind. Not on a `gs://`
-  workdir, or a file system without locks."""
-  if is_url(workdir):
+  workdir, or a file system without locks. Taken again inside itself (the
+  demo's data, then training), it is the same hold."""
+  path = None if is_url(workdir) else os.path.join(absolute(workdir),
+                                                   LOCK_FILE)
+  if path is None or path in _HELD:
     yield
     return
-  path = os.path.join(absolute(workdir), LOCK_FILE)
   f = open(path, "a+")
   try:
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -142,7 +145,9 @@ def exclusive(workdir):
     f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
+    _HELD.add(path)
     yield
   finally:
+    _HELD.discard(path)
     fcntl.flock(f, fcntl.LOCK_UN)
     f.close()

@@ -42,6 +42,36 @@ def sync_processes(name: str, timeout_s: int = 3600) -> None:
         timeout_ms=timeout_s * 1000)
 
 
+def on_process0(name: str, fn, timeout_s: int = 3600):
+  """Runs `fn` on process 0 alone (writing the demo data, taking the workdir
+  lock) while the others wait; returns its result there, None elsewhere.
+  If it raises, every process raises, with its message (a ReportedError as
+  it is, anything else named as process 0's failure): all of them stop
+  with one line and meet at JAX's shutdown barrier, where the others would
+  otherwise wait in their next barrier or collective until it timed out,
+  and then be killed with a stack dump."""
+  if jax.process_count() == 1:
+    return fn()
+  from avsegformer_jax import errors  # pylint: disable=g-import-not-at-top
+  client = ocp.multihost.get_jax_distributed_client()
+  key = f"avsegformer_jax/{name}/{next(_BARRIERS)}"
+  if jax.process_index() == 0:
+    try:
+      out = fn()
+    except BaseException as e:
+      client.key_value_set(key, "failed:" + (
+          str(e) if isinstance(e, errors.ReportedError) else
+          f"process 0 stopped in {name}: {type(e).__name__}: {e} (its log "
+          "has the rest)"))
+      raise
+    client.key_value_set(key, "done")
+    return out
+  outcome = client.blocking_key_value_get(key, timeout_s * 1000)
+  if outcome.startswith("failed:"):
+    raise errors.ReportedError(outcome[len("failed:"):])
+  return None
+
+
 def connect(mesh: Mesh) -> None:
   """Builds the communicators of `mesh` (all its devices: the steps' group)
   and of `sync_global_devices` now, with the processes in step; a no-op for

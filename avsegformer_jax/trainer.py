@@ -197,12 +197,22 @@ def train_and_evaluate(config, workdir: str, source_fn=None) -> dict:
   """Trains with per-epoch validation; returns the last validation scores.
 
   `source_fn(split)` replaces the TFDS data sources (tests, demos). One run
-  at a time trains in a workdir (`files.exclusive`, held by process 0).
+  at a time trains in a workdir (`exclusive`).
   """
   check_config(config, training=True)
   files.makedirs(workdir)
-  with files.exclusive(workdir) if _is_main() else contextlib.nullcontext():
+  with exclusive(workdir):
     return _train_and_evaluate(config, workdir, source_fn)
+
+
+@contextlib.contextmanager
+def exclusive(workdir: str):
+  """`files.exclusive(workdir)`, held by process 0; when it is refused,
+  every process stops with its message."""
+  with contextlib.ExitStack() as held:
+    multihost.on_process0("workdir lock", lambda: held.enter_context(
+        files.exclusive(workdir)))
+    yield
 
 
 def _train_and_evaluate(config, workdir: str, source_fn) -> dict:

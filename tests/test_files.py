@@ -169,9 +169,21 @@ def test_one_run_at_a_time_in_a_workdir(tmp_path):
   finally:
     holder.send_signal(signal.SIGKILL)
     holder.wait()
+  import fcntl  # pylint: disable=g-import-not-at-top
+
+  def held():                    # by another open file: flock's conflict
+    with open(tmp_path / files.LOCK_FILE) as f:
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+      except BlockingIOError:
+        return True
+
   with files.exclusive(tmp_path):
-    with pytest.raises(errors.InputError, match=rf"\(pid {os.getpid()} on "):
-      with files.exclusive(tmp_path):
-        pass
+    with files.exclusive(tmp_path):   # the demo's data, then its training
+      assert held()
+    assert held()                     # the inner end does not let it go
+    assert f"pid {os.getpid()} on " in (tmp_path / files.LOCK_FILE).read_text()
+  assert not held()
   with files.exclusive("gs://bucket/run"):    # no file, no error
     pass

@@ -5,8 +5,10 @@ and evaluate the demo config as one run. Process 0 writes the synthetic
 dataset while the other waits (both writing it raced)."""
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `python main.py ARGS`, with both tasks writing the XLA cache (process 1's
@@ -16,8 +18,10 @@ MAIN = ("import runpy, sys; sys.path.insert(0, 'tests'); import cluster_cache; "
         "runpy.run_path('main.py', run_name='__main__')")
 
 
-def test_distributed_demo_under_an_emulated_slurm_step(tmp_path):
-  wd = tmp_path / "wd"
+def _slurm_step(tmp_path, args, timeout, stop_on_failure=True):
+  """Runs `main.py --distributed ARGS` as the 2 tasks of a SLURM step;
+  returns their exit statuses (None: killed at `timeout`), stdouts and
+  stderrs."""
   procs, logs = [], []
   for i in range(2):
     env = dict(os.environ, SLURM_JOB_ID=str(4000 + os.getpid() % 4000),
@@ -28,25 +32,36 @@ def test_distributed_demo_under_an_emulated_slurm_step(tmp_path):
     logs.append(tmp_path / f"task_{i}.log")
     with open(logs[i], "w") as err:
       procs.append(subprocess.Popen(
-          [sys.executable, "-c", MAIN, "--distributed",
-           "--config=configs/demo.py", f"--workdir={wd}",
-           "--config.data.synthetic.num_videos=16",
-           "--config.train.num_epochs=1",
-           "--config.eval.shuffled_audio_control=False"],
+          [sys.executable, "-c", MAIN, "--distributed", *args],
           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True))
   outs = ["", ""]
+  deadline = time.time() + timeout
   try:
     for i, p in enumerate(procs):
-      outs[i] = p.communicate(timeout=1200)[0]
-      if p.returncode != 0:
+      try:
+        outs[i] = p.communicate(timeout=max(1, deadline - time.time()))[0]
+      except subprocess.TimeoutExpired:
+        break
+      if p.returncode != 0 and stop_on_failure:
         break             # the other one would wait for it in a collective
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
         p.wait()
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, logs[i].read_text()[-3000:]
+        p.returncode = None
+  return [p.returncode for p in procs], outs, [l.read_text() for l in logs]
+
+
+def test_distributed_demo_under_an_emulated_slurm_step(tmp_path):
+  wd = tmp_path / "wd"
+  codes, outs, errs = _slurm_step(
+      tmp_path, ["--config=configs/demo.py", f"--workdir={wd}",
+                 "--config.data.synthetic.num_videos=16",
+                 "--config.train.num_epochs=1",
+                 "--config.eval.shuffled_audio_control=False"], timeout=1200)
+  for code, err in zip(codes, errs):
+    assert code == 0, err[-3000:]
   res = [json.loads(o[o.index("{"):]) for o in outs]
   assert res[0] == res[1] and res[0]["num_clips"] == 2, res
   assert 0 <= res[0]["miou"] <= 1
@@ -55,3 +70,24 @@ def test_distributed_demo_under_an_emulated_slurm_step(tmp_path):
   with open(wd / "train_metrics.jsonl") as f:
     assert [json.loads(l)["step"] for l in f] == [2]
   assert sorted(os.listdir(wd / "checkpoints")) == ["2"]
+
+
+def test_every_task_stops_when_another_run_trains_in_the_workdir(tmp_path):
+  """Process 0 alone takes the workdir's lock. Refused, it used to stop by
+  itself and wait at JAX's shutdown barrier while the other task waited in
+  its first barrier, until both were aborted with stack dumps after 305 s.
+  Now both stop at once with the same line, before any data is written."""
+  from avsegformer_jax import files  # pylint: disable=g-import-not-at-top
+  wd = tmp_path / "wd"
+  wd.mkdir()
+  with files.exclusive(wd):                    # the other run: this test
+    codes, _, errs = _slurm_step(
+        tmp_path, ["--config=configs/demo.py", f"--workdir={wd}"],
+        timeout=150, stop_on_failure=False)
+  for code, err in zip(codes, errs):
+    assert code == 2, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"main.py: error: {wd}: another run trains there (pid {os.getpid()} "
+        f"on {socket.gethostname()} since {err.split(' since ')[1][:19]}); "
+        "stop it, or give another --workdir"), err[-3000:]
+  assert os.listdir(wd) == [files.LOCK_FILE]

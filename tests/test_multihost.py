@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LATE_S = 40             # well past gloo's 30 s limit on building a communicator
@@ -37,7 +38,10 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_processes_far_apart_wait_for_each_other(tmp_path):
+def _two_processes(tmp_path, script, *args, timeout=600):
+  """Runs `script PID COORDINATOR ARGS...` as processes 0 and 1 of one JAX
+  cluster; returns their exit statuses (None: killed at `timeout`),
+  stdouts and stderrs."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     coordinator = f"localhost:{s.getsockname()[1]}"
@@ -47,19 +51,68 @@ def test_processes_far_apart_wait_for_each_other(tmp_path):
   for i in range(2):
     with open(tmp_path / f"{i}.log", "w") as log:
       procs.append(subprocess.Popen(
-          [sys.executable, "-c", SCRIPT, str(i), coordinator, str(LATE_S)],
+          [sys.executable, "-c", script, str(i), coordinator, *map(str, args)],
           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True))
-  outs = []
+  outs = ["", ""]
+  deadline = time.time() + timeout
   try:
-    for p in procs:
-      outs.append(p.communicate(timeout=600)[0])
+    for i, p in enumerate(procs):
+      try:
+        outs[i] = p.communicate(timeout=max(1, deadline - time.time()))[0]
+      except subprocess.TimeoutExpired:
+        break
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
         p.wait()
-  for i, p in enumerate(procs):
-    err = (tmp_path / f"{i}.log").read_text()
-    assert p.returncode == 0, f"process {i}: {err[-3000:]}"
+        p.returncode = None
+  return ([p.returncode for p in procs], outs,
+          [(tmp_path / f"{i}.log").read_text() for i in range(2)])
+
+
+def test_processes_far_apart_wait_for_each_other(tmp_path):
+  codes, outs, errs = _two_processes(tmp_path, SCRIPT, LATE_S)
+  for i, code in enumerate(codes):
+    assert code == 0, f"process {i}: {errs[i][-3000:]}"
     # (gloo prints its connections to stdout first)
     assert outs[i].splitlines()[-1] == "total 14.0", outs[i]   # 0+1+4+9
+
+
+ON_PROCESS0 = textwrap.dedent("""
+    import sys
+    import jax
+    pid, coordinator = int(sys.argv[1]), sys.argv[2]
+    jax.distributed.initialize(coordinator, 2, pid)
+    from avsegformer_jax import errors, multihost
+    print("result", multihost.on_process0("a", lambda: pid + 10), flush=True)
+    def fail():
+      raise OSError(28, "No space left on device")
+    try:
+      multihost.on_process0("the demo data", fail)
+    except errors.ReportedError as e:
+      print("reported", e, flush=True)
+    except OSError as e:
+      print("raised", type(e).__name__, flush=True)
+    def refuse():
+      raise errors.InputError("W: another run trains there")
+    try:
+      multihost.on_process0("lock", refuse)
+    except errors.ReportedError as e:
+      print("reported", type(e).__name__, e, flush=True)
+""")
+
+
+def test_what_process_0_alone_does_ends_alike_everywhere(tmp_path):
+  """Its result stays on process 0; its failure is every process's, so
+  none waits for it in a later barrier."""
+  codes, outs, errs = _two_processes(tmp_path, ON_PROCESS0, timeout=120)
+  assert codes == [0, 0], errs
+  assert outs[0].splitlines()[-3:] == [
+      "result 10", "raised OSError",
+      "reported InputError W: another run trains there"]
+  assert outs[1].splitlines()[-3:] == [
+      "result None",
+      "reported process 0 stopped in the demo data: OSError: [Errno 28] No "
+      "space left on device (its log has the rest)",
+      "reported ReportedError W: another run trains there"]
