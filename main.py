@@ -60,6 +60,8 @@ def _demo_data(config, workdir):
 
   def write():
     if not prepare.is_prepared(config.task, config.data.data_dir):
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      tfds.display_progress_bar(sys.stderr.isatty())  # no bars into a log
       synthesize.synthesize(config.task, raw, num_videos=s.num_videos,
                             seed=s.seed, size=s.size)
       prepare.prepare(config.task, raw, config.data.data_dir)

@@ -200,7 +200,8 @@ def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
   est = info.duration * (float(info.rate) if every_frame else fps) \
       if info.duration else None
   bar = tqdm(total=-(-int(round(est)) // t_win) if est else None,
-             unit="window", desc="predict", disable=not progress)
+             unit="window", desc="predict",
+             disable=None if progress else True)   # None: not into a file
   writer = video_io.OverlayWriter(os.path.join(out_dir, "overlay.mp4"), info,
                                   rate, timed=every_frame)
   half = 0.5 / float(info.rate)   # every_frame samples sit mid-frame

@@ -27,6 +27,9 @@ class NonFiniteLossError(errors.ReportedError, RuntimeError):
   pass
 
 
+LINE_S = 60        # seconds between progress lines where no bar is drawn
+
+
 def _is_main():
   return jax.process_index() == 0
 
@@ -89,7 +92,7 @@ def evaluate(config, steps: train.Steps, variables, split: str, *,
   data = iter(ds)
   try:
     for batch in tqdm(data, total=info["batches_per_epoch"], desc=desc,
-                      disable=not _is_main(), leave=False):
+                      disable=None if _is_main() else True, leave=False):
       stats, logits = steps.eval(variables,
                                  train.shard_batch(batch, steps.mesh))
       stats = jax.tree_util.tree_map(np.asarray, stats)
@@ -273,8 +276,10 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
   writer = _writer(workdir)
   last_eval, pending, t0, clips = {}, [], time.time(), 0
   waited = 0.0     # seconds in next(data_iter) since the last log line
-  pbar = tqdm(total=total, initial=start, desc="train", disable=not _is_main(),
-              dynamic_ncols=True)
+  said = t_run = time.time()
+  # No bar into a file or pipe (a batch job's log): a line there instead.
+  pbar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True,
+              disable=None if _is_main() else True)
 
   def save(step, extra=None):
     _check_finite(pending, step)
@@ -315,6 +320,12 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
         _log_line(workdir, dict(step=done, **s))
         pbar.set_postfix(loss=f"{s['loss']:.4f}", clips_s=f"{rate:.2f}",
                          input_wait=f"{wait:.0%}")
+        if pbar.disable and _is_main() and time.time() - said >= LINE_S:
+          said = time.time()
+          left = (said - t_run) / (done - start) * (total - done)
+          pbar.write(f"step {done}/{total}: loss {s['loss']:.4f}, "
+                     f"{rate:.2f} clips/s, input wait {wait:.0%}, about "
+                     f"{left / 60:.0f} min to go")
       epoch_end = done % bpe == 0 or done == total
       # A preemption notice: save this step, then stop (not after the last).
       stop = done < total and notice.reached(done)

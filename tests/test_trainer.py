@@ -27,11 +27,13 @@ def _cmd(workdir, out, devices=1):
           str(devices)]
 
 
-def _run(workdir, out, devices=1):
-  r = subprocess.run(_cmd(workdir, out, devices), cwd=ROOT,
+def _run(workdir, out, devices=1, *args):
+  r = subprocess.run(_cmd(workdir, out, devices) + list(args), cwd=ROOT,
                      capture_output=True, text=True, timeout=1800)
   assert r.returncode == 0, r.stderr[-3000:]
-  return dict(np.load(out))
+  # No progress bar into a pipe (a batch job's log): lines instead.
+  assert "\r" not in r.stderr + r.stdout, r.stderr[-3000:]
+  return dict(np.load(out)), r.stdout
 
 
 def _losses(workdir, key="loss"):
@@ -68,8 +70,13 @@ def reference_run(tmp_path_factory):
 
 def test_one_vs_four_devices(reference_run, tmp_path):
   d1, one = reference_run
-  four = _run(tmp_path / "wd", tmp_path / "out.npz", devices=4)
+  four, out = _run(tmp_path / "wd", tmp_path / "out.npz", 4, "--line_s", "0")
   l1, l4 = _losses(d1 / "wd"), _losses(tmp_path / "wd")
+  lines = [l for l in out.splitlines() if l.startswith("step ")]
+  assert [l.split(":")[0] for l in lines] == [f"step {s}/6" for s in l4]
+  assert lines[0].startswith(f"step 1/6: loss {l4[1]:.4f}, "), lines
+  assert re.fullmatch(r"step 6/6: loss [\d.]+, [\d.]+ clips/s, input wait "
+                      r"\d+%, about 0 min to go", lines[-1]), lines
   assert sorted(l1) == sorted(l4) and len(l1) == 6   # 3 steps x 2 epochs
   np.testing.assert_allclose([l4[s] for s in sorted(l4)],
                              [l1[s] for s in sorted(l1)], rtol=2e-5)
@@ -108,7 +115,7 @@ def test_sigkill_and_resume(reference_run, tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not out.exists()
-  resumed = _run(wd, out)
+  resumed, _ = _run(wd, out)
   _assert_same_params(full, resumed, atol=0)
   np.testing.assert_allclose(resumed["miou"], full["miou"], atol=0)
 

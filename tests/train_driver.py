@@ -77,6 +77,8 @@ def main():
   p.add_argument("--every_steps", type=int, default=1,
                  help="checkpoint.every_steps (epoch ends save too)")
   p.add_argument("--workers", type=int, default=0, help="data.num_workers")
+  p.add_argument("--line_s", type=float, default=None,
+                 help="trainer.LINE_S: seconds between progress lines")
   p.add_argument("--set", action="append", default=[],
                  help="FIELD=VALUE: a config override (a Python literal)")
   a = p.parse_args()
@@ -92,6 +94,8 @@ def main():
     jax.distributed.initialize(a.coordinator, a.processes, a.process_id)
   assert jax.process_count() == a.processes, jax.process_count()
   assert jax.device_count() == a.devices * a.processes, jax.devices()
+  if a.line_s is not None:
+    trainer.LINE_S = a.line_s
   c = tiny_config()
   c.train.max_steps = a.steps
   c.checkpoint.every_steps = a.every_steps
