@@ -131,6 +131,18 @@ def check_config(config, platform: str) -> None:
   """A full config's model and input settings, checked before any work: a
   bad one otherwise fails inside a traced step (or, as a negative learning
   rate, not at all). Raises ConfigError naming the field."""
+  from datasets.avsbench import raw  # pylint: disable=g-import-not-at-top
+  if config.task not in raw.TASKS:
+    raise errors.ConfigError(f"task must be one of {sorted(raw.TASKS)}, got "
+                             f"{config.task!r}")
+  # AVSS masks hold AVSBench's 71 class ids (0: background), S4/MS3 ones
+  # 0/1 read from a single logit: another count trains on labels out of
+  # range, or scores the wrong channel, without an error.
+  classes = raw.AVSS_NUM_CLASSES if config.task == "avss" else 1
+  if config.model.num_classes != classes:
+    raise errors.ConfigError(
+        f"model.num_classes must be {classes} for task {config.task!r}, got "
+        f"{config.model.num_classes} (configs/{config.task}.py sets it)")
   build_model(config)                  # model.* choices but the mixer's
   mixer.check_kind(config.model.mixer)  # (met when the head is traced)
   check_platform(config, platform)
@@ -140,10 +152,9 @@ def check_config(config, platform: str) -> None:
     # rounded up to a multiple of 4, and no longer match their labels.
     raise errors.ConfigError(
         f"data.image_size must be a multiple of 4 and at least 32, got {size}")
-  for field, value in (("data.num_frames", config.data.num_frames),
-                       ("model.num_classes", mc.num_classes)):
-    if value < 1:
-      raise errors.ConfigError(f"{field} must be at least 1, got {value}")
+  if config.data.num_frames < 1:
+    raise errors.ConfigError(
+        f"data.num_frames must be at least 1, got {config.data.num_frames}")
 
 
 def build_backbone(mc, dtype, axis_name=None):
