@@ -146,7 +146,7 @@ def check_config(config, platform: str) -> None:
   build_model(config)                  # model.* choices but the mixer's
   mixer.check_kind(config.model.mixer)  # (met when the head is traced)
   check_platform(config, platform)
-  size, mc = config.data.image_size, config.model
+  size = config.data.image_size
   if size < 32 or size % 4:
     # The head's masks are 4x its stride-4 features: other sizes come back
     # rounded up to a multiple of 4, and no longer match their labels.
