@@ -11,9 +11,11 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 from PIL import Image
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -293,6 +295,26 @@ def test_train_num_frames_keeps_the_first_frames_in_training_only(data_dir):
   c.data.train_num_frames = 6
   with pytest.raises(ip.PipelineError, match="train_num_frames"):
     ip.create_dataset(c, "train", train=True)
+
+
+def test_num_frames_against_the_clips(data_dir):
+  """More frames than a clip holds used to fail inside the traced step
+  (frames padded to 7, audio and flags not); fewer are scored on the first
+  frames only, and said so, once per split."""
+  c = make_config("s4", data_dir, num_frames=7)
+  with pytest.raises(ip.PipelineError, match=rf"^data.num_frames=7, but the "
+                     rf"clips of avsbench/s4 split 'train' in {data_dir} hold "
+                     r"5 frames: use --config.data.num_frames=5$"):
+    ip.create_dataset(c, "train", train=True)
+  c.data.num_frames = 3
+  with mock.patch.object(absl_logging, "warning") as warn:
+    (e,), _ = batches(c, "validation", False)
+    batches(c, "validation", False)
+  assert e["frames"].shape[1] == 3
+  warn.assert_called_once()
+  assert (warn.call_args[0][0] % warn.call_args[0][1:]).startswith(
+      "data.num_frames=3: scoring the first 3 of the 5 frames of each clip of "
+      "avsbench/s4 split 'validation'")
 
 
 class EditedSource(CountingSource):
