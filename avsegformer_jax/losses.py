@@ -55,10 +55,18 @@ def mix_per_frame(mask_feature, foreground, fn=dice_per_frame):
 LOSSES = ("dice", "bce", "ce")
 
 
-def check_loss(loss_type) -> None:
+def check_loss(loss_type, task: str | None = None) -> None:
+  """With `task`: ce is AVSS's loss over class ids, dice and bce S4/MS3's
+  over 0/1 masks. The wrong pair was not named: ce over S4's one logit is
+  NaN at every foreground pixel (the run stopped as "diverged"), dice read
+  AVSS's class ids as mask values and trained without an error."""
   if loss_type not in LOSSES:
     raise errors.ConfigError(f"train.loss must be one of {LOSSES}, got "
                              f"{loss_type!r}")
+  if task is not None and (task == "avss") != (loss_type == "ce"):
+    want = "'ce'" if task == "avss" else "'dice' or 'bce'"
+    raise errors.ConfigError(f"train.loss must be {want} for task {task!r}, "
+                             f"got {loss_type!r} (configs/{task}.py sets it)")
 
 
 def per_frame_losses(logits, mask_feature, labels, loss_type: str):

@@ -181,7 +181,7 @@ def check_config(config, training: bool) -> None:
   avsegformer.check_config(config, jax.default_backend())
   t = config.train
   if training:
-    losses.check_loss(t.loss)
+    losses.check_loss(t.loss, config.task)
     train.prng_impl(config)
   given = [("eval.batch_size", config.eval.batch_size, 1)]
   if training:

@@ -191,6 +191,9 @@ def test_an_output_folder_that_cannot_be_made_is_named(request, tmp_path,
     ("train.num_epochs", 0, "train.num_epochs must be at least 1, got 0"),
     ("train.learning_rate", -1e-4, "train.learning_rate must be > 0"),
     ("train.loss", "iou", "train.loss must be one of ('dice', 'bce', 'ce')"),
+    # AVSS's multi-class loss on S4's one logit: NaN, "diverged".
+    ("train.loss", "ce", "train.loss must be 'dice' or 'bce' for task 's4', "
+     "got 'ce' (configs/s4.py sets it)"),
     ("train.prng_impl", "philox", "train.prng_impl must be one of")])
 def test_a_run_setting_that_cannot_work_is_named(field, value, error):
   """A batch of 0 divided by zero in the pipeline and a negative learning

@@ -51,3 +51,20 @@ def test_unknown_loss_type_is_named():
   with pytest.raises(ValueError, match="train.loss"):
     losses.per_frame_losses(jnp.zeros((1, 4, 4, 1)), jnp.zeros((1, 1, 1, 4)),
                             jnp.zeros((1, 4, 4)), "focal")
+
+
+def test_the_loss_must_fit_the_task():
+  """The wrong pair was not named: ce over S4's single logit is NaN where
+  the mask is 1 (a class id out of range), so the run stopped as if it had
+  diverged."""
+  ce = losses.cross_entropy_per_frame(
+      jnp.asarray(np.random.RandomState(0).randn(2, 4, 4, 1)),
+      jnp.asarray([np.zeros((4, 4)), np.eye(4)], jnp.int32))
+  assert float(ce[0]) == 0.0 and np.isnan(float(ce[1]))
+  for task, loss in (("s4", "dice"), ("ms3", "bce"), ("avss", "ce")):
+    losses.check_loss(loss, task)
+  with pytest.raises(ValueError, match=r"^train.loss must be 'ce' for task "
+                     r"'avss', got 'dice' \(configs/avss.py sets it\)$"):
+    losses.check_loss("dice", "avss")
+  with pytest.raises(ValueError, match="'dice' or 'bce' for task 'ms3'"):
+    losses.check_loss("ce", "ms3")
