@@ -140,7 +140,7 @@ def check_supervision(batch, config):
   them, so it is an error."""
   flag = np.asarray(batch["gt_flag"])
   if supervised_every(config, flag.shape[1]) > 1 and flag[:, 1:].any():
-    raise ValueError(
+    raise errors.InputError(
         "train.first_frame_only is set but the training data supervise "
         "frames after the first (gt_flag); set "
         "--config.train.first_frame_only=False for this data")

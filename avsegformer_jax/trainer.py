@@ -191,6 +191,13 @@ def check_config(config, training: bool) -> None:
     if value < least:
       raise errors.ConfigError(f"{field} must be at least {least}, got "
                                f"{value}")
+  if training and t.get("first_frame_only") and config.task != "s4":
+    # Only frame 0 is loaded or scored then: MS3's and AVSS's labels of the
+    # other frames were dropped without a word (--config.task=ms3 on S4's).
+    raise errors.ConfigError(
+        f"train.first_frame_only is for S4 (its training clips label frame "
+        f"0 only); task {config.task!r} labels every frame: set --config."
+        f"train.first_frame_only=False (configs/{config.task}.py does)")
   if training and not t.learning_rate > 0:
     raise errors.ConfigError(
         f"train.learning_rate must be > 0, got {t.learning_rate}")
