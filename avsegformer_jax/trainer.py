@@ -1,4 +1,5 @@
-"""The training and evaluation loops around the steps of `train.py`.
+"""The training loop around the steps of `train.py`, and the evaluation of a
+checkpoint (`evaluation.py` scores a split).
 
 One loop for every task: an iterator over all epochs (step s trains on its
 batch s, so the step is the data position), the backbone unfrozen when its
@@ -14,13 +15,11 @@ import math
 import time
 
 import jax
-import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from avsegformer_jax import (avsegformer, checkpoint, errors, files, losses,
-                             metrics, multihost, run_config, train,
-                             visualize)
+from avsegformer_jax import (avsegformer, checkpoint, errors, evaluation,
+                             files, losses, multihost, run_config, train)
 
 
 class NonFiniteLossError(errors.ReportedError, RuntimeError):
@@ -69,78 +68,6 @@ def initial_variables(config, model, rng, with_pretrained: bool = True):
   return variables
 
 
-def _close(data_iter):
-  """`input_pipeline.close`: grain's workers stopped and their shared memory
-  released now (2 of 7 runs ended on a corrupt record with a traceback from
-  grain's exit-time finalizer after the error's line; every run with
-  workers with a warning of leaked shared memory)."""
-  from datasets import input_pipeline  # pylint: disable=g-import-not-at-top
-  input_pipeline.close(data_iter)
-
-
-def evaluate(config, steps: train.Steps, variables, split: str, *,
-             shuffle_audio: bool = False, vis_dir: str | None = None,
-             num_visualize: int = 0, source=None, desc="eval") -> dict:
-  """Scores `variables` on a split: the original's per-batch averages and
-  the dataset-level values (and per class for AVSS)."""
-  from datasets import input_pipeline  # pylint: disable=g-import-not-at-top
-  ds, info = input_pipeline.create_dataset(
-      config, split, train=False, source=source, shuffle_audio=shuffle_audio)
-  variables = avsegformer.cast_weights(
-      train.replicate(variables, steps.mesh), config.model.dtype)
-  total, per_batch = None, []
-  data = iter(ds)
-  try:
-    for batch in tqdm(data, total=info["batches_per_epoch"], desc=desc,
-                      disable=None if _is_main() else True, leave=False):
-      stats, logits = steps.eval(variables,
-                                 train.shard_batch(batch, steps.mesh))
-      stats = jax.tree_util.tree_map(np.asarray, stats)
-      total = stats if total is None else jax.tree_util.tree_map(
-          np.add, total, stats)
-      if config.task != "avss":
-        per_batch.append(metrics.binary_scores(stats))
-      if vis_dir and num_visualize:
-        _visualise(config, batch, logits, vis_dir, num_visualize)
-  finally:
-    _close(data)
-  if config.task == "avss":
-    # The original accumulates AVSS statistics over the whole split, so its
-    # number is already dataset-level.
-    res = metrics.semantic_scores(total)
-    res.update(miou_dataset=res["miou"], fscore_dataset=res["fscore"])
-  else:
-    ds_level = metrics.binary_scores(total)
-    res = {"miou": float(np.mean([b["miou"] for b in per_batch])),
-           "fscore": float(np.mean([b["fscore"] for b in per_batch])),
-           "miou_dataset": ds_level["miou"],
-           "fscore_dataset": ds_level["fscore"]}
-  res.update(split=split, num_clips=info["num_clips"],
-             batch_size=info["global_batch"], shuffled_audio=shuffle_audio)
-  return res
-
-
-def _visualise(config, batch, logits, vis_dir, limit):
-  """Saves the clips of this process's part of the batch that are among the
-  split's first `limit`. Every process writes its own: no collective, so
-  processes that hold none of them never wait for the one that does."""
-  want = [i for i in range(len(batch["clip_valid"]))
-          if batch["clip_valid"][i] and batch["meta_index"][i] < limit]
-  if not want:
-    return
-  # This process's rows of the global [B*T, H, W, C] logits, in the order
-  # of its local batch (`train.shard_batch` laid them out so).
-  shards = sorted(logits.addressable_shards,
-                  key=lambda s: s.index[0].start or 0)
-  local = np.concatenate([np.asarray(s.data) for s in shards])
-  b, t = batch["frames"].shape[:2]
-  local = local.reshape((b, t) + local.shape[1:])
-  for i in want:
-    visualize.save_clip(vis_dir, str(batch["meta_clip_id"][i]),
-                        batch["frames"][i], local[i],
-                        config.model.num_classes, batch["vid_flag"][i] > 0)
-
-
 def _check_finite(pending, step):
   for s, stats in pending:
     loss = float(stats["loss"])
@@ -186,7 +113,11 @@ def check_config(config, training: bool) -> None:
   given = [("eval.batch_size", config.eval.batch_size, 1)]
   if training:
     given += [("train.batch_size", t.batch_size, 1),
-              ("train.num_epochs", t.num_epochs, 1)]
+              ("train.num_epochs", t.num_epochs, 1),
+              ("train.log_every_steps", t.log_every_steps, 1),
+              ("checkpoint.every_steps", config.checkpoint.every_steps, 1),
+              # 0 kept no checkpoint at all: nothing to resume or evaluate
+              ("checkpoint.keep", config.checkpoint.keep, 1)]
   for field, value, least in given:
     if value < least:
       raise errors.ConfigError(f"{field} must be at least {least}, got "
@@ -340,8 +271,9 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
         _check_finite(pending, done)
         variables = {"params": state.params,
                      "batch_stats": state.batch_stats}
-        last_eval = evaluate(config, steps, variables, config.data.eval_split,
-                             source=src(config.data.eval_split))
+        last_eval = evaluation.evaluate(
+            config, steps, variables, config.data.eval_split,
+            source=src(config.data.eval_split))
         _scalars(writer, done, last_eval, "eval")
         msg = (f"epoch {math.ceil(done / bpe)}/{t.num_epochs} step {done}: "
                f"loss {float(stats['loss']):.4f}  {config.data.eval_split} "
@@ -360,7 +292,7 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
         break
   finally:
     notice.close()
-    _close(data_iter)
+    input_pipeline.close(data_iter)
   pbar.close()
   ckpt.close()
   if writer is not None:
@@ -399,9 +331,9 @@ def evaluate_checkpoint(config, workdir: str, checkpoint_dir: str, split: str,
   # must not overwrite the other's results or overlays.
   name = f"{split}_shuffled_audio" if shuffle_audio else split
   vis = files.join(workdir, "visualizations", name)
-  res = evaluate(config, steps, variables, split, shuffle_audio=shuffle_audio,
-                 vis_dir=vis, num_visualize=config.eval.num_visualize,
-                 source=source)
+  res = evaluation.evaluate(
+      config, steps, variables, split, shuffle_audio=shuffle_audio,
+      vis_dir=vis, num_visualize=config.eval.num_visualize, source=source)
   res["checkpoint"] = files.absolute(checkpoint_dir)
   if differ:                 # {field: [its run's value, this config's]}
     res["checkpoint_made_with"] = {k: [a, b] for k, a, b in differ}

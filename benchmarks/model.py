@@ -166,7 +166,7 @@ def setup(name, dtype, remat, scan, batch, eval_batch, overrides=None):
 
 
 def eval_inputs(config, state, clips, mesh):
-  """(variables, sharded batch) of the eval step: as trainer.evaluate and
+  """(variables, sharded batch) of the eval step: as evaluation.evaluate and
   predict, the weights cast to the compute dtype once, not per step."""
   from avsegformer_jax import avsegformer, train
   gb = train.shard_batch(random_batch(config, clips), mesh)

@@ -132,7 +132,7 @@ def plan_row(name, dtype, remat, scan, batch, eval_batch, phases, mesh,
     row.update({f"{phase}_plan_{k}_bytes": v for k, v in plan.items()})
 
   if "eval" in phases:
-    # As trainer.evaluate and predict: the weights cast once, not per step.
+    # As evaluation.evaluate and predict: the weights cast once, not per step.
     variables = _abstract(jax.eval_shape(
         lambda v: avsegformer.cast_weights(v, config.model.dtype),
         {"params": state.params, "batch_stats": state.batch_stats}),
