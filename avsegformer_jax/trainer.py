@@ -129,6 +129,11 @@ def check_config(config, training: bool) -> None:
         f"train.first_frame_only is for S4 (its training clips label frame "
         f"0 only); task {config.task!r} labels every frame: set --config."
         f"train.first_frame_only=False (configs/{config.task}.py does)")
+  if training and t.batch_size % jax.device_count():
+    raise errors.ConfigError(
+        f"train.batch_size={t.batch_size} does not split evenly over the "
+        f"{jax.device_count()} devices: give a multiple of "
+        f"{jax.device_count()}")
   if training and not t.learning_rate > 0:
     raise errors.ConfigError(
         f"train.learning_rate must be > 0, got {t.learning_rate}")

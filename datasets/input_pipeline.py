@@ -115,13 +115,14 @@ class ClipLoader:
   crop: bool                    # AVSS train: short-side resize + centre crop
   num_clips: int
   global_batch: int
-  local_batch: int
+  local_batch: int              # this process's clips of a batch (at most)
   process_index: int
   batches_per_epoch: int
   shuffle: bool
   seed: int
   audio_perm: np.ndarray | None = None   # shuffled-audio control
   where: str = "the prepared dataset"     # named when a record is unreadable
+  slots: int = 0        # rows per process batch (eval: padded to its devices)
 
   def _order(self, epoch: int) -> np.ndarray:
     if not self.shuffle:
@@ -129,11 +130,13 @@ class ClipLoader:
     return np.random.default_rng([self.seed, epoch]).permutation(self.num_clips)
 
   def __call__(self, i: int):
-    per_epoch = self.batches_per_epoch * self.local_batch
-    epoch, r = divmod(int(i), per_epoch)
-    b, k = divmod(r, self.local_batch)
-    pos = b * self.global_batch + self.process_index * self.local_batch + k
-    valid = pos < self.num_clips
+    slots = self.slots or self.local_batch
+    epoch, r = divmod(int(i), self.batches_per_epoch * slots)
+    b, k = divmod(r, slots)
+    j = self.process_index * self.local_batch + k     # place in the batch
+    pos = b * self.global_batch + j
+    valid = k < self.local_batch and j < self.global_batch and \
+        pos < self.num_clips
     idx = int(self._order(epoch)[pos % self.num_clips])
     return self.load(idx, valid)
 
@@ -247,12 +250,14 @@ def create_dataset(config, split: str, *, train: bool, num_epochs: int = 1,
                    process_index: int | None = None,
                    process_count: int | None = None, source=None,
                    shuffle_audio: bool = False, num_workers: int | None = None,
-                   train_frames: int | None = None, start_batch: int = 0):
+                   train_frames: int | None = None, start_batch: int = 0,
+                   devices: int | None = None):
   """Returns (grain IterDataset of this process's batches, info dict);
   `train_frames`: the first frames of each training clip to load
   (`train.clip_frames`) unless `data.train_num_frames` says otherwise;
   `start_batch`: the first batch of the run to yield (a resumed run's step:
-  batches are a pure function of their index)."""
+  batches are a pure function of their index); `devices`: this process's
+  (default: JAX's local devices)."""
   import jax  # pylint: disable=g-import-not-at-top
   source = open_source(config, split) if source is None else source
   n = len(source)
@@ -262,10 +267,16 @@ def create_dataset(config, split: str, *, train: bool, num_epochs: int = 1,
   pc = jax.process_count() if process_count is None else process_count
   gb = batch_size or (config.train.batch_size if train else
                       config.eval.batch_size)
-  if gb % pc:
-    raise PipelineError(f"global batch {gb} is not divisible by the "
-                        f"{pc} processes")
-  lb = gb // pc
+  ldc = jax.local_device_count() if devices is None else devices
+  if train and gb % (pc * ldc):
+    # (BatchNorm's statistics and the loss would count padding clips)
+    raise PipelineError(
+        f"a training batch of {gb} clips (train.batch_size) does not split "
+        f"evenly over the {pc * ldc} devices ({pc} process(es) x {ldc})")
+  # Evaluation pads each process's part of a batch to its devices with
+  # clips that count nowhere (clip_valid 0): the batches, and the per-batch
+  # averages, stay those of eval.batch_size.
+  lb = -(-gb // pc)
   bpe = math.ceil(n / gb)
   seed = config.data.shuffle_seed if seed is None else seed
   loader = ClipLoader(
@@ -276,9 +287,11 @@ def create_dataset(config, split: str, *, train: bool, num_epochs: int = 1,
       seed=seed,
       audio_perm=_derangement(n, seed + 1) if shuffle_audio else None,
       where=f"{config.data.name}/{config.task} split {split!r} in "
-      f"{config.data.data_dir or 'the TFDS data dir'}")
+      f"{config.data.data_dir or 'the TFDS data dir'}",
+      slots=-(-lb // ldc) * ldc)
   _check_frames(config.data.num_frames, loader, train)
-  ds = grain.MapDataset.range(num_epochs * bpe * lb).map(loader).batch(lb)
+  ds = grain.MapDataset.range(num_epochs * bpe * loader.slots).map(
+      loader).batch(loader.slots)
   if start_batch:
     ds = ds[start_batch:]
   ahead = config.data.get("prefetch_batches", PREFETCH_BATCHES)

@@ -193,6 +193,8 @@ def test_an_output_folder_that_cannot_be_made_is_named(request, tmp_path,
     ("checkpoint.every_steps", 0, "checkpoint.every_steps must be at least 1"),
     ("checkpoint.keep", 0, "checkpoint.keep must be at least 1, got 0"),
     ("train.learning_rate", -1e-4, "train.learning_rate must be > 0"),
+    ("train.batch_size", 3, "train.batch_size=3 does not split evenly over "
+     "the 2 devices: give a multiple of 2"),
     ("train.loss", "iou", "train.loss must be one of ('dice', 'bce', 'ce')"),
     # AVSS's multi-class loss on S4's one logit: NaN, "diverged".
     ("train.loss", "ce", "train.loss must be 'dice' or 'bce' for task 's4', "
@@ -203,11 +205,15 @@ def test_an_output_folder_that_cannot_be_made_is_named(request, tmp_path,
     ("task", "ms3", "train.first_frame_only is for S4 (its training clips "
      "label frame 0 only); task 'ms3' labels every frame: set --config.train."
      "first_frame_only=False (configs/ms3.py does)")])
-def test_a_run_setting_that_cannot_work_is_named(field, value, error):
+def test_a_run_setting_that_cannot_work_is_named(field, value, error,
+                                                 monkeypatch):
   """A batch of 0 divided by zero in the pipeline and a negative learning
   rate trained uphill without a word; the loss and bit generator were met
-  inside the traced step."""
+  inside the traced step, a batch the devices do not share evenly in JAX's
+  sharding (here as if on 2 devices)."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(jax, "device_count", lambda: 2)
   config = tiny.get_config()
   trainer.check_config(config, training=True)
   config.update_from_flattened_dict({field: value})

@@ -213,8 +213,33 @@ def test_two_processes_together_see_the_global_batch(data_dir):
   for g, p0, p1 in zip(whole, *parts):
     for k in g:
       np.testing.assert_array_equal(np.concatenate([p0[k], p1[k]]), g[k], err_msg=k)
-  with pytest.raises(ip.PipelineError, match="not divisible"):
+  with pytest.raises(ip.PipelineError, match=r"a training batch of 3 clips \(train.batch_size\) "
+                     r"does not split evenly over the 2 devices \(2 process\(es\) x 1\)"):
     ip.create_dataset(c, "train", train=True, batch_size=3, process_index=0, process_count=2)
+
+
+@pytest.mark.parametrize("processes,devices", [(2, 2), (1, 4)])
+def test_eval_batches_are_padded_to_the_devices(data_dir, processes, devices):
+  """eval.batch_size=2 (the configs') on 4 GPUs ended in JAX's
+  IndivisibleError. Each process's part is now padded to its devices with
+  clips that count nowhere, so the batches, and the original's per-batch
+  averages, stay eval.batch_size's."""
+  c = make_config("s4", data_dir, image_size=8)
+  whole, _ = batches(c, "train", False, batch_size=3)
+  parts = [batches(c, "train", False, batch_size=3, process_index=p,
+                   process_count=processes, devices=devices)[0]
+           for p in range(processes)]
+  assert len(whole) == 2 and all(len(p) == 2 for p in parts)
+  for g, *p in zip(whole, *parts):
+    assert all(len(q["clip_valid"]) == {2: 2, 1: 4}[processes] for q in p)
+    valid = np.concatenate([q["clip_valid"] for q in p]) > 0
+    assert valid.sum() == 3 and (g["clip_valid"] > 0).all()
+    for k in g:
+      np.testing.assert_array_equal(np.concatenate([q[k] for q in p])[valid],
+                                    g[k], err_msg=k)
+  with pytest.raises(ip.PipelineError, match="over the 4 devices"):
+    ip.create_dataset(c, "train", train=True, batch_size=2, devices=4,
+                      process_count=1, process_index=0)
 
 
 # ---------------------------------------------------------------- resuming --
