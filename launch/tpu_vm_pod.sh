@@ -3,10 +3,12 @@
 # JAX process per host (jax.distributed.initialize() finds the pod's
 # coordinator by itself on TPU VMs).
 #
-#   TPU=my-v4-32 ZONE=us-central2-b bash launch/tpu_vm_pod.sh configs/s4.py:pvt2 gs://bucket/runs/s4
+#   TPU=my-v4-32 ZONE=us-central2-b bash launch/tpu_vm_pod.sh configs/s4.py:pvt2 \
+#       gs://bucket/runs/s4 --config.train.batch_size=16
 #
 # --config.train.batch_size (clips per step, all chips together) must be a
-# multiple of the slice's chips: the configs' 2 is refused on a pod.
+# multiple of the slice's JAX devices (16 on a v4-32); the configs' 2 is
+# refused on a pod.
 # Further arguments go to main.py, e.g. --config.model.scan_layers=True:
 # XLA:TPU compiles the PVTv2-B5 train step 2.6x faster with the layers
 # scanned, in 12% less memory (benchmarks/README.md, "TPU without a TPU").
