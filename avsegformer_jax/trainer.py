@@ -26,9 +26,6 @@ class NonFiniteLossError(errors.ReportedError, RuntimeError):
   pass
 
 
-LINE_S = 60        # seconds between progress lines where no bar is drawn
-
-
 def _is_main():
   return jax.process_index() == 0
 
@@ -263,7 +260,8 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
         _log_line(workdir, dict(step=done, **s))
         pbar.set_postfix(loss=f"{s['loss']:.4f}", clips_s=f"{rate:.2f}",
                          input_wait=f"{wait:.0%}")
-        if pbar.disable and _is_main() and time.time() - said >= LINE_S:
+        if (pbar.disable and _is_main() and
+            time.time() - said >= evaluation.LINE_S):
           said = time.time()
           left = (said - t_run) / (done - start) * (total - done)
           pbar.write(f"step {done}/{total}: loss {s['loss']:.4f}, "

@@ -77,6 +77,8 @@ def test_one_vs_four_devices(reference_run, tmp_path):
   assert lines[0].startswith(f"step 1/6: loss {l4[1]:.4f}, "), lines
   assert re.fullmatch(r"step 6/6: loss [\d.]+, [\d.]+ clips/s, input wait "
                       r"\d+%, about 0 min to go", lines[-1]), lines
+  assert [l for l in out.splitlines() if l.startswith("eval ")] == [
+      "eval validation: batch 1/2", "eval validation: batch 2/2"] * 2
   assert sorted(l1) == sorted(l4) and len(l1) == 6   # 3 steps x 2 epochs
   np.testing.assert_allclose([l4[s] for s in sorted(l4)],
                              [l1[s] for s in sorted(l1)], rtol=2e-5)
