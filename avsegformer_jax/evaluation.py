@@ -6,18 +6,10 @@ Used by the training loop (validation at each epoch's end) and by
 """
 from __future__ import annotations
 
-import time
-
 import jax
 import numpy as np
-from tqdm import tqdm
 
-from avsegformer_jax import avsegformer, metrics, train, visualize
-
-# No progress bar into a file or pipe (tqdm's disable=None), such as a batch
-# job's log, where it wrote a carriage-return update per step: a line every
-# LINE_S seconds there instead (here and in the training loop).
-LINE_S = 60
+from avsegformer_jax import avsegformer, metrics, progress, train, visualize
 
 
 def evaluate(config, steps: train.Steps, variables, split: str, *,
@@ -30,17 +22,14 @@ def evaluate(config, steps: train.Steps, variables, split: str, *,
       config, split, train=False, source=source, shuffle_audio=shuffle_audio)
   variables = avsegformer.cast_weights(
       train.replicate(variables, steps.mesh), config.model.dtype)
-  total, per_batch, said = None, [], time.time()
+  total, per_batch = None, []
   data = iter(ds)
   n = info["batches_per_epoch"]
+  shown = progress.Progress(jax.process_index() == 0, total=n, desc=desc,
+                            leave=False)
   try:
-    bar = tqdm(data, total=n, desc=desc, leave=False,
-               disable=None if jax.process_index() == 0 else True)
-    for i, batch in enumerate(bar, 1):
-      if bar.disable and jax.process_index() == 0 and \
-          time.time() - said >= LINE_S:
-        said = time.time()
-        tqdm.write(f"{desc} {split}: batch {i}/{n}")
+    for i, batch in enumerate(data, 1):
+      shown.line(f"{desc} {split}: batch {i}/{n}")
       stats, logits = steps.eval(variables,
                                  train.shard_batch(batch, steps.mesh))
       stats = jax.tree_util.tree_map(np.asarray, stats)
@@ -50,7 +39,9 @@ def evaluate(config, steps: train.Steps, variables, split: str, *,
         per_batch.append(metrics.binary_scores(stats))
       if vis_dir and num_visualize:
         _visualise(config, batch, logits, vis_dir, num_visualize)
+      shown.bar.update(1)
   finally:
+    shown.close()
     input_pipeline.close(data)
   if config.task == "avss":
     # The original accumulates AVSS statistics over the whole split, so its

@@ -39,9 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from PIL import Image
-from tqdm import tqdm
 
 from avsegformer_jax import audio as audio_lib
+from avsegformer_jax import progress as progress_lib
 from avsegformer_jax import (avsbench_extraction, avsegformer, checkpoint,
                              compile_cache, errors, files, predict_outputs,
                              pretrained, run_config, video_io, visualize,
@@ -199,9 +199,9 @@ def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
   per_call = batch_clips * t_win
   est = info.duration * (float(info.rate) if every_frame else fps) \
       if info.duration else None
-  bar = tqdm(total=-(-int(round(est)) // t_win) if est else None,
-             unit="window", desc="predict",
-             disable=None if progress else True)   # None: not into a file
+  shown = progress_lib.Progress(
+      progress, total=-(-int(round(est)) // t_win) if est else None,
+      unit="window", desc="predict")
   writer = video_io.OverlayWriter(os.path.join(out_dir, "overlay.mp4"), info,
                                   rate, timed=every_frame)
   half = 0.5 / float(info.rate)   # every_frame samples sit mid-frame
@@ -240,7 +240,10 @@ def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
       records.append({"index": s.index, "time": round(s.time, 4),
                       "source_frame": s.source_frame,
                       "foreground": float((mask > 0).mean())})
-    bar.update(-(-n // t_win))
+    shown.bar.update(-(-n // t_win))
+    shown.line(lambda: f"predict {os.path.basename(video)}: "
+               f"{batch[-1].time:.0f} s" + (f" of {info.duration:.0f}"
+                                            if info.duration else ""))
 
   batch, done = [], False
   try:
@@ -257,7 +260,7 @@ def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
   except video_io.VideoError as e:
     raise PredictError(str(e)) from None
   finally:
-    bar.close()
+    shown.close()
     if not done:
       images.abort()
       writer.abort()

@@ -16,10 +16,10 @@ import time
 
 import jax
 from absl import logging
-from tqdm import tqdm
 
 from avsegformer_jax import (avsegformer, checkpoint, errors, evaluation,
-                             files, losses, multihost, run_config, train)
+                             files, losses, multihost, progress, run_config,
+                             train)
 
 
 class NonFiniteLossError(errors.ReportedError, RuntimeError):
@@ -216,10 +216,9 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
   writer = _writer(workdir)
   last_eval, pending, t0, clips = {}, [], time.time(), 0
   waited = 0.0     # seconds in next(data_iter) since the last log line
-  said = t_run = time.time()
-  # No bar into a file or pipe (a batch job's log): a line there instead.
-  pbar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True,
-              disable=None if _is_main() else True)
+  t_run = time.time()
+  shown = progress.Progress(_is_main(), total=total, initial=start,
+                            desc="train", dynamic_ncols=True)
 
   def save(step, extra=None):
     _check_finite(pending, step)
@@ -247,7 +246,7 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
       state, stats = steps.train(state, train.shard_batch(batch, mesh))
       pending.append((step, stats))
       clips += info["global_batch"]
-      pbar.update(1)
+      shown.bar.update(1)
       done = step + 1
       if done % t.log_every_steps == 0 or done == total:
         s = jax.tree_util.tree_map(float, jax.device_get(stats))
@@ -258,15 +257,12 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
                  input_wait_fraction=wait)
         _scalars(writer, done, s, "train")
         _log_line(workdir, dict(step=done, **s))
-        pbar.set_postfix(loss=f"{s['loss']:.4f}", clips_s=f"{rate:.2f}",
-                         input_wait=f"{wait:.0%}")
-        if (pbar.disable and _is_main() and
-            time.time() - said >= evaluation.LINE_S):
-          said = time.time()
-          left = (said - t_run) / (done - start) * (total - done)
-          pbar.write(f"step {done}/{total}: loss {s['loss']:.4f}, "
-                     f"{rate:.2f} clips/s, input wait {wait:.0%}, about "
-                     f"{left / 60:.0f} min to go")
+        shown.bar.set_postfix(loss=f"{s['loss']:.4f}",
+                              clips_s=f"{rate:.2f}", input_wait=f"{wait:.0%}")
+        left = (time.time() - t_run) / (done - start) * (total - done)
+        shown.line(f"step {done}/{total}: loss {s['loss']:.4f}, {rate:.2f} "
+                   f"clips/s, input wait {wait:.0%}, about {left / 60:.0f} "
+                   "min to go")
       epoch_end = done % bpe == 0 or done == total
       # A preemption notice: save this step, then stop (not after the last).
       stop = done < total and notice.reached(done)
@@ -281,7 +277,7 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
         msg = (f"epoch {math.ceil(done / bpe)}/{t.num_epochs} step {done}: "
                f"loss {float(stats['loss']):.4f}  {config.data.eval_split} "
                f"mIoU {last_eval['miou']:.4f} F {last_eval['fscore']:.4f}")
-        pbar.write(msg) if _is_main() else None
+        shown.bar.write(msg) if _is_main() else None
         logging.info(msg)
         save(done, {"miou": last_eval["miou"]})
         ckpt.save_best(done, variables,
@@ -290,13 +286,13 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
         save(done)
       if stop:
         if _is_main():
-          pbar.write(f"SIGTERM: step {done} saved; stopping")
+          shown.bar.write(f"SIGTERM: step {done} saved; stopping")
         preempted = done
         break
   finally:
     notice.close()
     input_pipeline.close(data_iter)
-  pbar.close()
+  shown.close()
   ckpt.close()
   if writer is not None:
     writer.close()

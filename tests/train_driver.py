@@ -78,7 +78,7 @@ def main():
                  help="checkpoint.every_steps (epoch ends save too)")
   p.add_argument("--workers", type=int, default=0, help="data.num_workers")
   p.add_argument("--line_s", type=float, default=None,
-                 help="evaluation.LINE_S: seconds between progress lines")
+                 help="progress.EVERY_S: seconds between progress lines")
   p.add_argument("--set", action="append", default=[],
                  help="FIELD=VALUE: a config override (a Python literal)")
   a = p.parse_args()
@@ -87,7 +87,7 @@ def main():
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from avsegformer_jax import avsegformer, checkpoint, evaluation, trainer  # pylint: disable=g-import-not-at-top
+  from avsegformer_jax import avsegformer, checkpoint, progress, trainer  # pylint: disable=g-import-not-at-top
   if a.processes > 1:
     import cluster_cache  # pylint: disable=g-import-not-at-top
     cluster_cache.enable()      # (process 1's programs cached too)
@@ -95,7 +95,7 @@ def main():
   assert jax.process_count() == a.processes, jax.process_count()
   assert jax.device_count() == a.devices * a.processes, jax.devices()
   if a.line_s is not None:
-    evaluation.LINE_S = a.line_s
+    progress.EVERY_S = a.line_s
   c = tiny_config()
   c.train.max_steps = a.steps
   c.checkpoint.every_steps = a.every_steps
