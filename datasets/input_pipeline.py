@@ -120,9 +120,9 @@ class ClipLoader:
   batches_per_epoch: int
   shuffle: bool
   seed: int
+  slots: int            # rows per process batch (eval: padded to its devices)
   audio_perm: np.ndarray | None = None   # shuffled-audio control
   where: str = "the prepared dataset"     # named when a record is unreadable
-  slots: int = 0        # rows per process batch (eval: padded to its devices)
 
   def _order(self, epoch: int) -> np.ndarray:
     if not self.shuffle:
@@ -130,9 +130,8 @@ class ClipLoader:
     return np.random.default_rng([self.seed, epoch]).permutation(self.num_clips)
 
   def __call__(self, i: int):
-    slots = self.slots or self.local_batch
-    epoch, r = divmod(int(i), self.batches_per_epoch * slots)
-    b, k = divmod(r, slots)
+    epoch, r = divmod(int(i), self.batches_per_epoch * self.slots)
+    b, k = divmod(r, self.slots)
     j = self.process_index * self.local_batch + k     # place in the batch
     pos = b * self.global_batch + j
     valid = k < self.local_batch and j < self.global_batch and \
@@ -284,11 +283,10 @@ def create_dataset(config, split: str, *, train: bool, num_epochs: int = 1,
       image_size=config.data.image_size,
       crop=train and config.task == "avss", num_clips=n, global_batch=gb,
       local_batch=lb, process_index=pi, batches_per_epoch=bpe, shuffle=train,
-      seed=seed,
+      seed=seed, slots=-(-lb // ldc) * ldc,
       audio_perm=_derangement(n, seed + 1) if shuffle_audio else None,
       where=f"{config.data.name}/{config.task} split {split!r} in "
-      f"{config.data.data_dir or 'the TFDS data dir'}",
-      slots=-(-lb // ldc) * ldc)
+      f"{config.data.data_dir or 'the TFDS data dir'}")
   _check_frames(config.data.num_frames, loader, train)
   ds = grain.MapDataset.range(num_epochs * bpe * loader.slots).map(
       loader).batch(loader.slots)
