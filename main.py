@@ -112,15 +112,14 @@ def _main(argv):
   if _MODE.value == "eval" and not files.exists(source):
     raise checkpoint.CheckpointError(f"{source}: no such checkpoint")
   files.make_output_dir(workdir, "the workdir")
+  training = _MODE.value == "train"
   # One run at a time in a workdir, from its demo data on.
-  with (trainer.exclusive(workdir) if _MODE.value == "train" else
-        contextlib.nullcontext()):
+  with trainer.exclusive(workdir) if training else contextlib.nullcontext():
     with config.unlocked():
       if config.data.get("synthetic") and config.data.synthetic.enabled:
         _demo_data(config, workdir)
-    if _MODE.value == "train":
-      res = trainer.train_and_evaluate(config, workdir)
-  if _MODE.value == "train":
+    res = trainer.train_and_evaluate(config, workdir) if training else None
+  if training:
     if config.eval.get("shuffled_audio_control"):
       _control(config, workdir)
     else:
