@@ -32,6 +32,7 @@ import re
 import sys
 from typing import Any
 
+from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -283,21 +284,17 @@ def _restore_tree(path):
     return _orbax_io(lambda: ckptr.restore(path), path, "")
 
 
-def load_variables(directory, prefer: str = "best") -> dict[str, Any]:
-  """Model variables from an export, a training workdir or one of its
-  steps (WORKDIR/checkpoints/<step>, WORKDIR/best/<step>).
-
-  A workdir gives its best checkpoint (`prefer="best"`) or its latest one
-  (`prefer="latest"`), falling back to whichever exists. The variables are
-  as saved: `fit_variables` fits them to a config.
-  """
+def resolve(directory, prefer: str = "best") -> str:
+  """The directory whose variables `read_variables` reads for `directory`:
+  an export or one step of a workdir as given, a workdir's best step
+  (`prefer="best"`) or its latest one (`prefer="latest"`), falling back to
+  whichever exists."""
   root = _abs(directory)
   if not files.is_dir(root):
     raise CheckpointError(f"{root}: no such checkpoint directory")
-  if files.exists(files.join(root, EXPORT_MARKER)):
-    return _variables(_restore_tree(files.join(root, "variables")))
-  if files.exists(files.join(root, "state", "_METADATA")):
-    return _variables(_restore_tree(files.join(root, "state")))
+  if files.exists(files.join(root, EXPORT_MARKER)) or files.exists(
+      files.join(root, "state", "_METADATA")):
+    return root
   order = ("best", "checkpoints") if prefer == "best" else ("checkpoints",
                                                             "best")
   for sub in order:
@@ -307,13 +304,39 @@ def load_variables(directory, prefer: str = "best") -> dict[str, Any]:
     # Finalized steps only (an interrupted save's tmp dir is not one); no
     # manager: a read-only one logs three warnings per load.
     steps = ocp.utils.checkpoint_steps(mdir)   # best/ keeps a single step
-    if not steps:
-      continue
-    return _variables(_restore_tree(files.join(mdir, str(max(steps)),
-                                               "state")))
+    if steps:
+      return files.join(mdir, str(max(steps)))
   raise CheckpointError(
       f"{root}: neither a model export ({EXPORT_MARKER}), a training "
       "workdir with checkpoints/ or best/, nor one of their steps")
+
+
+def read_variables(directory, prefer: str = "best"
+                   ) -> tuple[dict[str, Any], str]:
+  """(model variables, the directory they were read from: `resolve`'s).
+
+  A run training in the workdir replaces best/<step> with its successor
+  and drops the oldest checkpoints/<step>: a step deleted while it was
+  read is followed to the one that replaced it.
+  """
+  for attempt in range(3):
+    source = resolve(directory, prefer)
+    tree = files.join(source, "variables") if files.exists(
+        files.join(source, EXPORT_MARKER)) else files.join(source, "state")
+    try:
+      return _variables(_restore_tree(tree)), source
+    except CheckpointError:
+      if files.exists(source) or attempt == 2:
+        raise
+      logging.info("%s was replaced while it was read; reading again",
+                   source)
+
+
+def load_variables(directory, prefer: str = "best") -> dict[str, Any]:
+  """Model variables from an export, a training workdir or one of its
+  steps (WORKDIR/checkpoints/<step>, WORKDIR/best/<step>); see `resolve`.
+  The variables are as saved: `fit_variables` fits them to a config."""
+  return read_variables(directory, prefer)[0]
 
 
 def _variables(tree) -> dict[str, Any]:

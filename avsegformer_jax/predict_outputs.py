@@ -62,13 +62,18 @@ def write_summary(out_dir: str, summary: dict) -> None:
 def done_before(video: str, out: str, settings: dict) -> dict | None:
   """The summary in OUT/predictions.json if a finished run with these
   `settings` (SETTINGS: checkpoint, task, model input size, window,
-  sampling, extraction) wrote it for this video, not modified since; else
-  None."""
+  sampling, extraction) wrote it for this video, neither of them modified
+  since; else None. A workdir's checkpoint is its best step's directory:
+  a better one saved since is another checkpoint."""
   path = os.path.join(out, SUMMARY)
   try:
     with open(path) as f:
       s = json.load(f)
-    newer = os.path.getmtime(video) > os.path.getmtime(path)
+    made = os.path.getmtime(path)
+    # The video, or the checkpoint overwritten in place, changed since.
+    newer = os.path.getmtime(video) > made or (
+        os.path.exists(settings["checkpoint"] or "")
+        and os.path.getmtime(settings["checkpoint"]) > made)
   except (OSError, ValueError):
     return None
   same = (isinstance(s, dict) and s.get("video") == os.path.abspath(video)

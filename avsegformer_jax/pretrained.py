@@ -153,26 +153,33 @@ def _check_checkpoint_fits(sd, config, path):
         "matching configs/<task>.py)")
 
 
-def load_model_variables(path: str, config, shapes=None):
-  """Model variables for `config` from any checkpoint of the model: our
-  export, workdir (its best) or WORKDIR/checkpoints/<step>, fitted to the
-  config's layout (`checkpoint.fit_variables`), or a released `.pth`,
-  converted on the fly. `shapes`: the config's variables or their shapes,
-  if the caller has them."""
+def read_model_variables(path: str, config, shapes=None):
+  """(variables, what they were read from) for `config` from any checkpoint
+  of the model: our export, workdir (its best: the source names the step)
+  or WORKDIR/checkpoints/<step>, fitted to the config's layout
+  (`checkpoint.fit_variables`), or a released `.pth`, converted on the fly.
+  `shapes`: the config's variables or their shapes, if the caller has
+  them."""
   if files.is_dir(path):
     if shapes is None:
       shapes = avsegformer.variable_shapes(avsegformer.build_model(config))
     hint = run_config.model_changes(run_config.changes(config, path))
+    variables, source = checkpoint.read_variables(path)
     return checkpoint.fit_variables(
-        checkpoint.load_variables(path), shapes, path,
+        variables, shapes, source,
         hint and hint + "Pass the config it was trained with "
-        f"(--config=configs/run.py:{path} takes it).")
+        f"(--config=configs/run.py:{path} takes it)."), source
   if not files.exists(path):
     raise checkpoint.CheckpointError(f"{path}: no such checkpoint")
   variables, report = load_checkpoint(path, config)
   logging.info("converted %d tensors of %s (%d known unused)",
                len(report["used"]), path, len(report["unused"]))
-  return variables
+  return variables, files.absolute(path)
+
+
+def load_model_variables(path: str, config, shapes=None):
+  """`read_model_variables`' variables alone."""
+  return read_model_variables(path, config, shapes)[0]
 
 
 def load_pretrained(config, variables):

@@ -320,7 +320,8 @@ def evaluate_checkpoint(config, workdir: str, checkpoint_dir: str, split: str,
   multihost.connect(mesh)
   model = avsegformer.build_model(config)
   from avsegformer_jax import pretrained  # pylint: disable=g-import-not-at-top
-  variables = pretrained.load_model_variables(checkpoint_dir, config)
+  variables, read_from = pretrained.read_model_variables(checkpoint_dir,
+                                                         config)
   differ = run_config.output_changes(config, checkpoint_dir)
   if differ and _is_main():
     logging.warning(run_config.output_changes_note(checkpoint_dir, differ))
@@ -333,7 +334,7 @@ def evaluate_checkpoint(config, workdir: str, checkpoint_dir: str, split: str,
   res = evaluation.evaluate(
       config, steps, variables, split, shuffle_audio=shuffle_audio,
       vis_dir=vis, num_visualize=config.eval.num_visualize, source=source)
-  res["checkpoint"] = files.absolute(checkpoint_dir)
+  res["checkpoint"] = read_from  # a workdir's: the step read (best/<step>)
   if differ:                 # {field: [its run's value, this config's]}
     res["checkpoint_made_with"] = {k: [a, b] for k, a, b in differ}
   if _is_main():

@@ -54,6 +54,41 @@ def test_an_interrupted_save_is_not_a_step(workdir, tmp_path):
   assert _value(checkpoint.load_variables(root)) == 2
 
 
+def test_resolve_names_the_step_read(workdir):
+  """Results record the step they came from, not just the workdir (its
+  best changes while a run trains)."""
+  root = str(workdir)
+  assert checkpoint.resolve(root) == f"{root}/best/1"
+  assert checkpoint.resolve(root, prefer="latest") == f"{root}/checkpoints/2"
+  assert checkpoint.resolve(f"{root}/checkpoints/1") == f"{root}/checkpoints/1"
+  variables, source = checkpoint.read_variables(root)
+  assert (_value(variables), source) == (1, f"{root}/best/1")
+
+
+def test_a_best_step_replaced_while_it_is_read_is_followed(workdir, tmp_path,
+                                                           monkeypatch):
+  """`--mode=eval --checkpoint=WORKDIR` while the run trains there: the
+  run saves a better step and deletes best/<old> between the listing and
+  the read. The new best is read, not an error about missing files."""
+  root = tmp_path / "w"
+  shutil.copytree(workdir, root)
+  read = checkpoint._restore_tree
+  calls = []
+  def trainer_saves_a_better_step_first(path):
+    if not calls:
+      ckpt = checkpoint.Checkpointer(root)
+      ckpt.save_best(3, _variables(3), {"miou": 0.95})
+      ckpt.close()
+      assert not (root / "best" / "1").exists()
+    calls.append(path)
+    return read(path)
+  monkeypatch.setattr(checkpoint, "_restore_tree",
+                      trainer_saves_a_better_step_first)
+  variables, source = checkpoint.read_variables(root)
+  assert (_value(variables), source) == (3, f"{root}/best/3")
+  assert calls == [f"{root}/best/1/state", f"{root}/best/3/state"]
+
+
 def test_errors_name_the_directory(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="no such"):
     checkpoint.load_variables(tmp_path / "missing")

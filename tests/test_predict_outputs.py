@@ -4,10 +4,11 @@ back; several videos with one model; a write that fails."""
 import json
 import os
 
+import numpy as np
 import pytest
 
-from avsegformer_jax import (predict, predict_outputs, synthetic_video,
-                             video_io)
+from avsegformer_jax import (checkpoint, predict, predict_outputs,
+                             synthetic_video, video_io)
 from predict_stub import config as _config, stub_forward as _stub_forward
 
 
@@ -55,6 +56,27 @@ def test_done_before_needs_this_runs_settings(tmp_path):
   (tmp_path / "predictions.json").write_text("[1, 2]")   # not a summary
   assert predict_outputs.done_before(str(video), str(tmp_path),
                                      settings) is None
+
+
+def test_done_before_is_out_of_date_once_the_checkpoint_is_rewritten(
+    tmp_path):
+  """A .pth or an export overwritten in place (same path, new weights)
+  makes the outputs made with it out of date, as a newer video does."""
+  video, ckpt = tmp_path / "v.mp4", tmp_path / "model.pth"
+  video.write_bytes(b"")
+  ckpt.write_bytes(b"")
+  os.utime(video, (0, 0))
+  os.utime(ckpt, (0, 0))
+  settings = {"checkpoint": str(ckpt), "config_task": "s4",
+              "image_size": 224, "window": 5, "sampling": "avsbench_1fps",
+              "extraction": "avsbench"}
+  out = tmp_path / "out"
+  out.mkdir()
+  predict_outputs.write_summary(str(out), {"video": str(video), **settings})
+  assert predict_outputs.done_before(str(video), str(out), settings)
+  ckpt.write_bytes(b"new weights")
+  os.utime(ckpt, (2e9, 2e9))
+  assert predict_outputs.done_before(str(video), str(out), settings) is None
 
 
 def test_several_videos_one_model(tmp_path, video, monkeypatch, stub_model):
@@ -123,6 +145,28 @@ def test_skip_done_goes_on_after_an_interruption(tmp_path, stub_model,
   predict.predict_videos(_config(), vids, out, variables=stub_model, fps=2,
                          progress=False, skip_done=True, report=lines.append)
   assert ran == [vids[0]]
+
+
+def test_skip_done_runs_again_for_a_new_best_step(tmp_path, stub_model):
+  """`--checkpoint=WORKDIR` reads its best step: outputs made with it are
+  out of date once the run (still training there) saves a better one."""
+  wd, out = tmp_path / "wd", str(tmp_path / "out")
+  vids = [synthetic_video.write(tmp_path / "a.webm", size=32,
+                                schedule=((0, 2.0),)).path]
+  ckpt = checkpoint.Checkpointer(wd)
+  variables = {"params": {"w": np.ones(2, np.float32)}, "batch_stats": {}}
+  ckpt.save_best(1, variables, {"miou": 0.5})
+  def run():
+    lines = []
+    done, _ = predict.predict_videos(
+        _config(), vids, out, checkpoint_dir=str(wd), progress=False,
+        skip_done=True, report=lines.append)
+    return done[0]["checkpoint"], lines[0].startswith("done before")
+  assert run() == (f"{wd}/best/1", False)
+  assert run() == (f"{wd}/best/1", True)
+  ckpt.save_best(2, variables, {"miou": 0.6})
+  ckpt.close()
+  assert run() == (f"{wd}/best/2", False)
 
 
 @pytest.mark.parametrize("where", ["mask", "overlay video"])

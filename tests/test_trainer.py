@@ -344,3 +344,14 @@ def test_evaluations_keep_their_results_and_overlays_apart(tmp_path):
   with open(tmp_path / "wd" / "eval_results_test.json") as f:
     assert json.load(f)["checkpoint_made_with"] == {
         "data.num_frames": [3, config.data.num_frames]}
+  assert res["checkpoint"] == str(tmp_path / "export")
+  # A training workdir: the results name the step read (its best changes
+  # while the run trains).
+  ckpt = checkpoint.Checkpointer(tmp_path / "run")
+  ckpt.save_best(5, checkpoint.load_variables(tmp_path / "export"),
+                 {"miou": 0.5})
+  ckpt.close()
+  res = trainer.evaluate_checkpoint(config, str(tmp_path / "wd"),
+                                    str(tmp_path / "run"), "validation",
+                                    source=source)
+  assert res["checkpoint"] == str(tmp_path / "run" / "best" / "5")
