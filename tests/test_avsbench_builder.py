@@ -331,3 +331,25 @@ def test_a_first_prepare_logs_no_fault(small_raw, tmp_path, caplog):
     prepare.prepare("s4", small_raw, tmp_path, num_workers=1)
   assert "has no dataset_info.json" not in caplog.text
   assert prepare.is_prepared("s4", tmp_path)
+
+
+def test_prepare_into_a_log_writes_lines_not_bars(small_raw, tmp_path,
+                                                  monkeypatch, capsys):
+  """AVSS takes about an hour to prepare: into a batch job's log TFDS's bars
+  wrote a carriage-return update several times a second; now a plain line
+  every progress.EVERY_S (0 here: every clip)."""
+  from avsegformer_jax import progress
+  monkeypatch.setattr(progress, "EVERY_S", 0)
+  try:
+    prepare.main(["--config=s4", f"--manual_dir={small_raw}",
+                  f"--data_dir={tmp_path}", "--num_workers=1"])
+  finally:
+    tfds.display_progress_bar(True)
+  out, err = capsys.readouterr()
+  assert "\r" not in out + err
+  assert [ln for ln in out.splitlines() if ln.startswith("avsbench/")] == [
+      "avsbench/s4 train: 1/2 clips read in 0 min, about 0 min to go",
+      "avsbench/s4 train: 2/2 clips read in 0 min, about 0 min to go",
+      "avsbench/s4 validation: 1/1 clips read in 0 min, about 0 min to go",
+      "avsbench/s4 test: 1/1 clips read in 0 min, about 0 min to go"]
+  assert out.splitlines()[-1].startswith(f"prepared {tmp_path}/avsbench/s4/")

@@ -34,10 +34,14 @@ import collections
 import concurrent.futures
 import logging
 import os
+import sys
+import time
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+
+from avsegformer_jax import progress
 
 from . import raw   # relative, so it works both as datasets.avsbench.* and from `tfds build`
 
@@ -52,6 +56,12 @@ _DESCRIPTIONS = {
     "avss": "AVSBench-semantic (AVSS): v1s / v1m clips (5 frames) and v2 clips (10 frames), "
             "class-index masks over 71 classes (0 = background).",
 }
+
+
+def _progress_line(task, split, done, total, seconds) -> str:
+  left = seconds / done * (total - done)
+  return (f"avsbench/{task} {split}: {done}/{total} clips read in "
+          f"{seconds / 60:.0f} min, about {left / 60:.0f} min to go")
 
 
 def _env_flag(name: str) -> bool:
@@ -123,8 +133,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             for name, c in clips.items() if c}
 
   def _generate_examples(self, root, split: str, clips, palette):
-    written = 0
-    for clip, result in self._load_in_order(root, clips, palette):
+    written, start = 0, time.time()
+    # TFDS draws its bars on a terminal (prepare turns them off elsewhere);
+    # into a batch job's log, a line at most every progress.EVERY_S instead.
+    said = progress.Progress(show=not sys.stderr.isatty())
+    for done, (clip, result) in enumerate(
+        self._load_in_order(root, clips, palette), 1):
+      said.line(lambda: _progress_line(self.builder_config.name, split, done,
+                                       len(clips), time.time() - start))
       if isinstance(result, raw.AVSBenchError):
         if not self._skip_bad_clips:
           raise result

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import sys
 from pathlib import Path
 
 import tensorflow_datasets as tfds
@@ -85,6 +86,8 @@ def main(argv=None) -> None:
   p.add_argument("--num_workers", type=int, default=None, help="decoding threads")
   p.add_argument("--overwrite", action="store_true", help="rebuild even if already prepared")
   a = p.parse_args(argv)
+  # Into a batch job's log, the builder's line a minute, not TFDS's bars.
+  tfds.display_progress_bar(sys.stderr.isatty())
   try:
     files.make_output_dir(a.data_dir, "the data dir")
     path = prepare(a.config, a.manual_dir, a.data_dir,
