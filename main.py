@@ -113,6 +113,17 @@ def _main(argv):
     raise checkpoint.CheckpointError(f"{source}: no such checkpoint")
   files.make_output_dir(workdir, "the workdir")
   training = _MODE.value == "train"
+  try:
+    _run(config, workdir, source, training)
+  except RuntimeError as e:     # XLA's, through jit: what to change instead
+    oom = errors.out_of_memory(e, trainer.memory_advice(config, training))
+    if oom is None:
+      raise
+    raise oom from None
+
+
+def _run(config, workdir, source, training):
+  from avsegformer_jax import trainer  # pylint: disable=g-import-not-at-top
   # One run at a time in a workdir, from its demo data on.
   with trainer.exclusive(workdir) if training else contextlib.nullcontext():
     with config.unlocked():

@@ -5,6 +5,8 @@ as one line (`prog: error: ...`, status 2; `convert` keeps absl's
 `define_config_flag` makes a bad `--config` (or override) absl's one-line
 flag error, status 1.
 """
+from __future__ import annotations
+
 import difflib
 import re
 import sys
@@ -57,6 +59,19 @@ def exit_if_disk_full(prog: str, path, err: BaseException, then: str):
     exit_with(prog, ReportedError(
         f"{path}: the disk is full ({full}; the write that failed: "
         f"{type(err).__name__}: {err}); free some space and {then}"))
+
+
+def out_of_memory(err: BaseException, advice: str) -> ReportedError | None:
+  """XLA's RESOURCE_EXHAUSTED (the device's memory: at compile time on TPU,
+  at a step on GPU) as one line with XLA's own first line and `advice`, or
+  None for any other error. Its traceback ran through jit's internals."""
+  text = str(err).strip()
+  if not isinstance(err, RuntimeError) or "RESOURCE_EXHAUSTED" not in text:
+    return None
+  first = " ".join(text.splitlines()[0].split())
+  if len(first) > 300:
+    first = first[:300] + "..."
+  return ReportedError(f"out of memory ({first}); {advice}")
 
 
 def define_config_flag(help_text: str, lock_config: bool = True):

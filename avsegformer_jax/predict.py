@@ -375,6 +375,14 @@ def _define_flags():
       message="--fps and --every_frame exclude each other")
 
 
+def _memory_advice(config, batch_clips: int) -> str:
+  tips = [f"a smaller --batch_clips (now {batch_clips})"] * (batch_clips > 1)
+  if config is not None and config.model.dtype == "float32":
+    tips.append("--config.model.dtype=bfloat16")
+  return ("try " + " or ".join(tips) if tips else
+          "the model does not fit this device at this data.image_size")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -382,6 +390,7 @@ def main(argv):
   if not f["verbosity"].present:       # orbax's INFO lines only with --v=0
     logging.set_verbosity(logging.WARNING)
   compile_cache.enable(f.xla_cache_dir)
+  config = None
   try:
     config = f.config or run_config.own_config(f.checkpoint, PredictError)
     videos = video_io.expand_videos(f.video)
@@ -393,6 +402,11 @@ def main(argv):
         report=lambda line: print(line, flush=True))
   except errors.InputError as e:       # PredictError, an unwritable --out
     errors.exit_with("predict", e)
+  except RuntimeError as e:            # XLA's, through jit
+    oom = errors.out_of_memory(e, _memory_advice(config, f.batch_clips))
+    if oom is None:
+      raise
+    errors.exit_with("predict", oom)
   if skipped:
     errors.exit_with("predict", PredictError(
         f"{len(skipped)} of {len(videos)} videos skipped (see above): "

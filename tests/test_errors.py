@@ -251,3 +251,91 @@ def test_a_full_disk_is_named_whichever_write_met_it(tmp_path, monkeypatch,
       f"prepare: error: {tmp_path}: the disk is full (0.2 MiB free; the write "
       "that failed: RuntimeError: System error.); free some space and "
       "prepare again\n")
+
+
+def _oom():
+  """XLA's own RESOURCE_EXHAUSTED: a 1 TiB buffer on this CPU."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  try:
+    jax.jit(lambda: jnp.ones((2**38,), jnp.float32))().block_until_ready()
+  except RuntimeError as e:
+    return e
+  raise AssertionError("a 1 TiB buffer was allocated")
+
+
+def test_out_of_memory_says_what_to_change():
+  """A device out of memory (AVSS at batch 4 needs ~34 GiB without remat)
+  was a traceback through jit's internals ending in XLA's status line."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  e = errors.out_of_memory(_oom(), "try less")
+  assert isinstance(e, errors.ReportedError)
+  assert str(e) == ("out of memory (RESOURCE_EXHAUSTED: Out of memory "
+                    "allocating 1099511627776 bytes.); try less")
+  assert errors.out_of_memory(RuntimeError("INTERNAL: other"), "x") is None
+  assert errors.out_of_memory(ValueError("RESOURCE_EXHAUSTED"), "x") is None
+  c = tiny.get_config()
+  n = jax.device_count()
+  c.train.batch_size, c.eval.batch_size = 2 * n, 2
+  plan = ("`python -m benchmarks.plan` prints a setting's memory plan "
+          "without running it (README: Speed)")
+  assert trainer.memory_advice(c, training=True) == (
+      f"try a smaller --config.train.batch_size (now {2 * n}, a multiple of "
+      f"the {n} devices), --config.model.remat=True, "
+      f"--config.model.dtype=bfloat16; {plan}")
+  assert trainer.memory_advice(c, training=False) == (
+      "try a smaller --config.eval.batch_size (now 2), "
+      f"--config.model.dtype=bfloat16; {plan}")
+  # What is at its lightest already is not offered.
+  c.train.batch_size, c.model.remat, c.model.dtype = n, True, "bfloat16"
+  assert trainer.memory_advice(c, training=True) == plan
+  assert predict._memory_advice(c, 1) == (  # pylint: disable=protected-access
+      "the model does not fit this device at this data.image_size")
+  assert predict._memory_advice(None, 4) == (  # pylint: disable=protected-access
+      "try a smaller --batch_clips (now 4)")
+
+
+_OOM_IN = """
+import runpy, sys
+import jax, jax.numpy as jnp
+from avsegformer_jax import {module}
+def oom(*args, **kwargs):
+  jax.jit(lambda: jnp.ones((2**38,), jnp.float32))().block_until_ready()
+{module}.{function} = oom
+sys.argv[0] = "{prog}"
+"""
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_main_out_of_memory_is_one_line(tmp_path, mode):
+  script = _OOM_IN.format(
+      module="trainer", prog="main.py", function="train_and_evaluate"
+      if mode == "train" else "evaluate_checkpoint") + (
+          "runpy.run_path('main.py', run_name='__main__')")
+  r = _run("-c", script, "--config=configs/tiny.py", f"--mode={mode}",
+           f"--workdir={tmp_path}/w", f"--checkpoint={tmp_path}")
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  field = "train.batch_size" if mode == "train" else "eval.batch_size"
+  assert r.stderr.strip().splitlines()[-1].startswith(
+      "main.py: error: out of memory (RESOURCE_EXHAUSTED: Out of memory "
+      f"allocating 1099511627776 bytes.); try a smaller --config.{field} "
+      "(now 2"), r.stderr[-3000:]
+
+
+def test_predict_out_of_memory_is_one_line(tmp_path):
+  script = _OOM_IN.format(module="predict", prog="predict",
+                          function="predict_videos") + (
+      "from absl import app\n"
+      "predict._define_flags()\n"
+      "app.run(predict.main, flags_parser=predict.errors.parse_flags)")
+  r = _run("-c", script, "--config=configs/demo.py", f"--checkpoint={tmp_path}",
+           f"--video={tmp_path}/v.mp4", f"--out={tmp_path}/o",
+           "--batch_clips=3")
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert r.stderr.strip().splitlines()[-1] == (
+      "predict: error: out of memory (RESOURCE_EXHAUSTED: Out of memory "
+      "allocating 1099511627776 bytes.); try a smaller --batch_clips (now 3) "
+      "or --config.model.dtype=bfloat16")
