@@ -140,7 +140,8 @@ def _run(config, workdir, source, training):
     res = trainer.evaluate_checkpoint(config, workdir, source, split,
                                       shuffle_audio=_SHUFFLED.value)
     print(json.dumps({k: v for k, v in res.items()
-                      if not k.endswith("per_class")}, indent=2))
+                      if not k.endswith(("per_class", "per_category"))},
+                     indent=2))
 
 
 def _control(config, workdir):

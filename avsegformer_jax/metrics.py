@@ -37,11 +37,11 @@ def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
 THRESHOLDS = _torch_linspace_f32(0.0, 1.0 - 1e-10, 255)
 
 
-def binary_stats(logits, gt, weights):
-  """S4/MS3 sums for logits [N,H,W], gt [N,H,W] in {0,1}, weights [N] in {0,1}.
-
-  Returns iou_sum, frames, fcurve_sum [255], nonempty_frames (float32).
-  """
+def binary_frame_stats(logits, gt, weights):
+  """Per frame, what `binary_stats` sums, for logits [N,H,W], gt [N,H,W] in
+  {0,1}, weights [N] in {0,1}: iou_sum [N], frames [N], fcurve_sum [N,255],
+  nonempty_frames [N] (float32), each weighted. Summed over a clip's or a
+  category's frames, `binary_scores` gives its scores."""
   w = weights.astype(jnp.float32)
   n = logits.shape[0]
   logits = logits.reshape(n, -1).astype(jnp.float32)
@@ -71,9 +71,19 @@ def binary_stats(logits, gt, weights):
   f = (1 + BETA2) * prec * rec / (BETA2 * prec + rec)
   f = jnp.where(jnp.isnan(f), 0.0, f)
   fw = w * (~empty)
-  return {"iou_sum": jnp.sum(iou * w), "frames": jnp.sum(w),
-          "fcurve_sum": jnp.sum(f * fw[:, None], 0),
-          "nonempty_frames": jnp.sum(fw)}
+  return {"iou_sum": iou * w, "frames": w, "fcurve_sum": f * fw[:, None],
+          "nonempty_frames": fw}
+
+
+def sum_frames(frame_stats):
+  """Per-frame stats [N, ...] -> their sums over the N frames."""
+  return jax.tree_util.tree_map(lambda x: jnp.sum(x, 0), frame_stats)
+
+
+def binary_stats(logits, gt, weights):
+  """S4/MS3 sums over the frames of `binary_frame_stats`: iou_sum, frames,
+  fcurve_sum [255], nonempty_frames (float32)."""
+  return sum_frames(binary_frame_stats(logits, gt, weights))
 
 
 def binary_scores(stats) -> dict[str, float]:
@@ -85,12 +95,10 @@ def binary_scores(stats) -> dict[str, float]:
   return {"miou": miou, "fscore": f}
 
 
-def semantic_stats(logits, labels, weights, num_classes: int):
-  """AVSS sums for logits [N,H,W,C], labels [N,H,W] int, weights [N].
-
-  Returns iou_sum [C], fscore_sum [C], count [C] (frames where the class
-  is predicted or labelled).
-  """
+def semantic_frame_stats(logits, labels, weights, num_classes: int):
+  """Per frame, what `semantic_stats` sums, for logits [N,H,W,C], labels
+  [N,H,W] int, weights [N]: iou_sum, fscore_sum, count [N,C] (count: the
+  class is predicted or labelled), each weighted."""
   n = logits.shape[0]
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   pred = jnp.argmax(probs, -1).reshape(n, -1)          # ties -> lowest index
@@ -106,8 +114,16 @@ def semantic_stats(logits, labels, weights, num_classes: int):
   f = (1 + BETA2) * prec * rec / (BETA2 * prec + rec)
   f = jnp.where(jnp.isnan(f), 0.0, f)
   w = weights.astype(jnp.float32)[:, None]
-  return {"iou_sum": jnp.sum(iou * w, 0), "fscore_sum": jnp.sum(f * w, 0),
-          "count": jnp.sum((area_union > 0) * w, 0)}
+  return {"iou_sum": iou * w, "fscore_sum": f * w,
+          "count": (area_union > 0) * w}
+
+
+def semantic_stats(logits, labels, weights, num_classes: int):
+  """AVSS sums over the frames of `semantic_frame_stats`: iou_sum [C],
+  fscore_sum [C], count [C] (frames where the class is predicted or
+  labelled)."""
+  return sum_frames(semantic_frame_stats(logits, labels, weights,
+                                         num_classes))
 
 
 def semantic_scores(stats) -> dict:

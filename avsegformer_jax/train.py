@@ -224,7 +224,8 @@ def train_step(state: TrainState, batch, *, model, config):
 
 
 def eval_step(variables, batch, *, model, config):
-  """Metric sums of one global batch (call through `p_eval_step`)."""
+  """Metric sums of one global batch, the logits, and the metrics' per-frame
+  stats (for per-clip scores)."""
   frames, audio, labels, vid = _model_inputs(batch)
   # [B] -> [B*T]: host padding clips count nowhere.
   valid = jnp.repeat(batch["clip_valid"], batch["frames"].shape[1])
@@ -232,12 +233,12 @@ def eval_step(variables, batch, *, model, config):
   if config.task == "avss":
     # The original scores every frame of a clip, padded ones included
     # (logits 0 -> background = label 0); `clip_valid` drops host padding.
-    stats = metrics.semantic_stats(logits, labels, valid,
-                                   config.model.num_classes)
+    frame = metrics.semantic_frame_stats(logits, labels, valid,
+                                         config.model.num_classes)
   else:
     w = _flat(batch, "gt_flag", ()) * valid
-    stats = metrics.binary_stats(logits[..., 0], labels, w)
-  return _psum(stats), logits
+    frame = metrics.binary_frame_stats(logits[..., 0], labels, w)
+  return _psum(metrics.sum_frames(frame)), logits, frame
 
 
 class Steps:
@@ -253,7 +254,7 @@ class Steps:
         out_specs=(P(), P()), **spec), donate_argnums=(0,))
     self._eval = jax.jit(jax.shard_map(
         functools.partial(eval_step, model=model, config=config),
-        out_specs=(P(), P(AXIS)), **spec))
+        out_specs=(P(), P(AXIS), P(AXIS)), **spec))
 
   def train(self, state, batch):
     """(state, global batch) -> (state, summed loss stats); retraces once

@@ -331,9 +331,10 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
 def evaluate_checkpoint(config, workdir: str, checkpoint_dir: str, split: str,
                         *, shuffle_audio=False, source=None) -> dict:
   """`main.py --mode=eval`: scores a checkpoint (ours, or a released `.pth`)
-  and writes `eval_results_<split>.json` and, for `eval.num_visualize`
-  clips, masks and overlays in `visualizations/<split>` (with shuffled
-  audio: `<split>_shuffled_audio` in both names)."""
+  and writes `eval_results_<split>.json` (with `per_category`), each clip's
+  scores in `eval_clips_<split>.jsonl` and, for `eval.num_visualize` clips,
+  masks and overlays in `visualizations/<split>` (with shuffled audio:
+  `<split>_shuffled_audio` in all three names)."""
   check_config(config, training=False)
   files.makedirs(workdir)
   mesh = train.make_mesh()
@@ -353,11 +354,15 @@ def evaluate_checkpoint(config, workdir: str, checkpoint_dir: str, split: str,
   vis = files.join(workdir, "visualizations", name)
   res = evaluation.evaluate(
       config, steps, variables, split, shuffle_audio=shuffle_audio,
-      vis_dir=vis, num_visualize=config.eval.num_visualize, source=source)
+      vis_dir=vis, num_visualize=config.eval.num_visualize, source=source,
+      per_clip=True)
+  clips = res.pop("clips")
   res["checkpoint"] = read_from  # a workdir's: the step read (best/<step>)
   if differ:                 # {field: [its run's value, this config's]}
     res["checkpoint_made_with"] = {k: [a, b] for k, a, b in differ}
   if _is_main():
+    files.write_text(files.join(workdir, f"eval_clips_{name}.jsonl"),
+                     "".join(json.dumps(c) + "\n" for c in clips))
     files.write_text(files.join(workdir, f"eval_results_{name}.json"),
                      json.dumps(res, indent=2))
   return res

@@ -30,7 +30,7 @@ def test_bfloat16_train_and_eval_steps():
   batch = train.shard_batch(random_batch(config, clips=1), mesh)
   steps = train.Steps(model, config, mesh)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  stats, logits16 = steps.eval(variables, batch)
+  stats, logits16, _ = steps.eval(variables, batch)
   assert logits16.dtype == jnp.float32 and _dtypes(stats) == {"float32"}
 
   config32 = tiny.get_config("pvt2")

@@ -209,6 +209,16 @@ def test_two_processes(reference_run, tmp_path):
   np.testing.assert_allclose(two["eval_miou"], best, atol=2e-4)
   clips = sorted(os.listdir(wd / "visualizations" / "validation"))
   assert clips == ["clip0", "clip1", "clip2"], clips
+  # Each clip's scores, gathered from both processes (clip2 and clip3 were
+  # process 1's), in the split's order; weighted by their frames, the
+  # split's frame-level mIoU.
+  with open(wd / "eval_clips_validation.jsonl") as f:
+    recs = [json.loads(line) for line in f]
+  assert [r["clip_id"] for r in recs] == [f"clip{i}" for i in range(6)]
+  frames = np.array([r["frames"] for r in recs])
+  np.testing.assert_allclose(
+      np.sum(np.array([r["miou"] for r in recs]) * frames) / frames.sum(),
+      two["eval_miou_dataset"], rtol=1e-5)
 
   d2 = tmp_path / "sigterm"
   d2.mkdir()
@@ -334,6 +344,8 @@ def test_evaluations_keep_their_results_and_overlays_apart(tmp_path):
                               str(tmp_path / "export"), "test",
                               source=source)
   assert sorted(os.listdir(tmp_path / "wd")) == [
+      "eval_clips_test.jsonl", "eval_clips_validation.jsonl",
+      "eval_clips_validation_shuffled_audio.jsonl",
       "eval_results_test.json", "eval_results_validation.json",
       "eval_results_validation_shuffled_audio.json", "visualizations"]
   assert sorted(os.listdir(vis)) == [
