@@ -124,7 +124,7 @@ class Predictor:
         variables, source = pretrained.read_model_variables(checkpoint_dir,
                                                             config)
       else:
-        source = _source(checkpoint_dir)
+        source = predict_outputs.checkpoint_source(checkpoint_dir)
         variables = checkpoint.fit_variables(
             variables, avsegformer.variable_shapes(model), "variables")
     except errors.InputError as e:  # checkpoint.CheckpointError, .pth errors
@@ -287,18 +287,6 @@ def _run_video(predictor: Predictor, video, out_dir, info, wave, fps,
   return summary
 
 
-def _source(checkpoint_dir):
-  """What `Predictor` would read for `checkpoint_dir` (a workdir's best
-  step: a better one, saved since, makes earlier outputs out of date).
-  One that cannot be read is named when the model is loaded."""
-  if checkpoint_dir is None:
-    return None
-  try:
-    return checkpoint.resolve(checkpoint_dir)
-  except errors.InputError:        # a .pth, or not a checkpoint
-    return files.absolute(checkpoint_dir)
-
-
 def predict_videos(config, videos: list[str], out_dir: str, *,
                    checkpoint_dir=None, variables=None, fps: float = 1.0,
                    every_frame: bool = False, batch_clips: int = 1,
@@ -315,8 +303,9 @@ def predict_videos(config, videos: list[str], out_dir: str, *,
   avsbench_audio = like_avsbench(config, extraction)
   files.make_output_dir(out_dir, "the output directory")
   predictor, done, skipped = None, [], []
-  settings = predict_outputs.settings(config, _source(checkpoint_dir),
-                                     avsbench_audio, fps, every_frame)
+  settings = predict_outputs.settings(
+      config, predict_outputs.checkpoint_source(checkpoint_dir),
+      avsbench_audio, fps, every_frame)
   for video, out in zip(videos, predict_outputs.output_dirs(videos, out_dir)):
     before = skip_done and predict_outputs.done_before(video, out, settings)
     if before:

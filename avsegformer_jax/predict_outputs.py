@@ -12,7 +12,8 @@ import collections
 import json
 import os
 
-from avsegformer_jax import files, video_io
+from avsegformer_jax import checkpoint as checkpoint_lib
+from avsegformer_jax import errors, files, video_io
 
 SUMMARY = "predictions.json"
 
@@ -24,6 +25,18 @@ SETTINGS = ("checkpoint", "config_task", "image_size", "window", "sampling",
 def sampling_name(fps: float, every_frame: bool) -> str:
   return ("avsbench_1fps" if video_io.avsbench_mode(fps, every_frame)
           else "every_frame" if every_frame else f"centred_{fps:g}fps")
+
+
+def checkpoint_source(checkpoint_dir) -> str | None:
+  """What `predict.Predictor` would read for `checkpoint_dir` (a workdir's
+  best step: a better one, saved since, makes earlier outputs out of date).
+  One that cannot be read is named when the model is loaded."""
+  if checkpoint_dir is None:
+    return None
+  try:
+    return checkpoint_lib.resolve(checkpoint_dir)
+  except errors.InputError:        # a .pth, or not a checkpoint
+    return files.absolute(checkpoint_dir)
 
 
 def settings(config, checkpoint, like_avsbench: bool, fps: float,
