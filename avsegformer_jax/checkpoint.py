@@ -319,17 +319,22 @@ def read_variables(directory, prefer: str = "best"
   and drops the oldest checkpoints/<step>: a step deleted while it was
   read is followed to the one that replaced it.
   """
+  source = resolve(directory, prefer)
   for attempt in range(3):
-    source = resolve(directory, prefer)
     tree = files.join(source, "variables") if files.exists(
         files.join(source, EXPORT_MARKER)) else files.join(source, "state")
     try:
       return _variables(_restore_tree(tree)), source
     except CheckpointError:
-      if files.exists(source) or attempt == 2:
+      try:                      # (deleted, or being deleted: its successor)
+        successor = resolve(directory, prefer)
+      except CheckpointError:
+        successor = source
+      if successor == source or attempt == 2:
         raise
-      logging.info("%s was replaced while it was read; reading again",
-                   source)
+      logging.info("%s was replaced by %s while it was read; reading that",
+                   source, successor)
+      source = successor
 
 
 def load_variables(directory, prefer: str = "best") -> dict[str, Any]:

@@ -87,6 +87,22 @@ def test_a_best_step_replaced_while_it_is_read_is_followed(workdir, tmp_path,
   variables, source = checkpoint.read_variables(root)
   assert (_value(variables), source) == (3, f"{root}/best/3")
   assert calls == [f"{root}/best/1/state", f"{root}/best/3/state"]
+  # Caught while it is being deleted (its folder still there, emptying).
+  calls.clear()
+  def deleting_it(path):
+    if not calls:
+      shutil.copytree(root / "best" / "3", root / "best" / "4")
+      shutil.rmtree(root / "best" / "3" / "state")
+    calls.append(path)
+    return read(path)
+  monkeypatch.setattr(checkpoint, "_restore_tree", deleting_it)
+  variables, source = checkpoint.read_variables(root)
+  assert (_value(variables), source) == (3, f"{root}/best/4")
+  # A step that cannot be read, with no successor, is still named.
+  shutil.rmtree(root / "best" / "4" / "state")
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=rf"^{root}/best/4/state: cannot be read"):
+    checkpoint.read_variables(root)
 
 
 def test_errors_name_the_directory(tmp_path):
