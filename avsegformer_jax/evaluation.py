@@ -1,5 +1,6 @@
 """Scoring a model on a split: the original's metrics, per batch and over
-the split, and the masks and overlays of its first clips.
+the split (and per clip and category for `--mode=eval`), and the masks and
+overlays of its first clips.
 
 Used by the training loop (validation at each epoch's end) and by
 `trainer.evaluate_checkpoint` (`main.py --mode=eval`).
