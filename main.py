@@ -72,14 +72,18 @@ def _demo_data(config, workdir):
 def main(argv):
   """Bad input (a missing dataset or checkpoint, a diverged loss) or a full
   disk ends with one line naming it and status 2, not a traceback; a
-  preemption notice (SIGTERM) with a saved checkpoint and status 143."""
+  preemption notice (SIGTERM) or a first Ctrl-C in training with a saved
+  checkpoint and status 143 or 130."""
   try:
     _main(argv)
   except errors.ReportedError as e:
     errors.exit_with("main.py", e)
   except errors.Preempted as e:
     print(f"main.py: {e}", file=sys.stderr)
-    raise SystemExit(errors.PREEMPTED_STATUS) from None
+    raise SystemExit(e.status) from None
+  except KeyboardInterrupt:    # a second Ctrl-C, or one outside the loop
+    errors.exit_interrupted("main.py", "a training run resumes from its last "
+                            "checkpoint with the same command")
   except Exception as e:  # pylint: disable=broad-except
     errors.exit_if_disk_full(
         "main.py", _WORKDIR.value, e, "run the same command again (a "

@@ -1,7 +1,8 @@
 """Errors whose message is the whole report for a user: the CLIs print them
 as one line (`prog: error: ...`, status 2; `convert` keeps absl's
 `convert: ...`, status 1). Anything else is a bug and keeps its traceback.
-`Preempted` is no error: main.py prints it and exits with SIGTERM's 143.
+`Preempted` is no error: main.py prints it and exits with SIGTERM's 143
+(Ctrl-C's 130).
 `define_config_flag` makes a bad `--config` (or override) absl's one-line
 flag error, status 1.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import signal
 import sys
 
 
@@ -27,25 +29,36 @@ class ConfigError(InputError):
 
 
 class Preempted(Exception):
-  """Not an error: training stopped on a preemption notice (SIGTERM) after
-  saving the checkpoint of `step`; the same command resumes from it."""
+  """Not an error: training stopped on SIGTERM (a preemption notice) or a
+  first Ctrl-C (SIGINT) after saving the checkpoint of `step`; the same
+  command resumes from it. `status`: 128 + the signal's number, which
+  schedulers and shells read as "terminated", not "finished"."""
 
-  def __init__(self, step: int, workdir: str):
+  def __init__(self, step: int, workdir: str, signum: int = signal.SIGTERM):
+    why = ("Ctrl-C (SIGINT)" if signum == signal.SIGINT
+           else "SIGTERM (preemption)")
     super().__init__(
-        f"stopped at step {step} on SIGTERM (preemption) after saving its "
-        f"checkpoint in {workdir}; run the same command to resume")
+        f"stopped at step {step} on {why} after saving its checkpoint in "
+        f"{workdir}; run the same command to resume")
     self.step = step
+    self.status = 128 + signum
 
 
-# The exit status of a process ended by SIGTERM (128 + 15), which schedulers
-# and shells read as "terminated", not "finished".
-PREEMPTED_STATUS = 143
+PREEMPTED_STATUS = 128 + signal.SIGTERM      # 143
+INTERRUPTED_STATUS = 128 + signal.SIGINT     # 130
 
 
 def exit_with(prog: str, err: BaseException, code: int = 2):
   """Print `prog: error: message` to stderr and exit (argparse's form)."""
   print(f"{prog}: error: {err}", file=sys.stderr)
   raise SystemExit(code)
+
+
+def exit_interrupted(prog: str, then: str):
+  """A Ctrl-C (KeyboardInterrupt) as one line and status 130: the traceback
+  would only show where the program happened to be."""
+  print(f"\n{prog}: interrupted (Ctrl-C); {then}", file=sys.stderr)
+  raise SystemExit(INTERRUPTED_STATUS)
 
 
 def exit_if_disk_full(prog: str, path, err: BaseException, then: str):

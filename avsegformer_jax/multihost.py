@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import signal
+import sys
 import threading
 
 import jax
@@ -95,24 +96,43 @@ class PreemptionNotice:
   `jax.distributed.initialize`) catches it on whichever host gets it and
   picks a step every process reaches, where `reached` is True on all of them.
   One process: a handler of ours notes it and `reached` is True from the
-  next step on."""
+  next step on. There a first Ctrl-C (SIGINT) does the same, so an
+  interactive run keeps its last step; a second one stops at once
+  (KeyboardInterrupt)."""
 
   def __init__(self):
-    self._noticed, self._previous = False, None
+    self.signum, self._previous = None, {}
     if (jax.process_count() == 1 and
         threading.current_thread() is threading.main_thread()):
-      self._previous = signal.signal(signal.SIGTERM, self._notice)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._notice)
 
   def _notice(self, signum, frame):
-    del signum, frame
-    self._noticed = True
+    del frame
+    if signum == signal.SIGINT and self.signum == signal.SIGINT:
+      self.close()
+      raise KeyboardInterrupt
+    if self.signum is None:
+      self.signum = signum
+      if signum == signal.SIGINT:
+        sys.stderr.write("\nCtrl-C: stopping after this step, with its "
+                         "checkpoint saved (Ctrl-C again: stop now, without "
+                         "it)\n")
+        sys.stderr.flush()
+
+  @property
+  def name(self) -> str:
+    return "Ctrl-C" if self.signum == signal.SIGINT else "SIGTERM"
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:        # every process calls it every step
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self._noticed
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signum = signal.SIGTERM
+        return True
+      return False
+    return self.signum is not None
 
   def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}

@@ -391,6 +391,9 @@ def main(argv):
         report=lambda line: print(line, flush=True))
   except errors.InputError as e:       # PredictError, an unwritable --out
     errors.exit_with("predict", e)
+  except KeyboardInterrupt:
+    errors.exit_interrupted("predict", f"the videos finished are in {f.out}; "
+                            "--skip_done goes on from there")
   except RuntimeError as e:            # XLA's, through jit
     oom = errors.out_of_memory(e, _memory_advice(config, f.batch_clips))
     if oom is None:

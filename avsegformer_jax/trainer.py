@@ -284,7 +284,8 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
                    f"clips/s, input wait {wait:.0%}, about {left / 60:.0f} "
                    "min to go")
       epoch_end = done % bpe == 0 or done == total
-      # A preemption notice: save this step, then stop (not after the last).
+      # A preemption notice (or Ctrl-C): save this step, then stop (not
+      # after the last).
       stop = done < total and notice.reached(done)
       if epoch_end:
         _check_finite(pending, done)
@@ -306,7 +307,7 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
         save(done)
       if stop:
         if _is_main():
-          shown.bar.write(f"SIGTERM: step {done} saved; stopping")
+          shown.bar.write(f"{notice.name}: step {done} saved; stopping")
         preempted = done
         break
   finally:
@@ -317,7 +318,7 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
   if writer is not None:
     writer.close()
   if preempted:
-    raise errors.Preempted(preempted, workdir)
+    raise errors.Preempted(preempted, workdir, notice.signum)
   results = files.join(workdir, "train_results.json")
   if not last_eval:        # the run was complete already: no step, no eval
     logging.info("%s: trained to step %d already", workdir, start)

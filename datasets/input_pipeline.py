@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import signal
 
 import grain
 import numpy as np
@@ -300,10 +301,19 @@ def create_dataset(config, split: str, *, train: bool, num_epochs: int = 1,
     from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():   # grain workers read absl flags
       flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
+                        worker_init_fn=_ignore_ctrl_c)
   info = dict(num_clips=n, batches_per_epoch=bpe, global_batch=gb,
               local_batch=lb, num_epochs=num_epochs)
   return ds, info
+
+
+def _ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
+  """In each worker process: a terminal's Ctrl-C reaches every process of
+  its group, and each worker printed a KeyboardInterrupt traceback. The
+  main process stops them (`close`), after saving its step."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def close(iterator) -> None:

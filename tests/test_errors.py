@@ -105,20 +105,6 @@ def test_prepare_without_the_download(tmp_path):
                          "not exist or is empty. AVSBench is form-gated")
 
 
-def test_main_reports_a_preemption_with_status_143():
-  # In a subprocess: importing main.py defines its absl flags.
-  r = _run("-c", "import main\n"
-           "from avsegformer_jax import errors\n"
-           "def preempted(argv): raise errors.Preempted(7, '/runs/x')\n"
-           "main._main = preempted\n"
-           "main.main(['main.py'])")
-  assert r.returncode == errors.PREEMPTED_STATUS == 143, r.stderr
-  assert r.stderr == ("main.py: stopped at step 7 on SIGTERM (preemption) "
-                      "after saving its checkpoint in /runs/x; run the same "
-                      "command to resume\n")
-  assert not issubclass(errors.Preempted, errors.ReportedError)  # no error
-
-
 @pytest.mark.parametrize("prog,args", [
     (["main.py"], ["--workdir=/nonexistent/w"]),
     (["main.py"], ["--workdir=/nonexistent/w", "--config.train.batch_size=4"]),
@@ -339,3 +325,51 @@ def test_predict_out_of_memory_is_one_line(tmp_path):
       "predict: error: out of memory (RESOURCE_EXHAUSTED: Out of memory "
       "allocating 1099511627776 bytes.); try a smaller --batch_clips (now 3) "
       "or --config.model.dtype=bfloat16")
+
+
+@pytest.mark.parametrize("signum", [15, 2])
+def test_main_reports_a_stop_on_a_signal_with_its_status(signum):
+  """SIGTERM (a preemption notice) and a first Ctrl-C in the training loop
+  both save the step reached: 143 / 130, one line each."""
+  r = _run("-c", "import main\n"
+           "from avsegformer_jax import errors\n"
+           f"def stopped(argv): raise errors.Preempted(7, '/runs/x', {signum})\n"
+           "main._main = stopped\n"
+           "main.main(['main.py'])")
+  assert r.returncode == 128 + signum, r.stderr
+  why = "Ctrl-C (SIGINT)" if signum == 2 else "SIGTERM (preemption)"
+  assert r.stderr == (f"main.py: stopped at step 7 on {why} after saving its "
+                      "checkpoint in /runs/x; run the same command to "
+                      "resume\n")
+  assert (errors.PREEMPTED_STATUS, errors.INTERRUPTED_STATUS) == (143, 130)
+  assert not issubclass(errors.Preempted, errors.ReportedError)  # no error
+
+
+@pytest.mark.parametrize("prog", ["main", "predict"])
+def test_a_ctrl_c_elsewhere_is_one_line_and_status_130(prog):
+  """A second Ctrl-C, or one outside the training loop (compiling, writing
+  the demo's data, predict): before, a traceback of wherever it fell."""
+  if prog == "main":
+    script = ("import main\n"
+              "def interrupted(argv): raise KeyboardInterrupt\n"
+              "main._main = interrupted\n"
+              "main.main(['main.py'])")
+  else:
+    script = ("import sys\n"
+              "from absl import flags\n"
+              "from avsegformer_jax import predict\n"
+              "predict._define_flags()\n"
+              "flags.FLAGS(['predict', '--checkpoint=c', '--video=v', "
+              "'--out=/runs/o', '--config=configs/demo.py'])\n"
+              "def interrupted(*a, **k): raise KeyboardInterrupt\n"
+              "predict.predict_videos = interrupted\n"
+              "predict.main(['predict'])")
+  r = _run("-c", script)
+  assert r.returncode == 130, r.stderr
+  assert "Traceback" not in r.stderr
+  then = ("a training run resumes from its last checkpoint with the same "
+          "command" if prog == "main" else "the videos finished are in "
+          "/runs/o; --skip_done goes on from there")
+  assert r.stderr.strip().splitlines()[-1] == (
+      f"{'main.py' if prog == 'main' else 'predict'}: interrupted (Ctrl-C); "
+      f"{then}")

@@ -9,6 +9,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LATE_S = 40             # well past gloo's 30 s limit on building a communicator
 
@@ -116,3 +118,29 @@ def test_what_process_0_alone_does_ends_alike_everywhere(tmp_path):
       "reported process 0 stopped in the demo data: OSError: [Errno 28] No "
       "space left on device (its log has the rest)",
       "reported ReportedError W: another run trains there"]
+
+
+def test_ctrl_c_once_stops_at_the_next_step_twice_at_once():
+  """One process: a first Ctrl-C is a notice like SIGTERM (the loop saves
+  its step); a second one is KeyboardInterrupt, and the handlers are the
+  ones before again."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from avsegformer_jax import multihost  # pylint: disable=g-import-not-at-top
+  before = signal.getsignal(signal.SIGINT)
+  notice = multihost.PreemptionNotice()
+  try:
+    assert not notice.reached(1)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)                         # (delivered between bytecodes)
+    assert notice.reached(2) and notice.name == "Ctrl-C"
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
+  finally:
+    notice.close()
+  notice = multihost.PreemptionNotice()
+  os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(0.1)
+  assert notice.reached(1) and notice.name == "SIGTERM"
+  notice.close()

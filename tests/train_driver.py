@@ -132,7 +132,7 @@ if __name__ == "__main__":
     if type(e).__name__ == "Preempted":    # a SIGTERM test: no traceback
       print(e, file=sys.stderr)
       sys.stderr.flush()
-      os._exit(143)
+      os._exit(e.status)
     # Exit now: a failed process of a JAX cluster would otherwise wait
     # minutes at the distributed shutdown barrier for the others.
     traceback.print_exc()

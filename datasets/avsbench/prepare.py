@@ -95,6 +95,9 @@ def main(argv=None) -> None:
                    num_workers=a.num_workers, overwrite=a.overwrite)
   except errors.InputError as e:
     errors.exit_with("prepare", e)
+  except KeyboardInterrupt:
+    errors.exit_interrupted("prepare", "run it again to prepare from the "
+                            "start")
   except Exception as e:  # pylint: disable=broad-except
     errors.exit_if_disk_full("prepare", a.data_dir, e, "prepare again")
     raise
