@@ -54,10 +54,16 @@ def _psum(x):
 
 
 def optimizer(config) -> optax.GradientTransformation:
-  """torch.optim.AdamW with the original's settings (no schedule)."""
-  return optax.adamw(config.train.learning_rate, b1=0.9, b2=0.999,
-                     eps=config.train.get("adam_eps", 1e-8),
-                     weight_decay=config.train.weight_decay)
+  """torch.optim.AdamW with the original's settings (no schedule); with
+  `train.grad_accum_steps` k > 1, applied every k-th step to the mean of
+  the k steps' gradients (zero updates in between): a batch of k*B clips
+  where B fit the device, up to batch-norm statistics (over B) and the
+  per-frame loss normalisation (each step's own, as the original's)."""
+  tx = optax.adamw(config.train.learning_rate, b1=0.9, b2=0.999,
+                   eps=config.train.get("adam_eps", 1e-8),
+                   weight_decay=config.train.weight_decay)
+  k = config.train.get("grad_accum_steps", 1)
+  return optax.MultiSteps(tx, every_k_schedule=k) if k > 1 else tx
 
 
 def create_train_state(config, model, rng, variables=None) -> TrainState:

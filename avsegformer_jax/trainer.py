@@ -87,15 +87,24 @@ def _resume_hint(changes, workdir, step) -> str:
           f"{_start_anew(workdir, step)}")
 
 
-def _check_batch(meta, global_batch, workdir, step):
+def _check_batch(meta, global_batch, accum, workdir, step):
   """A step counts batches (the data position, the epochs, the schedule):
-  another train.batch_size cannot resume the run."""
+  another train.batch_size cannot resume the run, nor another
+  train.grad_accum_steps (its optimizer state holds the gradients summed
+  so far)."""
   before = meta.get("global_batch")    # in checkpoints since 2026-11-28
   if before is not None and before != global_batch:
     raise errors.InputError(
         f"{workdir}: its run trains {before} clips per step (train."
         f"batch_size), this config {global_batch}: resume with "
         f"--config.train.batch_size={before}, or "
+        f"{_start_anew(workdir, step)}")
+  before = meta.get("grad_accum_steps", 1)
+  if before != accum:
+    raise errors.InputError(
+        f"{workdir}: its run averages the gradients of {before} step(s) per "
+        f"update (train.grad_accum_steps), this config {accum}: resume with "
+        f"--config.train.grad_accum_steps={before}, or "
         f"{_start_anew(workdir, step)}")
 
 
@@ -110,6 +119,7 @@ def check_config(config, training: bool) -> None:
   given = [("eval.batch_size", config.eval.batch_size, 1)]
   if training:
     given += [("train.batch_size", t.batch_size, 1),
+              ("train.grad_accum_steps", t.get("grad_accum_steps", 1), 1),
               ("train.num_epochs", t.num_epochs, 1),
               ("train.log_every_steps", t.log_every_steps, 1),
               ("checkpoint.every_steps", config.checkpoint.every_steps, 1),
@@ -145,8 +155,9 @@ def memory_advice(config, training: bool) -> str:
   field = "train.batch_size" if training else "eval.batch_size"
   if batch > (jax.device_count() if training else 1):
     tips.append(f"a smaller --config.{field} (now {batch}"
-                + (f", a multiple of the {jax.device_count()} devices)"
-                   if training else ")"))
+                + (f", a multiple of the {jax.device_count()} devices; "
+                   "--config.train.grad_accum_steps=K keeps K times that "
+                   "many clips per update)" if training else ")"))
   if training and not m.remat:
     tips.append("--config.model.remat=True")
   if m.dtype == "float32":
@@ -217,7 +228,8 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
     total = min(total, t.max_steps)
   if start:
     meta = ckpt.restore_meta(start)
-    _check_batch(meta, info["global_batch"], workdir, start)
+    _check_batch(meta, info["global_batch"], t.get("grad_accum_steps", 1),
+                 workdir, start)
     if meta.get("backbone_trainable"):
       state = train.unfreeze_backbone(state, config)
     state, meta = ckpt.restore(start, state,
@@ -245,6 +257,7 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
     pending.clear()
     meta = {"step": step, "epoch": step / bpe,
             "global_batch": info["global_batch"],
+            "grad_accum_steps": t.get("grad_accum_steps", 1),
             "backbone_trainable": state.opt_state["backbone"] is not None,
             **(extra or {})}
     ckpt.save(step, state, meta)

@@ -68,6 +68,9 @@ def get_config():
   # ---------------------------------------------------------------- train --
   t = c.train = ml_collections.ConfigDict()
   t.batch_size = 2               # clips per global batch (B); frames = B*T
+  # >1: each optimizer update averages the gradients of this many batches
+  # (optax.MultiSteps): k*B clips per update where B fit no device.
+  t.grad_accum_steps = 1
   t.num_epochs = 30
   t.learning_rate = 2e-5
   t.weight_decay = 0.01

@@ -268,7 +268,8 @@ def test_out_of_memory_says_what_to_change():
           "without running it (README: Speed)")
   assert trainer.memory_advice(c, training=True) == (
       f"try a smaller --config.train.batch_size (now {2 * n}, a multiple of "
-      f"the {n} devices), --config.model.remat=True, "
+      f"the {n} devices; --config.train.grad_accum_steps=K keeps K times "
+      "that many clips per update), --config.model.remat=True, "
       f"--config.model.dtype=bfloat16; {plan}")
   assert trainer.memory_advice(c, training=False) == (
       "try a smaller --config.eval.batch_size (now 2), "

@@ -135,3 +135,40 @@ def test_one_device_step_makes_no_all_reduce():
   for text in (steps._train.lower(state, batch).as_text(),
                steps._eval.lower({"params": state.params}, batch).as_text()):
     assert "all_reduce" not in text and "all-reduce" not in text
+
+
+def test_accumulated_steps_equal_one_step_of_their_batches():
+  """`train.grad_accum_steps=2` over two batches of 2 clips updates the
+  parameters as one step over the 4 clips (S4's one supervised frame per
+  clip: the same loss normalisation), and not at all after the first."""
+  config = _config("pvt2", True)
+  batch = random_batch(config, clips=4)
+  halves = [{k: v[i:i + 2] for k, v in batch.items()} for i in (0, 2)]
+  mesh = train.make_mesh(jax.devices()[:1])
+  model = avsegformer.build_model(config, axis_name=train.AXIS)
+  start = train.create_train_state(config, build_model(config),
+                                   jax.random.PRNGKey(0))
+
+  def run(config, batches):
+    steps = train.Steps(model, config, mesh)
+    state = train.replicate(train.create_train_state(
+        config, build_model(config), jax.random.PRNGKey(0)), mesh)
+    out = []
+    with jax.default_matmul_precision("highest"):
+      for b in batches:
+        state, _ = steps.train(state, train.shard_batch(b, mesh))
+        out.append(jax.device_get(state.params))
+    return out
+
+  (whole,) = run(config, [batch])
+  config.train.grad_accum_steps = 2
+  first, second = run(config, halves)
+  flat = lambda p: dict(jax.tree_util.tree_leaves_with_path(p))  # noqa: E731
+  p0, p1, p2, pw = map(flat, (start.params, first, second, whole))
+  moved = 0
+  for k in p0:
+    np.testing.assert_array_equal(p1[k], p0[k], err_msg=str(k))
+    np.testing.assert_allclose(p2[k], pw[k], rtol=0, atol=1e-6,
+                               err_msg=str(k))
+    moved += not np.array_equal(pw[k], p0[k])
+  assert moved > len(p0) // 2

@@ -289,12 +289,16 @@ def test_ctrl_c_saves_the_step_and_stops_quietly(tmp_path):
 
 
 def test_resume_refuses_another_batch_size_or_model(reference_run, tmp_path):
-  """What a step means (batch_size) and the model's variables must match
-  the workdir's run; the error says which setting differs and what to do."""
+  """What a step means (batch_size, grad_accum_steps) and the model's
+  variables must match the workdir's run; the error says which setting
+  differs and what to do."""
   d1, _ = reference_run
   for change, expect in (
       ("train.batch_size=2", "its run trains 4 clips per step \\(train."
        "batch_size\\), this config 2: resume with --config.train.batch_size=4"),
+      ("train.grad_accum_steps=2", "its run averages the gradients of 1 "
+       "step\\(s\\) per update \\(train.grad_accum_steps\\), this config 2: "
+       "resume with --config.train.grad_accum_steps=1"),
       ("model.num_encoder_layers=2", "checkpoints/6: does not fit the config: "
        "\\d+ missing \\(params/head/transformer/encoder/layers_1/.*Its run had "
        "model.num_encoder_layers=1 \\(this config: 2\\). Resume with the "
