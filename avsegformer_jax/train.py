@@ -178,7 +178,7 @@ def dropout_key(key, impl: str):
 
 
 def train_step(state: TrainState, batch, *, model, config):
-  """One optimisation step on this device's shard (call through `p_train_step`)."""
+  """One optimisation step on this device's shard (call through `Steps.train`)."""
   frozen = state.opt_state["backbone"] is None
   groups = MAIN_GROUP if frozen else MAIN_GROUP + ("backbone",)
   frames, audio, labels, vid = _model_inputs(batch)
