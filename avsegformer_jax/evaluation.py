@@ -16,11 +16,12 @@ from avsegformer_jax import avsegformer, metrics, progress, train, visualize
 def evaluate(config, steps: train.Steps, variables, split: str, *,
              shuffle_audio: bool = False, vis_dir: str | None = None,
              num_visualize: int = 0, source=None, desc="eval",
-             per_clip: bool = False) -> dict:
+             per_clip: bool = False, stop=None) -> dict | None:
   """Scores `variables` on a split: the original's per-batch averages and
   the dataset-level values (and per class for AVSS). `per_clip` adds
   `per_category` (S4's categories, AVSS's subsets v1s / v1m / v2) and
-  `clips`, each clip's scores in the split's order (`_Clips`)."""
+  `clips`, each clip's scores in the split's order (`_Clips`). None if
+  `stop()` turns True before the last batch (training's Ctrl-C)."""
   from datasets import input_pipeline  # pylint: disable=g-import-not-at-top
   ds, info = input_pipeline.create_dataset(
       config, split, train=False, source=source, shuffle_audio=shuffle_audio)
@@ -34,6 +35,8 @@ def evaluate(config, steps: train.Steps, variables, split: str, *,
                             leave=False)
   try:
     for i, batch in enumerate(data, 1):
+      if stop is not None and stop():
+        return None
       shown.line(f"{desc} {split}: batch {i}/{n}")
       stats, logits, frame = steps.eval(variables,
                                         train.shard_batch(batch, steps.mesh))

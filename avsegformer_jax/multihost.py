@@ -120,6 +120,11 @@ class PreemptionNotice:
                          "it)\n")
         sys.stderr.flush()
 
+  def pending(self) -> bool:
+    """Whether a notice came (one process; several agree on a step only in
+    `reached`)."""
+    return jax.process_count() == 1 and self.signum is not None
+
   @property
   def name(self) -> str:
     return "Ctrl-C" if self.signum == signal.SIGINT else "SIGTERM"

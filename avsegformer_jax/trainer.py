@@ -19,7 +19,7 @@ from absl import logging
 
 from avsegformer_jax import (avsegformer, checkpoint, errors, evaluation,
                              files, losses, multihost, progress, run_config,
-                             train)
+                             run_log, train)
 
 
 class NonFiniteLossError(errors.ReportedError, RuntimeError):
@@ -28,28 +28,6 @@ class NonFiniteLossError(errors.ReportedError, RuntimeError):
 
 def _is_main():
   return jax.process_index() == 0
-
-
-def _writer(workdir):
-  if not _is_main():
-    return None
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  return SummaryWriter(files.join(workdir, "tensorboard"))
-
-
-def _scalars(writer, step, values, prefix):
-  if writer is None:
-    return
-  for k, v in values.items():
-    if isinstance(v, (int, float)) and math.isfinite(v):
-      writer.add_scalar(f"{prefix}/{k}", v, step)
-
-
-def _log_line(workdir, record):
-  """Appends to WORKDIR/train_metrics.jsonl (plain text twin of TensorBoard)."""
-  if _is_main():
-    files.append_line(files.join(workdir, "train_metrics.jsonl"),
-                      json.dumps(record))
 
 
 def initial_variables(config, model, rng, with_pretrained: bool = True):
@@ -245,7 +223,7 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
     run_config.save(config, workdir)
   state = train.replicate(state, mesh)
   steps = train.Steps(model, config, mesh)
-  writer = _writer(workdir)
+  log = run_log.RunLog(workdir)
   last_eval, pending, t0, clips = {}, [], time.time(), 0
   waited = 0.0     # seconds in next(data_iter) since the last log line
   t_run = time.time()
@@ -262,9 +240,35 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
             **(extra or {})}
     ckpt.save(step, state, meta)
 
+  def validate(step, loss=None):
+    """The validation of epoch-end `step` (saved already): its scores, the
+    best checkpoint, a line in run_log.EVAL_LOG; None if a notice (one
+    process) came during it."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    res = evaluation.evaluate(
+        config, steps, variables, config.data.eval_split,
+        source=src(config.data.eval_split), stop=notice.pending)
+    if res is None:
+      return None
+    msg = (f"epoch {math.ceil(step / bpe)}/{t.num_epochs} step {step}: "
+           + (f"loss {loss:.4f}  " if loss is not None else "")
+           + f"{config.data.eval_split} mIoU {res['miou']:.4f} "
+           f"F {res['fscore']:.4f}")
+    shown.bar.write(msg) if _is_main() else None
+    logging.info(msg)
+    ckpt.save_best(step, variables, {"step": step, "miou": res["miou"]})
+    log.eval(step, step / bpe, res)
+    return res
+
   notice, preempted = multihost.PreemptionNotice(), 0
   try:
-    for step in range(start, total):
+    todo = range(start, total)
+    if start and meta.get("validated") is False and not run_log.validated(
+        workdir, start):         # stopped during its epoch-end validation
+      last_eval = validate(start) or {}
+      if not last_eval:          # a notice during it: stop again
+        preempted, todo = start, ()
+    for step in todo:
       epoch = step // bpe
       if (epoch >= t.freeze_backbone_epochs and
           state.opt_state["backbone"] is None):
@@ -288,8 +292,7 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
         t0, clips, waited = time.time(), 0, 0.0
         s.update(learning_rate=t.learning_rate, clips_per_s=rate,
                  input_wait_fraction=wait)
-        _scalars(writer, done, s, "train")
-        _log_line(workdir, dict(step=done, **s))
+        log.train(done, s)
         shown.bar.set_postfix(loss=f"{s['loss']:.4f}",
                               clips_s=f"{rate:.2f}", input_wait=f"{wait:.0%}")
         left = (time.time() - t_run) / (done - start) * (total - done)
@@ -300,24 +303,14 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
       # A preemption notice (or Ctrl-C): save this step, then stop (not
       # after the last).
       stop = done < total and notice.reached(done)
-      if epoch_end:
-        _check_finite(pending, done)
-        variables = {"params": state.params,
-                     "batch_stats": state.batch_stats}
-        last_eval = evaluation.evaluate(
-            config, steps, variables, config.data.eval_split,
-            source=src(config.data.eval_split))
-        _scalars(writer, done, last_eval, "eval")
-        msg = (f"epoch {math.ceil(done / bpe)}/{t.num_epochs} step {done}: "
-               f"loss {float(stats['loss']):.4f}  {config.data.eval_split} "
-               f"mIoU {last_eval['miou']:.4f} F {last_eval['fscore']:.4f}")
-        shown.bar.write(msg) if _is_main() else None
-        logging.info(msg)
-        save(done, {"miou": last_eval["miou"]})
-        ckpt.save_best(done, variables,
-                       {"step": done, "miou": last_eval["miou"]})
-      elif done % config.checkpoint.every_steps == 0 or stop:
-        save(done)
+      if epoch_end or done % config.checkpoint.every_steps == 0 or stop:
+        # Saved before the validation: a kill or a notice during it loses
+        # no step (the resume validates the step first).
+        save(done, {"validated": False} if epoch_end else None)
+      if epoch_end and not stop:
+        res = validate(done, float(stats["loss"]))
+        stop = res is None               # a notice came during it
+        last_eval = res or last_eval
       if stop:
         if _is_main():
           shown.bar.write(f"{notice.name}: step {done} saved; stopping")
@@ -328,8 +321,7 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
     input_pipeline.close(data_iter)
   shown.close()
   ckpt.close()
-  if writer is not None:
-    writer.close()
+  log.close()
   if preempted:
     raise errors.Preempted(preempted, workdir, notice.signum)
   results = files.join(workdir, "train_results.json")

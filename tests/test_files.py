@@ -11,7 +11,8 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-from avsegformer_jax import checkpoint, compile_cache, files, trainer, visualize
+from avsegformer_jax import (checkpoint, compile_cache, files, run_log,
+                             trainer, visualize)
 
 
 class _Bucket(LocalFileSystem):
@@ -58,7 +59,7 @@ def test_logs_results_and_pngs_in_a_bucket(bucket, monkeypatch):
   files.makedirs(wd)
   assert files.is_dir(wd) and (bucket / "b" / "run").is_dir()
   for step in (1, 2):                     # no appending to objects: rewrites
-    trainer._log_line(wd, {"step": step})
+    run_log.append(wd, run_log.TRAIN_LOG, {"step": step})
   lines = (bucket / "b" / "run" / "train_metrics.jsonl").read_text()
   assert [json.loads(l)["step"] for l in lines.splitlines()] == [1, 2]
   files.write_text(files.join(wd, "r.json"), '{"miou": 0.5}')

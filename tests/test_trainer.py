@@ -396,3 +396,44 @@ def test_evaluations_keep_their_results_and_overlays_apart(tmp_path):
                                     str(tmp_path / "run"), "validation",
                                     source=source)
   assert res["checkpoint"] == str(tmp_path / "run" / "best" / "5")
+
+
+def test_a_notice_during_the_validation_loses_no_step(tmp_path, monkeypatch):
+  """A Ctrl-C (or SIGTERM) during an epoch's validation: the epoch's last
+  step was saved before it, the validation stops at its next batch (an
+  AVSS validation takes minutes; a spot VM gives 30 s), and the resume
+  validates that step first. Before, the step was saved after the
+  validation: a notice waited for it, a kill lost the epoch's steps.
+  Validation scores and results are the uninterrupted run's."""
+  sys.path.insert(0, os.path.dirname(__file__))
+  from avsegformer_jax import errors, evaluation, run_log, trainer
+  from train_driver import synthetic_source, tiny_config
+  sources = {"train": synthetic_source(10, 2, 40, 0),
+             "validation": synthetic_source(6, 2, 40, 1)}
+
+  def train(wd):
+    return trainer.train_and_evaluate(tiny_config(), str(wd),
+                                      source_fn=sources.get)
+
+  def log(wd):
+    with open(wd / run_log.EVAL_LOG) as f:
+      return [json.loads(line) for line in f]
+
+  whole = train(tmp_path / "whole")
+  real = evaluation.evaluate
+  def interrupted(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)       # Ctrl-C as it starts
+    time.sleep(0.1)
+    return real(*args, **kwargs)
+  monkeypatch.setattr(evaluation, "evaluate", interrupted)
+  wd = tmp_path / "wd"
+  with pytest.raises(errors.Preempted, match="stopped at step 3 on Ctrl-C"):
+    train(wd)                                 # epoch 1 ends at step 3
+  assert _steps(wd)[-1] == 3 and not (wd / run_log.EVAL_LOG).exists()
+  assert not (wd / "best").exists() or not os.listdir(wd / "best")
+  monkeypatch.setattr(evaluation, "evaluate", real)
+  assert train(wd) == whole
+  assert [r["step"] for r in log(wd)] == [3, 6]
+  assert log(wd) == log(tmp_path / "whole")
+  assert train(wd) == whole                   # finished: nothing again
+  assert len(log(wd)) == 2
