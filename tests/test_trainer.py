@@ -398,7 +398,8 @@ def test_evaluations_keep_their_results_and_overlays_apart(tmp_path):
   assert res["checkpoint"] == str(tmp_path / "run" / "best" / "5")
 
 
-def test_a_notice_during_the_validation_loses_no_step(tmp_path, monkeypatch):
+def test_a_notice_during_the_validation_loses_no_step(reference_run, tmp_path,
+                                                      monkeypatch):
   """A Ctrl-C (or SIGTERM) during an epoch's validation: the epoch's last
   step was saved before it, the validation stops at its next batch (an
   AVSS validation takes minutes; a spot VM gives 30 s), and the resume
@@ -419,7 +420,9 @@ def test_a_notice_during_the_validation_loses_no_step(tmp_path, monkeypatch):
     with open(wd / run_log.EVAL_LOG) as f:
       return [json.loads(line) for line in f]
 
-  whole = train(tmp_path / "whole")
+  d1, _ = reference_run                       # the same run, uninterrupted
+  with open(d1 / "wd" / "train_results.json") as f:
+    whole = json.load(f)
   real = evaluation.evaluate
   def interrupted(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGINT)       # Ctrl-C as it starts
@@ -434,6 +437,6 @@ def test_a_notice_during_the_validation_loses_no_step(tmp_path, monkeypatch):
   monkeypatch.setattr(evaluation, "evaluate", real)
   assert train(wd) == whole
   assert [r["step"] for r in log(wd)] == [3, 6]
-  assert log(wd) == log(tmp_path / "whole")
+  assert log(wd) == log(d1 / "wd")
   assert train(wd) == whole                   # finished: nothing again
   assert len(log(wd)) == 2
