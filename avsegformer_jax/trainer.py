@@ -173,6 +173,7 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
   multihost.connect(mesh)
   model = avsegformer.build_model(config, axis_name=train.AXIS)
   t = config.train
+  accum = t.get("grad_accum_steps", 1)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep,
                                  config.checkpoint.keep_best)
   start = ckpt.latest_step() or 0
@@ -206,8 +207,7 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
     total = min(total, t.max_steps)
   if start:
     meta = ckpt.restore_meta(start)
-    _check_batch(meta, info["global_batch"], t.get("grad_accum_steps", 1),
-                 workdir, start)
+    _check_batch(meta, info["global_batch"], accum, workdir, start)
     if meta.get("backbone_trainable"):
       state = train.unfreeze_backbone(state, config)
     state, meta = ckpt.restore(start, state,
@@ -235,7 +235,7 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
     pending.clear()
     meta = {"step": step, "epoch": step / bpe,
             "global_batch": info["global_batch"],
-            "grad_accum_steps": t.get("grad_accum_steps", 1),
+            "grad_accum_steps": accum,
             "backbone_trainable": state.opt_state["backbone"] is not None,
             **(extra or {})}
     ckpt.save(step, state, meta)
