@@ -72,8 +72,8 @@ def _demo_data(config, workdir):
 def main(argv):
   """Bad input (a missing dataset or checkpoint, a diverged loss) or a full
   disk ends with one line naming it and status 2, not a traceback; a
-  preemption notice (SIGTERM) or a first Ctrl-C in training with a saved
-  checkpoint and status 143 or 130."""
+  preemption notice (SIGTERM), a first Ctrl-C or a hangup (SIGHUP) in
+  training with a saved checkpoint and status 143, 130 or 129."""
   try:
     _main(argv)
   except errors.ReportedError as e:

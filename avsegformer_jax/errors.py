@@ -29,14 +29,15 @@ class ConfigError(InputError):
 
 
 class Preempted(Exception):
-  """Not an error: training stopped on SIGTERM (a preemption notice) or a
-  first Ctrl-C (SIGINT) after saving the checkpoint of `step`; the same
-  command resumes from it. `status`: 128 + the signal's number, which
+  """Not an error: training stopped on SIGTERM (a preemption notice), a
+  first Ctrl-C (SIGINT) or SIGHUP (its terminal closed) after saving the
+  checkpoint of `step`; the same command resumes from it. `status`: 128 + the signal's number, which
   schedulers and shells read as "terminated", not "finished"."""
 
   def __init__(self, step: int, workdir: str, signum: int = signal.SIGTERM):
-    why = ("Ctrl-C (SIGINT)" if signum == signal.SIGINT
-           else "SIGTERM (preemption)")
+    why = {signal.SIGINT: "Ctrl-C (SIGINT)",
+           signal.SIGHUP: "SIGHUP (its terminal closed)"}.get(
+               signum, "SIGTERM (preemption)")
     super().__init__(
         f"stopped at step {step} on {why} after saving its checkpoint in "
         f"{workdir}; run the same command to resume")

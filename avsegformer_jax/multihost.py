@@ -19,6 +19,7 @@ the processes are in step. On GPUs and TPUs it costs one tiny program.
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import sys
 import threading
@@ -91,24 +92,37 @@ def connect(mesh: Mesh) -> None:
 
 
 class PreemptionNotice:
-  """SIGTERM: what a spot/preemptible VM or a scheduler sends before it kills
-  the job. Several processes: JAX's preemption service (started by
-  `jax.distributed.initialize`) catches it on whichever host gets it and
-  picks a step every process reaches, where `reached` is True on all of them.
+  """A notice to save the step reached and stop: SIGTERM (what a spot or
+  preemptible VM or a scheduler sends before it kills the job), a first
+  Ctrl-C (SIGINT: an interactive run keeps its last step; a second one
+  stops at once, KeyboardInterrupt) or SIGHUP (the terminal closed, e.g. a
+  dropped ssh session: the run would die without a checkpoint).
   One process: a handler of ours notes it and `reached` is True from the
-  next step on. There a first Ctrl-C (SIGINT) does the same, so an
-  interactive run keeps its last step; a second one stops at once
-  (KeyboardInterrupt)."""
+  next step on. Several (`jax.distributed`): JAX's preemption service
+  catches SIGTERM on whichever host gets it and picks a step every process
+  reaches, where `reached` is True on all of them; a Ctrl-C or SIGHUP there
+  is passed to it as a SIGTERM of the process, so a launcher's Ctrl-C to
+  every process, or one to any of them, stops them all at one step too."""
 
   def __init__(self):
     self.signum, self._previous = None, {}
-    if (jax.process_count() == 1 and
-        threading.current_thread() is threading.main_thread()):
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._notice)
+    # (Asked now: a hung-up terminal answers no longer.)
+    self._terminal = [fd for fd in (1, 2) if _isatty(fd)]
+    self._service = False
+    if threading.current_thread() is not threading.main_thread():
+      return
+    several = jax.process_count() > 1
+    self._service = several and _preemption_service()
+    if several and not self._service:
+      return                       # nothing to pass a notice to
+    for sig in ((signal.SIGINT, signal.SIGHUP) if several else
+                (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)):
+      self._previous[sig] = signal.signal(sig, self._notice)
 
   def _notice(self, signum, frame):
     del frame
+    if signum == signal.SIGHUP:
+      _leave_terminal(self._terminal)
     if signum == signal.SIGINT and self.signum == signal.SIGINT:
       self.close()
       raise KeyboardInterrupt
@@ -119,6 +133,8 @@ class PreemptionNotice:
                          "checkpoint saved (Ctrl-C again: stop now, without "
                          "it)\n")
         sys.stderr.flush()
+      if jax.process_count() > 1:  # to JAX's handler (C++, not Python's)
+        signal.raise_signal(signal.SIGTERM)
 
   def pending(self) -> bool:
     """Whether a notice came (one process; several agree on a step only in
@@ -127,12 +143,15 @@ class PreemptionNotice:
 
   @property
   def name(self) -> str:
-    return "Ctrl-C" if self.signum == signal.SIGINT else "SIGTERM"
+    return {signal.SIGINT: "Ctrl-C",
+            signal.SIGHUP: "SIGHUP"}.get(self.signum, "SIGTERM")
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:        # every process calls it every step
+      if not self._service:
+        return False                   # `jax_enable_preemption_service` off
       if multihost_utils.reached_preemption_sync_point(step):
-        self.signum = signal.SIGTERM
+        self.signum = self.signum or signal.SIGTERM   # ours, or another's
         return True
       return False
     return self.signum is not None
@@ -141,3 +160,28 @@ class PreemptionNotice:
     for sig, previous in self._previous.items():
       signal.signal(sig, previous)
     self._previous = {}
+
+
+def _preemption_service() -> bool:
+  """Whether `jax.distributed` runs JAX's preemption service (on unless
+  `jax_enable_preemption_service` is off), whose handler takes SIGTERM."""
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return getattr(distributed.global_state, "preemption_sync_manager",
+                 None) is not None
+
+
+def _isatty(fd: int) -> bool:
+  try:
+    return os.isatty(fd)
+  except OSError:
+    return False
+
+
+def _leave_terminal(fds) -> None:
+  """After a hangup, writing to the terminal fails (EIO) and would end the
+  run before it saves: the output streams that were the terminal (`fds`)
+  go to /dev/null; a log file or pipe stays as it is."""
+  null = os.open(os.devnull, os.O_WRONLY)
+  for fd in fds:
+    os.dup2(null, fd)
+  os.close(null)

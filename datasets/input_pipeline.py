@@ -301,19 +301,38 @@ def create_dataset(config, split: str, *, train: bool, num_epochs: int = 1,
     from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():   # grain workers read absl flags
       flags.FLAGS.mark_as_parsed()
+    _start_resource_tracker()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
-                        worker_init_fn=_ignore_ctrl_c)
+                        worker_init_fn=_ignore_stop_signals)
   info = dict(num_clips=n, batches_per_epoch=bpe, global_batch=gb,
               local_batch=lb, num_epochs=num_epochs)
   return ds, info
 
 
-def _ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
-  """In each worker process: a terminal's Ctrl-C reaches every process of
-  its group, and each worker printed a KeyboardInterrupt traceback. The
-  main process stops them (`close`), after saving its step."""
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+  """In each worker process: a terminal's Ctrl-C (SIGINT), or its hangup
+  (SIGHUP), reaches every process of its group; each worker printed a
+  KeyboardInterrupt traceback, or died, taking the main process's next
+  batch with it. The main process stops them (`close`), after saving its
+  step."""
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _start_resource_tracker() -> None:
+  """Starts multiprocessing's resource tracker (it accounts for the shared
+  memory of the workers' batches) with SIGHUP blocked, which it keeps: it
+  ignores a Ctrl-C by itself, but a terminal's hangup killed it, and the
+  workers that relaunched it printed a traceback per batch in flight."""
+  from multiprocessing import resource_tracker  # pylint: disable=g-import-not-at-top
+  if not hasattr(signal, "pthread_sigmask"):
+    return
+  before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+  try:
+    resource_tracker.ensure_running()
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def close(iterator) -> None:

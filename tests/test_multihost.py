@@ -139,8 +139,47 @@ def test_ctrl_c_once_stops_at_the_next_step_twice_at_once():
     assert signal.getsignal(signal.SIGINT) is before
   finally:
     notice.close()
-  notice = multihost.PreemptionNotice()
-  os.kill(os.getpid(), signal.SIGTERM)
-  time.sleep(0.1)
-  assert notice.reached(1) and notice.name == "SIGTERM"
-  notice.close()
+  for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGHUP, "SIGHUP")):
+    notice = multihost.PreemptionNotice()
+    os.kill(os.getpid(), sig)
+    time.sleep(0.1)
+    assert notice.reached(1) and notice.name == name
+    notice.close()
+
+
+HANGUP = textwrap.dedent("""
+    import os, signal, sys, time
+    from avsegformer_jax import multihost
+    notice = multihost.PreemptionNotice()
+    print("ready", flush=True)
+    deadline = time.time() + 60   # until the test closes the terminal
+    while notice.signum is None and time.time() < deadline:
+      time.sleep(0.05)
+    with open(sys.argv[1], "w") as f:
+      f.write(f"{notice.name} {notice.reached(1)} {os.isatty(1)} "
+              f"{os.isatty(2)}")
+    print("a line into the closed terminal", flush=True)
+    sys.stderr.write("and one into stderr\\n")
+    sys.stderr.flush()
+    """)
+
+
+def test_a_terminal_hangup_is_a_notice_and_writes_no_longer_fail(tmp_path):
+  """SIGHUP (a closed terminal, a dropped ssh session) killed a run
+  without saving; now it is a notice. After it, writes to the hung-up
+  terminal failed (EIO) and would end the run before it saved: the streams
+  that were the terminal go to /dev/null, so the process writes on and
+  exits normally."""
+  import pty  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "out"
+  pid, fd = pty.fork()       # the child: a new session, the pty its terminal
+  if pid == 0:
+    os.chdir(ROOT)
+    os.execv(sys.executable, [sys.executable, "-c", HANGUP, str(out)])
+  text = b""
+  while b"ready" not in text:
+    text += os.read(fd, 1024)
+  os.close(fd)               # hangs the terminal up: SIGHUP to the child
+  _, status = os.waitpid(pid, 0)
+  assert os.waitstatus_to_exitcode(status) == 0
+  assert out.read_text() == "SIGHUP True False False"
