@@ -18,6 +18,7 @@ the processes are in step. On GPUs and TPUs it costs one tiny program.
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import signal
@@ -96,7 +97,8 @@ class PreemptionNotice:
   preemptible VM or a scheduler sends before it kills the job), a first
   Ctrl-C (SIGINT: an interactive run keeps its last step; a second one
   stops at once, KeyboardInterrupt) or SIGHUP (the terminal closed, e.g. a
-  dropped ssh session: the run would die without a checkpoint).
+  dropped ssh session: the run would die without a checkpoint), or a write
+  to stdout / stderr that finds its reader gone (`_Output`: a hangup too).
   One process: a handler of ours notes it and `reached` is True from the
   next step on. Several (`jax.distributed`): JAX's preemption service
   catches SIGTERM on whichever host gets it and picks a step every process
@@ -118,6 +120,13 @@ class PreemptionNotice:
     for sig in ((signal.SIGINT, signal.SIGHUP) if several else
                 (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)):
       self._previous[sig] = signal.signal(sig, self._notice)
+    self._streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (_Output(x, self._output_lost)
+                              for x in self._streams)
+
+  def _output_lost(self):
+    """A write found its reader gone: as a hangup."""
+    self._notice(signal.SIGHUP, None)
 
   def _notice(self, signum, frame):
     del frame
@@ -160,6 +169,42 @@ class PreemptionNotice:
     for sig, previous in self._previous.items():
       signal.signal(sig, previous)
     self._previous = {}
+    if isinstance(sys.stdout, _Output) and isinstance(sys.stderr, _Output):
+      sys.stdout, sys.stderr = self._streams
+
+
+class _Output:
+  """sys.stdout / sys.stderr while a notice is awaited. Where the reader
+  went away (EPIPE: the ssh session of `gcloud ... ssh --worker=all`
+  closed, or a pipe's reader; EIO: a hung-up terminal) a write raised in
+  whichever print, log line or progress bar came next, and the run ended
+  without saving. Now the stream's descriptor goes to /dev/null (so the
+  write, and every later one from anywhere, succeeds) and `lost()` is
+  called once."""
+
+  def __init__(self, stream, lost):
+    self._stream, self._lost = stream, lost
+
+  def _guard(self, fn, *args):
+    try:
+      return fn(*args)
+    except OSError as e:
+      if e.errno not in (errno.EPIPE, errno.EIO):
+        raise
+      _leave_terminal([self._stream.fileno()])
+      lost, self._lost = self._lost, None
+      if lost is not None:
+        lost()
+      return fn(*args)
+
+  def write(self, text):
+    return self._guard(self._stream.write, text)
+
+  def flush(self):
+    return self._guard(self._stream.flush)
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
 
 
 def _preemption_service() -> bool:

@@ -227,6 +227,8 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
   last_eval, pending, t0, clips = {}, [], time.time(), 0
   waited = 0.0     # seconds in next(data_iter) since the last log line
   t_run = time.time()
+  # Before the bar, which keeps the sys.stderr it finds (the notice's).
+  notice, preempted = multihost.PreemptionNotice(), 0
   shown = progress.Progress(_is_main(), total=total, initial=start,
                             desc="train", dynamic_ncols=True)
 
@@ -260,7 +262,6 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
     log.eval(step, step / bpe, res)
     return res
 
-  notice, preempted = multihost.PreemptionNotice(), 0
   try:
     todo = range(start, total)
     if start and meta.get("validated") is False and not run_log.validated(

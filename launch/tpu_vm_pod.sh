@@ -26,7 +26,10 @@
 # URL or leave it to copy this tree.
 # Spot / preemptible TPU VMs: on the shutdown notice (SIGTERM) every host
 # saves the same step and stops (JAX's preemption service); run this script
-# again to resume from it.
+# again to resume from it. The same happens when this ssh session ends (a
+# Ctrl-C here, a dropped connection): each host saves the same step as its
+# output pipe closes, so nothing is lost; to keep training without the
+# session, run the last command below under nohup or tmux on the workers.
 # Tested on: NOT run on a TPU pod (none available to the project); the
 # multi-process data, checkpoint and evaluation paths run in CI as two JAX
 # processes on one CPU host (tests/test_trainer.py::test_two_processes).

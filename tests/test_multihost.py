@@ -183,3 +183,41 @@ def test_a_terminal_hangup_is_a_notice_and_writes_no_longer_fail(tmp_path):
   _, status = os.waitpid(pid, 0)
   assert os.waitstatus_to_exitcode(status) == 0
   assert out.read_text() == "SIGHUP True False False"
+
+
+LOST_OUTPUT = textwrap.dedent("""
+    import os, sys, time
+    from tqdm import tqdm
+    from avsegformer_jax import multihost
+    notice = multihost.PreemptionNotice()
+    bar = tqdm(total=10 ** 9, file=sys.stderr, mininterval=0)
+    print("ready", flush=True)
+    deadline = time.time() + 60   # until the test closes the pipes
+    while notice.signum is None and time.time() < deadline:
+      print("a line", flush=True)
+      bar.update(1)
+      time.sleep(0.01)
+    print("after", flush=True)
+    tqdm.write("after")
+    bar.close()
+    notice.close()
+    with open(sys.argv[1], "w") as f:
+      f.write(f"{notice.name} {notice.reached(1)} {sys.stdout is notice._streams[0]}")
+    """)
+
+
+def test_a_closed_output_pipe_is_a_notice_and_writes_go_on(tmp_path):
+  """The ssh session that `gcloud ... ssh --worker=all` runs training in
+  closes (the laptop's Ctrl-C, a dropped connection): the next print, log
+  line or bar update raised BrokenPipeError and the run ended without
+  saving. Now the streams go to /dev/null and the notice comes as for a
+  hangup; the handlers and streams are the ones before after `close`."""
+  out = tmp_path / "out"
+  proc = subprocess.Popen([sys.executable, "-c", LOST_OUTPUT, str(out)],
+                          cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+  assert proc.stdout.readline() == b"ready\n"
+  proc.stdout.close()
+  proc.stderr.close()
+  assert proc.wait(timeout=120) == 0
+  assert out.read_text() == "SIGHUP True True"
