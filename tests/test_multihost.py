@@ -148,7 +148,8 @@ def test_ctrl_c_once_stops_at_the_next_step_twice_at_once():
 
 
 HANGUP = textwrap.dedent("""
-    import os, signal, sys, time
+    import fcntl, os, signal, sys, termios, time
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)   # the pty: this session's terminal
     from avsegformer_jax import multihost
     notice = multihost.PreemptionNotice()
     print("ready", flush=True)
@@ -172,16 +173,16 @@ def test_a_terminal_hangup_is_a_notice_and_writes_no_longer_fail(tmp_path):
   exits normally."""
   import pty  # pylint: disable=g-import-not-at-top
   out = tmp_path / "out"
-  pid, fd = pty.fork()       # the child: a new session, the pty its terminal
-  if pid == 0:
-    os.chdir(ROOT)
-    os.execv(sys.executable, [sys.executable, "-c", HANGUP, str(out)])
+  fd, tty = pty.openpty()
+  proc = subprocess.Popen([sys.executable, "-c", HANGUP, str(out)], cwd=ROOT,
+                          stdin=tty, stdout=tty, stderr=tty,
+                          start_new_session=True)
+  os.close(tty)
   text = b""
   while b"ready" not in text:
     text += os.read(fd, 1024)
   os.close(fd)               # hangs the terminal up: SIGHUP to the child
-  _, status = os.waitpid(pid, 0)
-  assert os.waitstatus_to_exitcode(status) == 0
+  assert proc.wait(timeout=120) == 0
   assert out.read_text() == "SIGHUP True False False"
 
 
