@@ -157,6 +157,30 @@ def check_config(config, platform: str) -> None:
         f"data.num_frames must be at least 1, got {config.data.num_frames}")
 
 
+def _check_sizes(mc) -> None:
+  """Sizes and rates that otherwise fail deep in a traced step (a zero
+  width divides by zero at init) or not at all (a dropout rate of 1.5, a
+  drop-path rate of 1 trains on NaNs)."""
+  least = {"embed_dim": 1, "num_heads": 1, "num_points": 1,
+           "num_queries": 1, "encoder_ffn_dim": 1, "decoder_ffn_dim": 1,
+           "query_ffn_dim": 1, "head_mlp_dim": 1, "vggish_fc_dim": 1,
+           # 0 layers: a stage left out (an ablation), which runs
+           "num_encoder_layers": 0, "num_decoder_layers": 0,
+           "num_query_layers": 0}
+  for field, low in least.items():
+    if field in mc and mc[field] < low:
+      raise errors.ConfigError(
+          f"model.{field} must be at least {low}, got {mc[field]}")
+  if not 1 <= mc.num_levels <= 3:
+    raise errors.ConfigError(   # the encoder's strides 8, 16, 32
+        f"model.num_levels must be 1, 2 or 3, got {mc.num_levels}")
+  for field in ("dropout", "attention_dropout", "drop_path"):
+    rate = mc.get(field)
+    if rate is not None and not 0 <= rate < 1:
+      raise errors.ConfigError(
+          f"model.{field} must be in [0, 1), got {rate}")
+
+
 def build_backbone(mc, dtype, axis_name=None):
   if mc.backbone == "res50":
     from avsegformer_jax import resnet
@@ -198,6 +222,7 @@ def build_model(config, axis_name: str | None = None) -> AVSegFormer:
     raise errors.ConfigError(
         f"model.msda_impl must be one of "
         f"{deformable_attention.IMPLS}, got {mc.msda_impl!r}")
+  _check_sizes(mc)
   if mc.embed_dim % 32 or mc.embed_dim % mc.num_heads:
     raise errors.ConfigError(
         "model.embed_dim must be a multiple of 32 (GroupNorm "

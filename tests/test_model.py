@@ -124,7 +124,19 @@ def test_bad_config_values_are_named():
      "'none'), got 'xyz'"),
     ("model.dtype", "fp16", "model.dtype must be one of"),
     ("model.attention_impl", "cudnn", "model.attention_impl='cudnn' needs "
-     "16-bit compute")])
+     "16-bit compute"),
+    # Zero widths divided by zero at init; 4 levels failed in the MSDA
+    # core's broadcasting; rates of 1 or more trained on garbage or NaNs.
+    ("model.num_queries", 0, "model.num_queries must be at least 1, got 0"),
+    ("model.num_points", 0, "model.num_points must be at least 1, got 0"),
+    ("model.head_mlp_dim", 0, "model.head_mlp_dim must be at least 1, got 0"),
+    ("model.num_encoder_layers", -1,
+     "model.num_encoder_layers must be at least 0, got -1"),
+    ("model.num_levels", 4, "model.num_levels must be 1, 2 or 3, got 4"),
+    ("model.dropout", 1.5, "model.dropout must be in [0, 1), got 1.5"),
+    ("model.drop_path", 1.0, "model.drop_path must be in [0, 1), got 1.0"),
+    ("model.attention_dropout", -0.1,
+     "model.attention_dropout must be in [0, 1), got -0.1")])
 def test_check_config_names_what_would_fail_in_a_traced_step(field, value,
                                                              error):
   """Before any work, as a ConfigError (main.py and predict report those in
