@@ -172,10 +172,12 @@ def _gather(rows: dict) -> dict:
 
 def _visualise(config, batch, logits, vis_dir, limit):
   """Saves the clips of this process's part of the batch that are among the
-  split's first `limit`. Every process writes its own: no collective, so
-  processes that hold none of them never wait for the one that does."""
+  split's first `limit` (every clip for a negative `limit`). Every process
+  writes its own: no collective, so processes that hold none of them never
+  wait for the one that does."""
   want = [i for i in range(len(batch["clip_valid"]))
-          if batch["clip_valid"][i] and batch["meta_index"][i] < limit]
+          if batch["clip_valid"][i] and (limit < 0 or
+                                         batch["meta_index"][i] < limit)]
   if not want:
     return
   local = _local_rows(logits)          # this process's [b*T, H, W, C]

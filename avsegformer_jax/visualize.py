@@ -39,14 +39,6 @@ def predict_mask(logits: np.ndarray) -> np.ndarray:
   return np.argmax(logits, -1).astype(np.uint8)
 
 
-def colourise(mask: np.ndarray, num_classes: int) -> np.ndarray:
-  """Class map [H, W] -> RGB: white foreground for binary tasks, the
-  palette for semantic ones."""
-  if num_classes == 1:
-    return np.repeat((mask * 255).astype(np.uint8)[..., None], 3, -1)
-  return palette(max(num_classes, int(mask.max()) + 1))[mask]
-
-
 def overlay(frame: np.ndarray, mask: np.ndarray, num_classes: int,
             alpha: float = 0.5) -> np.ndarray:
   """Blend the coloured mask into the frame where the mask is foreground:
@@ -69,7 +61,8 @@ def overlay(frame: np.ndarray, mask: np.ndarray, num_classes: int,
 
 def save_clip(out_dir: str, clip_id: str, frames: np.ndarray,
               logits: np.ndarray, num_classes: int, valid=None) -> list[str]:
-  """Writes <clip>/<t>_mask.png and <t>_overlay.png for each real frame."""
+  """Writes <clip>/<t>_mask.png (`mask_image`) and <t>_overlay.png for
+  each real frame."""
   d = files.join(out_dir, clip_id.replace(os.sep, "_"))
   files.makedirs(d)
   masks = predict_mask(logits)
@@ -78,7 +71,7 @@ def save_clip(out_dir: str, clip_id: str, frames: np.ndarray,
   for t in range(masks.shape[0]):
     if valid is not None and not valid[t]:
       continue
-    m = Image.fromarray(colourise(masks[t], num_classes))
+    m = mask_image(masks[t], num_classes)
     o = Image.fromarray(overlay(rgb[t], masks[t], num_classes))
     for img, kind in ((m, "mask"), (o, "overlay")):
       path = files.join(d, f"{t}_{kind}.png")
@@ -87,15 +80,19 @@ def save_clip(out_dir: str, clip_id: str, frames: np.ndarray,
   return written
 
 
-def save_mask_png(path: str, mask: np.ndarray, num_classes: int) -> None:
-  """A predicted mask: 0/255 greyscale (binary tasks), or class indices in
-  AVSBench's palette, as its own AVSS label PNGs are."""
+def mask_image(mask: np.ndarray, num_classes: int) -> Image.Image:
+  """A predicted mask as AVSBench stores its labels: 0/255 greyscale
+  (binary tasks), or class indices with AVSBench's palette (AVSS), so it
+  shows in colour and reads back as the class map."""
   if num_classes == 1:
-    Image.fromarray((mask * 255).astype(np.uint8), "L").save(path)
-    return
+    return Image.fromarray((mask * 255).astype(np.uint8), "L")
   img = Image.fromarray(mask.astype(np.uint8), "P")
   img.putpalette(palette(256).reshape(-1).tolist())
-  img.save(path)
+  return img
+
+
+def save_mask_png(path: str, mask: np.ndarray, num_classes: int) -> None:
+  mask_image(mask, num_classes).save(path)
 
 
 def save_rgb_png(path: str, rgb: np.ndarray) -> None:

@@ -93,7 +93,7 @@ def get_config():
   # ----------------------------------------------------------------- eval --
   e = c.eval = ml_collections.ConfigDict()
   e.batch_size = 2
-  e.num_visualize = 8            # clips whose masks / overlays are written
+  e.num_visualize = 8            # clips whose masks / overlays are written (-1: all)
   e.shuffled_audio_control = False   # after training: mIoU with shuffled audio
 
   # ------------------------------------------------- pretrained weights ----

@@ -89,6 +89,19 @@ def test_each_clip_and_category_scores_as_if_alone(task):
                    if k not in ("clips", "per_category")}
 
 
+@pytest.mark.parametrize("limit,want", [(2, 2), (-1, 6), (0, 0)])
+def test_visualised_clips(tmp_path, limit, want):
+  """eval.num_visualize: the split's first N clips (in its order, padding
+  left out), every clip for -1 (masks for analysis), none for 0."""
+  config, steps, variables = _setup("s4")
+  vis = tmp_path / "vis"
+  evaluation.evaluate(config, steps, variables, "validation",
+                      source=_source("s4"), vis_dir=str(vis),
+                      num_visualize=limit)
+  got = sorted(os.listdir(vis)) if vis.exists() else []
+  assert got == sorted(_name(i) for i in range(want))
+
+
 def test_clips_without_a_category_have_no_per_category():
   """MS3's clips have no category: one "" group would only repeat the
   split's scores."""

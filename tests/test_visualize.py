@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from PIL import Image
 
 from avsegformer_jax import visualize
@@ -38,7 +39,10 @@ def test_semantic_masks_use_the_palette():
   logits[0, 0, 0, 5] = 1.0
   m = visualize.predict_mask(logits)[0]
   assert m[0, 0] == 5 and m[1, 1] == 0
-  assert visualize.colourise(m, 71)[0, 0].tolist() == visualize.palette()[5].tolist()
+  img = visualize.mask_image(m, 71)        # AVSBench's AVSS label format
+  assert img.mode == "P" and np.asarray(img)[0, 0] == 5
+  assert np.asarray(img.convert("RGB"))[0, 0].tolist() == \
+      visualize.palette()[5].tolist()
 
 
 def test_overlay_is_the_rounded_blend():
@@ -81,3 +85,27 @@ def test_png_writer_runs_writes_and_reports_a_failure(tmp_path):
     pass
   else:
     raise AssertionError("the failed write was not raised")
+
+
+@pytest.mark.parametrize("num_classes", [1, 71])
+def test_saved_masks_read_back_as_avsbench_labels(tmp_path, num_classes):
+  """An evaluation's <t>_mask.png is what AVSBench stores (0/255 grey;
+  class indices with the palette): the dataset's own label reading gives
+  back the predicted class map. (RGB masks lost AVSS's class indices.)"""
+  from datasets.avsbench import raw  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  logits = rng.randn(2, 6, 8, num_classes).astype(np.float32)
+  frames = np.zeros((2, 6, 8, 3), np.uint8)
+  paths = visualize.save_clip(str(tmp_path), "c", frames, logits, num_classes)
+  want = visualize.predict_mask(logits)
+  assert len(np.unique(want)) > 1
+  for t in range(2):
+    im = Image.open(tmp_path / "c" / f"{t}_mask.png")
+    if num_classes == 1:
+      got = np.asarray(im.convert("1"), np.uint8)   # as raw.load_clip reads
+    else:
+      assert np.asarray(im).tolist() == want[t].tolist()
+      got = raw.colours_to_classes(np.asarray(im.convert("RGB")),
+                                   raw.avss_palette(), "p")
+    np.testing.assert_array_equal(got, want[t])
+  assert len(paths) == 4
