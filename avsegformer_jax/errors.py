@@ -31,8 +31,9 @@ class ConfigError(InputError):
 class Preempted(Exception):
   """Not an error: training stopped on SIGTERM (a preemption notice), a
   first Ctrl-C (SIGINT) or SIGHUP (its terminal closed) after saving the
-  checkpoint of `step`; the same command resumes from it. `status`: 128 + the signal's number, which
-  schedulers and shells read as "terminated", not "finished"."""
+  checkpoint of `step`; the same command resumes from it. `status`: 128 +
+  the signal's number, which schedulers and shells read as "terminated",
+  not "finished"."""
 
   def __init__(self, step: int, workdir: str, signum: int = signal.SIGTERM):
     why = {signal.SIGINT: "Ctrl-C (SIGINT)",
