@@ -1,10 +1,12 @@
 """A training run's logs in its workdir, written by process 0 alone:
 
-  WORKDIR/tensorboard/         TensorBoard scalars (train/*, eval/*)
+  WORKDIR/tensorboard/         TensorBoard scalars (train/*, eval/*,
+                               eval_category/<category>/*)
   WORKDIR/train_metrics.jsonl  a line per logged step (TensorBoard's twin)
-  WORKDIR/eval_metrics.jsonl   a line per epoch-end validation; a resume
-                               reads it to know whether the step it starts
-                               from was validated (`validated`)
+  WORKDIR/eval_metrics.jsonl   a line per epoch-end validation, with its
+                               per-category scores; a resume reads it to
+                               know whether the step it starts from was
+                               validated (`validated`)
 """
 from __future__ import annotations
 
@@ -41,11 +43,17 @@ class RunLog:
       append(self.workdir, TRAIN_LOG, {"step": step, **stats})
 
   def eval(self, step: int, epoch: float, res: dict) -> None:
+    """The scores, and `per_category` (S4's categories, AVSS's subsets) as
+    eval_category/<name>/* scalars and nested in the line."""
     if self.main:
       self._scalars(step, res, "eval")
+      cats = res.get("per_category", {})
+      for cat, scores in cats.items():
+        self._scalars(step, scores, f"eval_category/{cat}")
       append(self.workdir, EVAL_LOG, {
           "step": step, "epoch": epoch,
-          **{k: v for k, v in res.items() if isinstance(v, (int, float))}})
+          **{k: v for k, v in res.items() if isinstance(v, (int, float))},
+          **({"per_category": cats} if cats else {})})
 
   def close(self) -> None:
     if self._tb is not None:

@@ -251,15 +251,17 @@ def _train_and_evaluate(config, workdir: str, source_fn) -> dict:
     ckpt.save(step, state, meta)
 
   def validate(step, loss=None):
-    """The validation of epoch-end `step` (saved already): its scores, the
-    best checkpoint, a line in run_log.EVAL_LOG; None if a notice (one
-    process) came during it."""
+    """The validation of epoch-end `step` (saved already): its scores (and
+    per category), the best checkpoint, a line in run_log.EVAL_LOG; None if
+    a notice (one process) came during it."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     res = evaluation.evaluate(
         config, steps, variables, config.data.eval_split,
-        source=src(config.data.eval_split), stop=notice.pending)
+        source=src(config.data.eval_split), stop=notice.pending,
+        per_clip=True)              # for its `per_category`
     if res is None:
       return None
+    res.pop("clips")
     msg = (f"epoch {math.ceil(step / bpe)}/{t.num_epochs} step {step}: "
            + (f"loss {loss:.4f}  " if loss is not None else "")
            + f"{config.data.eval_split} mIoU {res['miou']:.4f} "

@@ -450,5 +450,12 @@ def test_a_notice_during_the_validation_loses_no_step(reference_run, tmp_path,
   assert train(wd) == whole
   assert [r["step"] for r in log(wd)] == [3, 6]
   assert log(wd) == log(d1 / "wd")
+  for line in log(wd):   # per category; one here, so the split's own scores
+    cat = line["per_category"]["synthetic"]
+    assert cat["num_clips"] == 6
+    np.testing.assert_allclose([cat["miou"], cat["fscore"]],
+                               [line["miou_dataset"], line["fscore_dataset"]],
+                               rtol=1e-6)
+  assert whole["per_category"] == log(wd)[-1]["per_category"]
   assert train(wd) == whole                   # finished: nothing again
   assert len(log(wd)) == 2
