@@ -18,9 +18,8 @@ the processes are in step. On GPUs and TPUs it costs one tiny program.
 """
 from __future__ import annotations
 
-import errno
+import contextlib
 import itertools
-import os
 import signal
 import sys
 import threading
@@ -31,6 +30,8 @@ import orbax.checkpoint as ocp
 from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from avsegformer_jax import terminal
 
 _BARRIERS = itertools.count()       # ids must be new; every process counts alike
 
@@ -98,7 +99,7 @@ class PreemptionNotice:
   Ctrl-C (SIGINT: an interactive run keeps its last step; a second one
   stops at once, KeyboardInterrupt) or SIGHUP (the terminal closed, e.g. a
   dropped ssh session: the run would die without a checkpoint), or a write
-  to stdout / stderr that finds its reader gone (`_Output`: a hangup too).
+  to stdout / stderr that finds its reader gone (a hangup too: `terminal`).
   One process: a handler of ours notes it and `reached` is True from the
   next step on. Several (`jax.distributed`): JAX's preemption service
   catches SIGTERM on whichever host gets it and picks a step every process
@@ -108,8 +109,8 @@ class PreemptionNotice:
 
   def __init__(self):
     self.signum, self._previous = None, {}
-    # (Asked now: a hung-up terminal answers no longer.)
-    self._terminal = [fd for fd in (1, 2) if _isatty(fd)]
+    self._streams = contextlib.ExitStack()
+    self._terminal = terminal.terminal_fds()
     self._service = False
     if threading.current_thread() is not threading.main_thread():
       return
@@ -120,9 +121,7 @@ class PreemptionNotice:
     for sig in ((signal.SIGINT, signal.SIGHUP) if several else
                 (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)):
       self._previous[sig] = signal.signal(sig, self._notice)
-    self._streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = (_Output(x, self._output_lost)
-                              for x in self._streams)
+    self._streams.enter_context(terminal.guarded_streams(self._output_lost))
 
   def _output_lost(self):
     """A write found its reader gone: as a hangup."""
@@ -131,7 +130,7 @@ class PreemptionNotice:
   def _notice(self, signum, frame):
     del frame
     if signum == signal.SIGHUP:
-      _leave_terminal(self._terminal)
+      terminal.to_devnull(self._terminal)
     if signum == signal.SIGINT and self.signum == signal.SIGINT:
       self.close()
       raise KeyboardInterrupt
@@ -169,42 +168,7 @@ class PreemptionNotice:
     for sig, previous in self._previous.items():
       signal.signal(sig, previous)
     self._previous = {}
-    if isinstance(sys.stdout, _Output) and isinstance(sys.stderr, _Output):
-      sys.stdout, sys.stderr = self._streams
-
-
-class _Output:
-  """sys.stdout / sys.stderr while a notice is awaited. Where the reader
-  went away (EPIPE: the ssh session of `gcloud ... ssh --worker=all`
-  closed, or a pipe's reader; EIO: a hung-up terminal) a write raised in
-  whichever print, log line or progress bar came next, and the run ended
-  without saving. Now the stream's descriptor goes to /dev/null (so the
-  write, and every later one from anywhere, succeeds) and `lost()` is
-  called once."""
-
-  def __init__(self, stream, lost):
-    self._stream, self._lost = stream, lost
-
-  def _guard(self, fn, *args):
-    try:
-      return fn(*args)
-    except OSError as e:
-      if e.errno not in (errno.EPIPE, errno.EIO):
-        raise
-      _leave_terminal([self._stream.fileno()])
-      lost, self._lost = self._lost, None
-      if lost is not None:
-        lost()
-      return fn(*args)
-
-  def write(self, text):
-    return self._guard(self._stream.write, text)
-
-  def flush(self):
-    return self._guard(self._stream.flush)
-
-  def __getattr__(self, name):
-    return getattr(self._stream, name)
+    self._streams.close()
 
 
 def _preemption_service() -> bool:
@@ -213,20 +177,3 @@ def _preemption_service() -> bool:
   from jax._src import distributed  # pylint: disable=g-import-not-at-top
   return getattr(distributed.global_state, "preemption_sync_manager",
                  None) is not None
-
-
-def _isatty(fd: int) -> bool:
-  try:
-    return os.isatty(fd)
-  except OSError:
-    return False
-
-
-def _leave_terminal(fds) -> None:
-  """After a hangup, writing to the terminal fails (EIO) and would end the
-  run before it saves: the output streams that were the terminal (`fds`)
-  go to /dev/null; a log file or pipe stays as it is."""
-  null = os.open(os.devnull, os.O_WRONLY)
-  for fd in fds:
-    os.dup2(null, fd)
-  os.close(null)

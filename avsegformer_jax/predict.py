@@ -44,8 +44,8 @@ from avsegformer_jax import audio as audio_lib
 from avsegformer_jax import progress as progress_lib
 from avsegformer_jax import (avsbench_extraction, avsegformer, checkpoint,
                              compile_cache, errors, files, predict_outputs,
-                             pretrained, run_config, video_io, visualize,
-                             xla_cpu)
+                             pretrained, run_config, terminal, video_io,
+                             visualize, xla_cpu)
 
 PAD_MODES = {"s4": "repeat_last", "ms3": "repeat_last", "avss": "zero_pad"}
 
@@ -383,12 +383,13 @@ def main(argv):
   try:
     config = f.config or run_config.own_config(f.checkpoint, PredictError)
     videos = video_io.expand_videos(f.video)
-    _, skipped = predict_videos(
-        config, videos, f.out, checkpoint_dir=f.checkpoint, fps=f.fps,
-        every_frame=f.every_frame, batch_clips=f.batch_clips,
-        overlay_images=f.overlay_images, skip_done=f.skip_done,
-        extraction=f.extraction,
-        report=lambda line: print(line, flush=True))
+    with terminal.survive_hangup():
+      _, skipped = predict_videos(
+          config, videos, f.out, checkpoint_dir=f.checkpoint, fps=f.fps,
+          every_frame=f.every_frame, batch_clips=f.batch_clips,
+          overlay_images=f.overlay_images, skip_done=f.skip_done,
+          extraction=f.extraction,
+          report=lambda line: print(line, flush=True))
   except errors.InputError as e:       # PredictError, an unwritable --out
     errors.exit_with("predict", e)
   except KeyboardInterrupt:

@@ -190,6 +190,7 @@ LOST_OUTPUT = textwrap.dedent("""
     import os, sys, time
     from tqdm import tqdm
     from avsegformer_jax import multihost
+    before = sys.stdout, sys.stderr
     notice = multihost.PreemptionNotice()
     bar = tqdm(total=10 ** 9, file=sys.stderr, mininterval=0)
     print("ready", flush=True)
@@ -203,7 +204,8 @@ LOST_OUTPUT = textwrap.dedent("""
     bar.close()
     notice.close()
     with open(sys.argv[1], "w") as f:
-      f.write(f"{notice.name} {notice.reached(1)} {sys.stdout is notice._streams[0]}")
+      f.write(f"{notice.name} {notice.reached(1)} "
+              f"{(sys.stdout, sys.stderr) == before}")
     """)
 
 

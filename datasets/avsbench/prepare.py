@@ -17,7 +17,7 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from avsegformer_jax import errors, files
+from avsegformer_jax import errors, files, terminal
 
 from . import raw
 from .avsbench_dataset_builder import Builder
@@ -90,9 +90,10 @@ def main(argv=None) -> None:
   tfds.display_progress_bar(sys.stderr.isatty())
   try:
     files.make_output_dir(a.data_dir, "the data dir")
-    path = prepare(a.config, a.manual_dir, a.data_dir,
-                   skip_bad_clips=a.skip_bad_clips or None,
-                   num_workers=a.num_workers, overwrite=a.overwrite)
+    with terminal.survive_hangup():     # an hour's work for AVSS
+      path = prepare(a.config, a.manual_dir, a.data_dir,
+                     skip_bad_clips=a.skip_bad_clips or None,
+                     num_workers=a.num_workers, overwrite=a.overwrite)
   except errors.InputError as e:
     errors.exit_with("prepare", e)
   except KeyboardInterrupt:
