@@ -127,25 +127,27 @@ def _main(argv):
 
 
 def _run(config, workdir, source, training):
-  from avsegformer_jax import trainer  # pylint: disable=g-import-not-at-top
+  from avsegformer_jax import terminal, trainer  # pylint: disable=g-import-not-at-top
   # One run at a time in a workdir, from its demo data on.
   with trainer.exclusive(workdir) if training else contextlib.nullcontext():
     with config.unlocked():
       if config.data.get("synthetic") and config.data.synthetic.enabled:
         _demo_data(config, workdir)
     res = trainer.train_and_evaluate(config, workdir) if training else None
-  if training:
-    if config.eval.get("shuffled_audio_control"):
+  if training and not config.eval.get("shuffled_audio_control"):
+    print(json.dumps(res, indent=2))
+    return
+  # Evaluations have nothing to save midway: a hangup leaves them going.
+  with terminal.survive_hangup():
+    if training:
       _control(config, workdir)
     else:
-      print(json.dumps(res, indent=2))
-  else:
-    split = _SPLIT.value or config.data.eval_split
-    res = trainer.evaluate_checkpoint(config, workdir, source, split,
-                                      shuffle_audio=_SHUFFLED.value)
-    print(json.dumps({k: v for k, v in res.items()
-                      if not k.endswith(("per_class", "per_category"))},
-                     indent=2))
+      split = _SPLIT.value or config.data.eval_split
+      res = trainer.evaluate_checkpoint(config, workdir, source, split,
+                                        shuffle_audio=_SHUFFLED.value)
+      print(json.dumps({k: v for k, v in res.items()
+                        if not k.endswith(("per_class", "per_category"))},
+                       indent=2))
 
 
 def _control(config, workdir):
