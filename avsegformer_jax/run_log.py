@@ -48,8 +48,9 @@ class RunLog:
     if self.main:
       self._scalars(step, res, "eval")
       cats = res.get("per_category", {})
-      for cat, scores in cats.items():
-        self._scalars(step, scores, f"eval_category/{cat}")
+      for cat, scores in cats.items():    # (not its constant num_clips)
+        self._scalars(step, {k: v for k, v in scores.items()
+                             if k != "num_clips"}, f"eval_category/{cat}")
       append(self.workdir, EVAL_LOG, {
           "step": step, "epoch": epoch,
           **{k: v for k, v in res.items() if isinstance(v, (int, float))},
