@@ -103,6 +103,10 @@ def check_config(config, training: bool) -> None:
               ("checkpoint.every_steps", config.checkpoint.every_steps, 1),
               # 0 kept no checkpoint at all: nothing to resume or evaluate
               ("checkpoint.keep", config.checkpoint.keep, 1)]
+    # Negative: silently a weight growth or a loss term trained the wrong way
+    given += [(f"train.{f}", t[f], 0) for f in (
+        "weight_decay", "iou_loss_weight", "mix_loss_weight",
+        "freeze_backbone_epochs")]
   for field, value, least in given:
     if value < least:
       raise errors.ConfigError(f"{field} must be at least {least}, got "
@@ -124,12 +128,6 @@ def check_config(config, training: bool) -> None:
         f"train.learning_rate must be > 0, got {t.learning_rate}")
   if training and not t.adam_eps > 0:   # 0: a zero second moment is inf
     raise errors.ConfigError(f"train.adam_eps must be > 0, got {t.adam_eps}")
-  # Negative: silently a weight growth or a loss term trained the wrong way
-  for field in ("weight_decay", "iou_loss_weight", "mix_loss_weight",
-                "freeze_backbone_epochs"):
-    if training and t[field] < 0:
-      raise errors.ConfigError(f"train.{field} must be at least 0, got "
-                               f"{t[field]}")
 
 
 def memory_advice(config, training: bool) -> str:
